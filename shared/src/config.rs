@@ -1,0 +1,764 @@
+//! Configuration from the environment, exactly the variables of `CONTRACT.md`.
+//!
+//! Every binary calls [`Config::from_env`] once at start. A wrong value stops the
+//! program with one line naming the variable ([`ConfigError`]'s `Display`), so an
+//! operator never has to guess which of twenty variables is at fault.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use secrecy::{ExposeSecret, SecretString};
+use url::Url;
+
+use crate::token::{Digest, Keys, TokenFormat};
+
+/// A configuration variable that is missing or holds a wrong value.
+#[derive(Debug, thiserror::Error)]
+#[error("{variable}: {problem}")]
+pub struct ConfigError {
+    /// The environment variable at fault, e.g. `THROTTLE_SECONDS`.
+    pub variable: &'static str,
+    /// What is wrong with it, in words (never its secret value).
+    pub problem: String,
+}
+
+impl ConfigError {
+    fn new(variable: &'static str, problem: impl Into<String>) -> Self {
+        Self {
+            variable,
+            problem: problem.into(),
+        }
+    }
+}
+
+/// How the worker delivers mail, parsed from `MAIL_URL`.
+#[derive(Clone)]
+pub enum MailUrl {
+    /// `smtp://`, `smtps://` or `smtp+plain://`.
+    Smtp {
+        /// Which kind of TLS the connection uses.
+        security: SmtpSecurity,
+        /// Server host name or address.
+        host: String,
+        /// Server port (25 for `smtp`/`smtp+plain`, 465 for `smtps` when absent).
+        port: u16,
+        /// `user:pass` from the URL, percent-decoded.
+        credentials: Option<(String, SecretString)>,
+    },
+    /// `file://DIR`: one `.eml` file per mail.
+    File(PathBuf),
+}
+
+impl std::fmt::Debug for MailUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Smtp {
+                security,
+                host,
+                port,
+                credentials,
+            } => f
+                .debug_struct("Smtp")
+                .field("security", security)
+                .field("host", host)
+                .field("port", port)
+                .field("user", &credentials.as_ref().map(|(u, _)| u))
+                .finish_non_exhaustive(),
+            Self::File(dir) => f.debug_tuple("File").field(dir).finish(),
+        }
+    }
+}
+
+/// TLS on an SMTP connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SmtpSecurity {
+    /// `smtp://`: STARTTLS when the server offers it.
+    Opportunistic,
+    /// `smtps://`: TLS from the first byte.
+    Implicit,
+    /// `smtp+plain://`: never TLS (local sinks and tests).
+    None,
+}
+
+impl FromStr for MailUrl {
+    type Err = String;
+
+    fn from_str(raw: &str) -> Result<Self, Self::Err> {
+        if let Some(dir) = raw.strip_prefix("file://") {
+            if dir.is_empty() {
+                return Err("file:// needs a directory, e.g. file://./outbox".into());
+            }
+            return Ok(Self::File(PathBuf::from(dir)));
+        }
+        let url = Url::parse(raw).map_err(|e| format!("not a URL ({e})"))?;
+        let (security, default_port) = match url.scheme() {
+            "smtp" => (SmtpSecurity::Opportunistic, 25),
+            "smtps" => (SmtpSecurity::Implicit, 465),
+            "smtp+plain" => (SmtpSecurity::None, 25),
+            other => {
+                return Err(format!(
+                    "unknown scheme `{other}` (expected smtp, smtps, smtp+plain or file)"
+                ));
+            }
+        };
+        let host = url
+            .host_str()
+            .filter(|h| !h.is_empty())
+            .ok_or("no host")?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let credentials = if url.username().is_empty() {
+            None
+        } else {
+            let user = percent_decode(url.username())?;
+            let pass = percent_decode(url.password().unwrap_or(""))?;
+            Some((user, SecretString::from(pass)))
+        };
+        Ok(Self::Smtp {
+            security,
+            host,
+            port: url.port().unwrap_or(default_port),
+            credentials,
+        })
+    }
+}
+
+fn percent_decode(s: &str) -> Result<String, String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = s
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or("bad percent-encoding in credentials")?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| "credentials are not UTF-8".into())
+}
+
+/// Log output format (`LOG_FORMAT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// Human-readable lines (the default on a terminal).
+    #[default]
+    Pretty,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// Everything the binaries read from the environment.
+///
+/// Secrets are held in [`SecretString`], so `Debug` never prints them.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// RabbitMQ node URLs (`AMQP_URL`, comma-separated for a cluster).
+    pub amqp_urls: Vec<String>,
+    /// PostgreSQL URL (`DATABASE_URL`).
+    pub database_url: String,
+    /// Apply embedded migrations at start (`VERIMAIL_AUTO_MIGRATE`).
+    pub auto_migrate: bool,
+    /// Prefix of every exchange and queue (`VERIMAIL_NAMESPACE`).
+    pub namespace: String,
+    secret_key: Option<SecretString>,
+    old_secret_keys: Vec<SecretString>,
+    /// itsdangerous-style salt (`VERIMAIL_SALT`).
+    pub salt: String,
+    /// What the worker mints (`TOKEN_FORMAT`).
+    pub token_format: TokenFormat,
+    /// Whether the gateway accepts itsdangerous tokens (`ACCEPT_ITSDANGEROUS`).
+    pub accept_itsdangerous: bool,
+    /// Digest of itsdangerous tokens (`ITSDANGEROUS_DIGEST`).
+    pub itsdangerous_digest: Digest,
+    /// Link lifetime (`TOKEN_TTL_SECONDS`).
+    pub token_ttl: Duration,
+    /// Minimum gap between two mails to one user for one purpose (`THROTTLE_SECONDS`).
+    pub throttle: Duration,
+    /// Base of every link (`PUBLIC_BASE_URL`), without a trailing slash.
+    pub public_base_url: String,
+    /// Origins a `return_url` may point to (`RETURN_URL_ALLOWLIST`).
+    pub return_url_allowlist: Vec<url::Origin>,
+    /// Mail delivery (`MAIL_URL`).
+    pub mail_url: MailUrl,
+    /// Whether `MAIL_URL` was left at its default (the worker warns at start).
+    pub mail_url_is_default: bool,
+    /// Sender mailbox (`MAIL_FROM`).
+    pub mail_from: String,
+    /// Folder of templates overriding the built-in ones (`TEMPLATES_DIR`).
+    pub templates_dir: Option<PathBuf>,
+    /// Messages in flight per worker (`WORKER_CONCURRENCY`).
+    pub worker_concurrency: u16,
+    /// How long transient delivery failures are retried (`MAIL_RETRY_WINDOW_SECONDS`).
+    pub mail_retry_window: Duration,
+    /// Gateway listen address (`GATEWAY_ADDR`).
+    pub gateway_addr: SocketAddr,
+    /// Worker's metrics and health address (`METRICS_ADDR`).
+    pub metrics_addr: SocketAddr,
+    /// Confirm requests per client address per minute (`CONFIRM_RATE_LIMIT_PER_MINUTE`).
+    pub confirm_rate_limit_per_minute: u32,
+    /// Peers whose `X-Forwarded-For` is believed (`TRUSTED_PROXIES`).
+    pub trusted_proxies: Vec<IpNet>,
+    /// How long request, throttle and confirmation records are kept (`RETENTION_HOURS`).
+    pub retention: Duration,
+    /// Log format (`LOG_FORMAT`).
+    pub log_format: LogFormat,
+}
+
+/// Default values, as written in the contract.
+pub mod defaults {
+    /// `AMQP_URL`
+    pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+    /// `DATABASE_URL`
+    pub const DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/verimail";
+    /// `VERIMAIL_NAMESPACE`
+    pub const NAMESPACE: &str = "verimail";
+    /// `VERIMAIL_SALT`
+    pub const SALT: &str = "email-confirm";
+    /// `PUBLIC_BASE_URL`
+    pub const PUBLIC_BASE_URL: &str = "http://127.0.0.1:8080";
+    /// `MAIL_URL`
+    pub const MAIL_URL: &str = "file://./outbox";
+    /// `MAIL_FROM`
+    pub const MAIL_FROM: &str = "verimail <no-reply@localhost>";
+    /// `GATEWAY_ADDR`
+    pub const GATEWAY_ADDR: &str = "127.0.0.1:8080";
+    /// `METRICS_ADDR`
+    pub const METRICS_ADDR: &str = "127.0.0.1:9464";
+}
+
+impl Config {
+    /// Reads the process environment (after `.env`, see [`load_dotenv`]).
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Reads configuration through `lookup`, so tests need not touch the
+    /// process environment (which is shared by every test thread).
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let env = Env(&lookup);
+        let amqp_urls = env.amqp_urls()?;
+        let namespace = env.string("VERIMAIL_NAMESPACE", defaults::NAMESPACE);
+        if namespace.is_empty()
+            || namespace.len() > 200
+            || !namespace
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+        {
+            return Err(ConfigError::new(
+                "VERIMAIL_NAMESPACE",
+                "must be 1-200 characters of A-Z a-z 0-9 . - _",
+            ));
+        }
+        let secret_key = env.secret_key()?;
+        let old_secret_keys = env
+            .get("VERIMAIL_OLD_SECRET_KEYS")
+            .map(|raw| {
+                raw.split(',')
+                    .map(str::trim)
+                    .filter(|k| !k.is_empty())
+                    .map(|k| SecretString::from(k.to_owned()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let token_format: TokenFormat = env.parse("TOKEN_FORMAT", TokenFormat::V1)?;
+        let accept_itsdangerous = env.bool(
+            "ACCEPT_ITSDANGEROUS",
+            token_format == TokenFormat::Itsdangerous,
+        )?;
+        let token_ttl = env.seconds("TOKEN_TTL_SECONDS", 3600, 1)?;
+        let retention_hours = env.number::<u64>("RETENTION_HOURS", 168, 1)?;
+        let retention = Duration::from_secs(retention_hours.saturating_mul(3600));
+        if retention <= token_ttl {
+            return Err(ConfigError::new(
+                "RETENTION_HOURS",
+                format!(
+                    "must exceed TOKEN_TTL_SECONDS ({} s), or live links would lose their records",
+                    token_ttl.as_secs()
+                ),
+            ));
+        }
+        let public_base_url = env.public_base_url()?;
+        let mail_raw = env.get("MAIL_URL");
+        let mail_url_is_default = mail_raw.is_none();
+        let mail_url = mail_raw
+            .as_deref()
+            .unwrap_or(defaults::MAIL_URL)
+            .parse()
+            .map_err(|p| ConfigError::new("MAIL_URL", p))?;
+        let mail_from = env.string("MAIL_FROM", defaults::MAIL_FROM);
+        check_mailbox(&mail_from).map_err(|p| ConfigError::new("MAIL_FROM", p))?;
+        Ok(Self {
+            amqp_urls,
+            database_url: env.string("DATABASE_URL", defaults::DATABASE_URL),
+            auto_migrate: env.bool("VERIMAIL_AUTO_MIGRATE", true)?,
+            namespace,
+            secret_key,
+            old_secret_keys,
+            salt: env.string("VERIMAIL_SALT", defaults::SALT),
+            token_format,
+            accept_itsdangerous,
+            itsdangerous_digest: env.parse("ITSDANGEROUS_DIGEST", Digest::Sha1)?,
+            token_ttl,
+            throttle: env.seconds("THROTTLE_SECONDS", 60, 0)?,
+            public_base_url,
+            return_url_allowlist: env.allowlist()?,
+            mail_url,
+            mail_url_is_default,
+            mail_from,
+            templates_dir: env.get("TEMPLATES_DIR").map(PathBuf::from),
+            worker_concurrency: env.number("WORKER_CONCURRENCY", 64, 1)?,
+            mail_retry_window: env.seconds("MAIL_RETRY_WINDOW_SECONDS", 900, 0)?,
+            gateway_addr: env.parse("GATEWAY_ADDR", parse_addr(defaults::GATEWAY_ADDR))?,
+            metrics_addr: env.parse("METRICS_ADDR", parse_addr(defaults::METRICS_ADDR))?,
+            confirm_rate_limit_per_minute: env.number("CONFIRM_RATE_LIMIT_PER_MINUTE", 30, 1)?,
+            trusted_proxies: env.trusted_proxies()?,
+            retention,
+            log_format: env.log_format()?,
+        })
+    }
+
+    /// The signing keys. Services that sign or verify call this at start, so a
+    /// missing `VERIMAIL_SECRET_KEY` stops them; the CLI's `publish` does not need it.
+    pub fn keys(&self) -> Result<Keys, ConfigError> {
+        let current = self.secret_key.clone().ok_or_else(|| {
+            ConfigError::new(
+                "VERIMAIL_SECRET_KEY",
+                "required (or name a file holding it in VERIMAIL_SECRET_KEY_FILE)",
+            )
+        })?;
+        Ok(Keys::new(
+            current,
+            self.old_secret_keys.clone(),
+            self.salt.clone(),
+        ))
+    }
+
+    /// Whether `url` may be used as a `return_url`: its origin is allowlisted.
+    pub fn return_url_allowed(&self, url: &Url) -> bool {
+        self.return_url_allowlist.contains(&url.origin())
+    }
+
+    /// The link a user clicks for `token`.
+    pub fn confirm_link(&self, token: &str) -> String {
+        format!("{}/confirm/{token}", self.public_base_url)
+    }
+}
+
+fn parse_addr(s: &str) -> SocketAddr {
+    // The defaults are literals checked by a unit test; this cannot fail for them.
+    s.parse()
+        .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8080)))
+}
+
+/// A light check of `MAIL_FROM` (`addr` or `Name <addr>`); lettre does the full parse.
+fn check_mailbox(raw: &str) -> Result<(), String> {
+    let addr = match (raw.find('<'), raw.rfind('>')) {
+        (Some(open), Some(close)) if open < close && close == raw.len() - 1 => {
+            &raw[open + 1..close]
+        }
+        (None, None) => raw,
+        _ => return Err("expected `address` or `Name <address>`".into()),
+    };
+    if raw.chars().any(char::is_control) {
+        return Err("contains a control character".into());
+    }
+    let (local, domain) = addr
+        .rsplit_once('@')
+        .ok_or("the address has no @")?;
+    if local.is_empty() || domain.is_empty() {
+        return Err("the address needs a local part and a domain".into());
+    }
+    Ok(())
+}
+
+struct Env<'a, F: Fn(&str) -> Option<String>>(&'a F);
+
+impl<F: Fn(&str) -> Option<String>> Env<'_, F> {
+    /// A variable set to the empty string counts as unset, as in most shells' habits.
+    fn get(&self, name: &str) -> Option<String> {
+        (self.0)(name).filter(|v| !v.trim().is_empty())
+    }
+
+    fn string(&self, name: &str, default: &str) -> String {
+        self.get(name)
+            .map(|v| v.trim().to_owned())
+            .unwrap_or_else(|| default.to_owned())
+    }
+
+    fn parse<T: FromStr>(&self, name: &'static str, default: T) -> Result<T, ConfigError>
+    where
+        T::Err: std::fmt::Display,
+    {
+        match self.get(name) {
+            None => Ok(default),
+            Some(raw) => raw
+                .trim()
+                .parse()
+                .map_err(|e| ConfigError::new(name, format!("`{}`: {e}", raw.trim()))),
+        }
+    }
+
+    fn number<T>(&self, name: &'static str, default: T, min: T) -> Result<T, ConfigError>
+    where
+        T: FromStr + PartialOrd + std::fmt::Display + Copy,
+    {
+        let value = match self.get(name) {
+            None => default,
+            Some(raw) => raw.trim().parse().map_err(|_| {
+                ConfigError::new(name, format!("`{}` is not a whole number", raw.trim()))
+            })?,
+        };
+        if value < min {
+            return Err(ConfigError::new(name, format!("must be at least {min}")));
+        }
+        Ok(value)
+    }
+
+    fn seconds(&self, name: &'static str, default: u64, min: u64) -> Result<Duration, ConfigError> {
+        self.number(name, default, min).map(Duration::from_secs)
+    }
+
+    fn bool(&self, name: &'static str, default: bool) -> Result<bool, ConfigError> {
+        match self.get(name).map(|v| v.trim().to_ascii_lowercase()) {
+            None => Ok(default),
+            Some(v) => match v.as_str() {
+                "true" | "1" | "yes" | "on" => Ok(true),
+                "false" | "0" | "no" | "off" => Ok(false),
+                _ => Err(ConfigError::new(
+                    name,
+                    format!("`{v}` is not a boolean (true or false)"),
+                )),
+            },
+        }
+    }
+
+    fn amqp_urls(&self) -> Result<Vec<String>, ConfigError> {
+        let raw = self.string("AMQP_URL", defaults::AMQP_URL);
+        let urls: Vec<String> = raw
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(str::to_owned)
+            .collect();
+        if urls.is_empty() {
+            return Err(ConfigError::new("AMQP_URL", "names no URL"));
+        }
+        for url in &urls {
+            let parsed = Url::parse(url).map_err(|e| {
+                ConfigError::new("AMQP_URL", format!("`{}` is not a URL ({e})", redact(url)))
+            })?;
+            if !matches!(parsed.scheme(), "amqp" | "amqps") || parsed.host_str().is_none() {
+                return Err(ConfigError::new(
+                    "AMQP_URL",
+                    format!("`{}` must be amqp://host... or amqps://host...", redact(url)),
+                ));
+            }
+        }
+        Ok(urls)
+    }
+
+    fn secret_key(&self) -> Result<Option<SecretString>, ConfigError> {
+        if let Some(key) = (self.0)("VERIMAIL_SECRET_KEY").filter(|k| !k.is_empty()) {
+            return Ok(Some(SecretString::from(key)));
+        }
+        let Some(path) = self.get("VERIMAIL_SECRET_KEY_FILE") else {
+            return Ok(None);
+        };
+        let content = std::fs::read_to_string(path.trim()).map_err(|e| {
+            ConfigError::new(
+                "VERIMAIL_SECRET_KEY_FILE",
+                format!("cannot read `{}`: {e}", path.trim()),
+            )
+        })?;
+        let key = content
+            .strip_suffix("\r\n")
+            .or_else(|| content.strip_suffix('\n'))
+            .unwrap_or(&content);
+        if key.is_empty() {
+            return Err(ConfigError::new(
+                "VERIMAIL_SECRET_KEY_FILE",
+                format!("`{}` is empty", path.trim()),
+            ));
+        }
+        Ok(Some(SecretString::from(key.to_owned())))
+    }
+
+    fn public_base_url(&self) -> Result<String, ConfigError> {
+        let raw = self.string("PUBLIC_BASE_URL", defaults::PUBLIC_BASE_URL);
+        let url = Url::parse(&raw)
+            .map_err(|e| ConfigError::new("PUBLIC_BASE_URL", format!("`{raw}`: {e}")))?;
+        if !matches!(url.scheme(), "http" | "https") || url.query().is_some() {
+            return Err(ConfigError::new(
+                "PUBLIC_BASE_URL",
+                "must be an http(s) URL without a query, e.g. https://verify.example.com",
+            ));
+        }
+        Ok(raw.trim_end_matches('/').to_owned())
+    }
+
+    fn allowlist(&self) -> Result<Vec<url::Origin>, ConfigError> {
+        let Some(raw) = self.get("RETURN_URL_ALLOWLIST") else {
+            return Ok(Vec::new());
+        };
+        raw.split(',')
+            .map(str::trim)
+            .filter(|o| !o.is_empty())
+            .map(|o| {
+                let url = Url::parse(o).map_err(|e| {
+                    ConfigError::new("RETURN_URL_ALLOWLIST", format!("`{o}` is not an origin ({e})"))
+                })?;
+                if !matches!(url.scheme(), "http" | "https")
+                    || url.path() != "/"
+                    || url.query().is_some()
+                {
+                    return Err(ConfigError::new(
+                        "RETURN_URL_ALLOWLIST",
+                        format!("`{o}` must be an origin like https://app.example.com"),
+                    ));
+                }
+                Ok(url.origin())
+            })
+            .collect()
+    }
+
+    fn trusted_proxies(&self) -> Result<Vec<IpNet>, ConfigError> {
+        let Some(raw) = self.get("TRUSTED_PROXIES") else {
+            return Ok(Vec::new());
+        };
+        raw.split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .map(|p| {
+                p.parse::<IpNet>()
+                    .or_else(|_| p.parse::<std::net::IpAddr>().map(IpNet::from))
+                    .map_err(|_| {
+                        ConfigError::new(
+                            "TRUSTED_PROXIES",
+                            format!("`{p}` is neither an IP address nor a CIDR"),
+                        )
+                    })
+            })
+            .collect()
+    }
+
+    fn log_format(&self) -> Result<LogFormat, ConfigError> {
+        match self.get("LOG_FORMAT").map(|v| v.trim().to_ascii_lowercase()) {
+            None => Ok(LogFormat::default()),
+            Some(v) if v == "json" => Ok(LogFormat::Json),
+            Some(v) if v == "pretty" => Ok(LogFormat::Pretty),
+            Some(v) => Err(ConfigError::new(
+                "LOG_FORMAT",
+                format!("`{v}` (expected json or pretty)"),
+            )),
+        }
+    }
+}
+
+/// A URL with its password replaced, safe to log.
+pub fn redact(url: &str) -> String {
+    match Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        Ok(u) => u.to_string(),
+        Err(_) => "<unparsable URL>".into(),
+    }
+}
+
+/// Reads `.env` from the working directory, if there is one; the real
+/// environment wins over it. A malformed file is reported, not ignored.
+pub fn load_dotenv() -> Result<(), ConfigError> {
+    match dotenvy::dotenv() {
+        Ok(_) => Ok(()),
+        Err(e) if e.not_found() => Ok(()),
+        Err(e) => Err(ConfigError::new(".env", e.to_string())),
+    }
+}
+
+impl Config {
+    /// The current secret, for code that must hand it to a library (never log it).
+    pub fn expose_current_secret(&self) -> Option<&str> {
+        self.secret_key.as_ref().map(ExposeSecret::expose_secret)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn config(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        Config::from_lookup(|name| map.get(name).cloned())
+    }
+
+    #[test]
+    fn defaults_match_the_contract() -> Result<(), ConfigError> {
+        let c = config(&[])?;
+        assert_eq!(c.amqp_urls, vec![defaults::AMQP_URL.to_owned()]);
+        assert_eq!(c.database_url, defaults::DATABASE_URL);
+        assert!(c.auto_migrate);
+        assert_eq!(c.namespace, "verimail");
+        assert_eq!(c.salt, "email-confirm");
+        assert_eq!(c.token_format, TokenFormat::V1);
+        assert!(!c.accept_itsdangerous);
+        assert_eq!(c.itsdangerous_digest, Digest::Sha1);
+        assert_eq!(c.token_ttl, Duration::from_secs(3600));
+        assert_eq!(c.throttle, Duration::from_secs(60));
+        assert_eq!(c.public_base_url, "http://127.0.0.1:8080");
+        assert!(c.return_url_allowlist.is_empty());
+        assert!(matches!(&c.mail_url, MailUrl::File(d) if d == &PathBuf::from("./outbox")));
+        assert!(c.mail_url_is_default);
+        assert_eq!(c.mail_from, "verimail <no-reply@localhost>");
+        assert_eq!(c.worker_concurrency, 64);
+        assert_eq!(c.mail_retry_window, Duration::from_secs(900));
+        assert_eq!(c.gateway_addr.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.metrics_addr.to_string(), "127.0.0.1:9464");
+        assert_eq!(c.confirm_rate_limit_per_minute, 30);
+        assert!(c.trusted_proxies.is_empty());
+        assert_eq!(c.retention, Duration::from_secs(168 * 3600));
+        Ok(())
+    }
+
+    #[test]
+    fn a_missing_secret_is_named_when_keys_are_needed() -> Result<(), ConfigError> {
+        let c = config(&[])?;
+        let err = c.keys().err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.starts_with("VERIMAIL_SECRET_KEY: required"), "{err}");
+        Ok(())
+    }
+
+    #[test]
+    fn itsdangerous_minting_turns_on_accepting_it() -> Result<(), ConfigError> {
+        assert!(config(&[("TOKEN_FORMAT", "itsdangerous")])?.accept_itsdangerous);
+        assert!(
+            !config(&[("TOKEN_FORMAT", "itsdangerous"), ("ACCEPT_ITSDANGEROUS", "false")])?
+                .accept_itsdangerous
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn each_bad_value_names_its_variable() {
+        let cases: &[(&str, &str)] = &[
+            ("AMQP_URL", "http://x"),
+            ("VERIMAIL_AUTO_MIGRATE", "maybe"),
+            ("VERIMAIL_NAMESPACE", "a b"),
+            ("TOKEN_FORMAT", "jwt"),
+            ("ACCEPT_ITSDANGEROUS", "2"),
+            ("ITSDANGEROUS_DIGEST", "md5"),
+            ("TOKEN_TTL_SECONDS", "-1"),
+            ("TOKEN_TTL_SECONDS", "0"),
+            ("THROTTLE_SECONDS", "soon"),
+            ("PUBLIC_BASE_URL", "ftp://x"),
+            ("RETURN_URL_ALLOWLIST", "https://app.example.com/path"),
+            ("MAIL_URL", "imap://x"),
+            ("MAIL_FROM", "nobody"),
+            ("WORKER_CONCURRENCY", "0"),
+            ("MAIL_RETRY_WINDOW_SECONDS", "x"),
+            ("GATEWAY_ADDR", "localhost"),
+            ("METRICS_ADDR", "9464"),
+            ("CONFIRM_RATE_LIMIT_PER_MINUTE", "0"),
+            ("TRUSTED_PROXIES", "10.0.0.0/33"),
+            ("RETENTION_HOURS", "1"),
+            ("LOG_FORMAT", "xml"),
+            ("VERIMAIL_SECRET_KEY_FILE", "/nonexistent/verimail-key"),
+        ];
+        for (name, value) in cases {
+            let err = config(&[(name, value)]).err();
+            let line = err.as_ref().map(ToString::to_string).unwrap_or_default();
+            assert!(
+                line.starts_with(&format!("{name}: ")),
+                "{name}={value} gave {line:?}"
+            );
+            assert!(!line.contains('\n'), "one line: {line:?}");
+        }
+    }
+
+    #[test]
+    fn secrets_never_show_in_debug_output() -> Result<(), ConfigError> {
+        let c = config(&[
+            ("VERIMAIL_SECRET_KEY", "hunter2-very-secret"),
+            ("VERIMAIL_OLD_SECRET_KEYS", "old-secret-1,old-secret-2"),
+            ("MAIL_URL", "smtp://user:mail-password@smtp.example.com:587"),
+        ])?;
+        let debug = format!("{c:?}");
+        for secret in ["hunter2-very-secret", "old-secret-1", "mail-password"] {
+            assert!(!debug.contains(secret), "{secret} leaked: {debug}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn the_secret_file_loses_its_trailing_newline() -> Result<(), Box<dyn std::error::Error>> {
+        let path = std::env::temp_dir().join(format!("verimail-key-{}", std::process::id()));
+        std::fs::write(&path, "from-a-file\n")?;
+        let c = config(&[("VERIMAIL_SECRET_KEY_FILE", path.to_str().unwrap_or_default())])?;
+        std::fs::remove_file(&path)?;
+        assert_eq!(c.expose_current_secret(), Some("from-a-file"));
+        Ok(())
+    }
+
+    #[test]
+    fn mail_urls_of_every_scheme_parse() -> Result<(), String> {
+        let smtp: MailUrl = "smtp://u%40x:p%2Cw@mail.example.com:587".parse()?;
+        match smtp {
+            MailUrl::Smtp {
+                security,
+                host,
+                port,
+                credentials,
+            } => {
+                assert_eq!(security, SmtpSecurity::Opportunistic);
+                assert_eq!(host, "mail.example.com");
+                assert_eq!(port, 587);
+                let (user, pass) = credentials.ok_or("no credentials")?;
+                assert_eq!(user, "u@x");
+                assert_eq!(pass.expose_secret(), "p,w");
+            }
+            MailUrl::File(_) => return Err("expected smtp".into()),
+        }
+        assert!(matches!(
+            "smtps://mail.example.com".parse::<MailUrl>()?,
+            MailUrl::Smtp { security: SmtpSecurity::Implicit, port: 465, .. }
+        ));
+        assert!(matches!(
+            "smtp+plain://127.0.0.1:2525".parse::<MailUrl>()?,
+            MailUrl::Smtp { security: SmtpSecurity::None, port: 2525, .. }
+        ));
+        Ok(())
+    }
+
+    #[test]
+    fn several_amqp_urls_name_a_cluster() -> Result<(), ConfigError> {
+        let c = config(&[(
+            "AMQP_URL",
+            "amqp://g:g@127.0.0.1:5673/%2f, amqp://g:g@127.0.0.1:5674/%2f",
+        )])?;
+        assert_eq!(c.amqp_urls.len(), 2);
+        Ok(())
+    }
+
+    #[test]
+    fn return_urls_are_checked_by_origin() -> Result<(), Box<dyn std::error::Error>> {
+        let c = config(&[("RETURN_URL_ALLOWLIST", "https://app.example.com")])?;
+        assert!(c.return_url_allowed(&Url::parse("https://app.example.com/welcome?x=1")?));
+        assert!(!c.return_url_allowed(&Url::parse("https://app.example.com.evil.io/")?));
+        assert!(!c.return_url_allowed(&Url::parse("http://app.example.com/")?));
+        Ok(())
+    }
+}

@@ -1,0 +1,120 @@
+//! PostgreSQL: the pool, the database created when missing, embedded migrations.
+//!
+//! Tables (see `migrations/`): `requests` (one row per request id, the worker's
+//! idempotency record), `throttle` (last mail per user and purpose),
+//! `confirmations` (one row per confirmed link) and `outbox` (verified events
+//! waiting for the broker's confirm).
+
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, PgPool};
+
+/// The embedded migrations, applied at start when `VERIMAIL_AUTO_MIGRATE` is on.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Database failures at start.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// `DATABASE_URL` cannot be parsed.
+    #[error("DATABASE_URL: {0}")]
+    Url(#[source] sqlx::Error),
+    /// The server did not answer or refused.
+    #[error("cannot reach PostgreSQL: {0}")]
+    Connect(#[source] sqlx::Error),
+    /// Creating the missing database failed.
+    #[error("cannot create database `{name}`: {source}")]
+    Create {
+        /// The database name.
+        name: String,
+        /// Why.
+        #[source]
+        source: sqlx::Error,
+    },
+    /// A migration failed.
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+/// Pool settings per service.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolSettings {
+    /// Most connections the pool opens.
+    pub max_connections: u32,
+    /// How long a query waits for a connection before failing; the gateway's
+    /// 503-within-5-seconds promise rests on this.
+    pub acquire_timeout: Duration,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        Self {
+            max_connections: 10,
+            acquire_timeout: Duration::from_secs(3),
+        }
+    }
+}
+
+/// Opens the pool, creating the database if it is missing and applying the
+/// migrations when `migrate` is set.
+pub async fn connect(
+    database_url: &str,
+    migrate: bool,
+    settings: PoolSettings,
+) -> Result<PgPool, DbError> {
+    let options: PgConnectOptions = database_url.parse().map_err(DbError::Url)?;
+    ensure_database(&options).await?;
+    let pool = PgPoolOptions::new()
+        .max_connections(settings.max_connections)
+        .min_connections(1.min(settings.max_connections))
+        .acquire_timeout(settings.acquire_timeout)
+        // Checking a connection before use costs a round trip; broken ones are
+        // instead noticed by the failing query and replaced.
+        .test_before_acquire(false)
+        .connect_with(options)
+        .await
+        .map_err(DbError::Connect)?;
+    if migrate {
+        MIGRATOR.run(&pool).await?;
+    }
+    Ok(pool)
+}
+
+/// Applies the migrations (`verimail migrate`).
+pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
+    MIGRATOR.run(pool).await.map_err(DbError::from)
+}
+
+/// Creates the database named in `options` when it does not exist yet.
+pub async fn ensure_database(options: &PgConnectOptions) -> Result<(), DbError> {
+    let Some(name) = options.get_database().map(str::to_owned) else {
+        return Ok(());
+    };
+    // Connect to the maintenance database to look for (and create) ours.
+    let admin = options.clone().database("postgres");
+    let mut conn = admin.connect().await.map_err(DbError::Connect)?;
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(&name)
+            .fetch_one(&mut conn)
+            .await
+            .map_err(DbError::Connect)?;
+    if !exists {
+        let quoted = format!("\"{}\"", name.replace('"', "\"\""));
+        let create = format!("CREATE DATABASE {quoted}");
+        match sqlx::raw_sql(sqlx::AssertSqlSafe(create)).execute(&mut conn).await {
+            Ok(_) => tracing::info!(database = %name, "created database"),
+            // Another process created it between our check and our CREATE.
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => {}
+            Err(e) => return Err(DbError::Create { name, source: e }),
+        }
+    }
+    let _ = conn.close().await;
+    Ok(())
+}
+
+/// Whether the database answers a trivial query within `timeout`.
+pub async fn is_reachable(pool: &PgPool, timeout: Duration) -> bool {
+    let ping = sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(pool);
+    matches!(tokio::time::timeout(timeout, ping).await, Ok(Ok(1)))
+}
