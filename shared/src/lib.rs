@@ -13,7 +13,6 @@ pub mod db;
 pub mod events;
 pub mod shutdown;
 pub mod telemetry;
-#[path = "token_stub_tmp.rs"]
 pub mod token;
 
 pub use config::{Config, ConfigError};
