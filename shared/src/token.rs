@@ -50,8 +50,9 @@
 //!   token edited that way still passes `.loads`; here it fails.
 //! - a token is at most [`MAX_TOKEN_LEN`] bytes and a compressed payload inflates to at
 //!   most [`MAX_DECOMPRESSED_LEN`] bytes (a zip bomb is refused, not inflated).
-//! - JSON that Python reads but serde_json does not (`NaN`, lone surrogates,
-//!   numbers beyond `f64`) fails as [`Malformation::Json`].
+//! - JSON that Python reads but serde_json does not (`NaN`, `Infinity`, lone
+//!   surrogates, UTF-16) fails as [`Malformation::Json`]; integers beyond 64 bits come
+//!   back as floats.
 //!
 //! Byte-identical *compressed* tokens need the reference C zlib at level 6, what
 //! CPython links against: the crate enables flate2's `zlib` feature for that
@@ -136,7 +137,10 @@ impl FromStr for TokenFormat {
         match s {
             "v1" => Ok(Self::V1),
             "itsdangerous" => Ok(Self::Itsdangerous),
-            _ => Err(ParseNameError::new("token format", "`v1` or `itsdangerous`")),
+            _ => Err(ParseNameError::new(
+                "token format",
+                "`v1` or `itsdangerous`",
+            )),
         }
     }
 }
@@ -283,7 +287,10 @@ impl Signer {
                 .collect()
         };
         let inner = SignerInner {
-            v1: keys.secrets().map(|secret| V1Key::derive(secret, salt)).collect(),
+            v1: keys
+                .secrets()
+                .map(|secret| V1Key::derive(secret, salt))
+                .collect(),
             legacy_sha1: legacy(salt, Digest::Sha1),
             legacy_sha256: legacy(salt, Digest::Sha256),
             proof: legacy(proof_salt.as_bytes(), Digest::Sha256),
@@ -409,11 +416,7 @@ impl Signer {
     pub fn mint_itsdangerous(&self, email: &str, now: OffsetDateTime) -> String {
         let mut json = String::with_capacity(email.len() + 2);
         py_json_str(email, &mut json);
-        dumps_json(
-            self.legacy_macs(self.inner.digest),
-            json.as_bytes(),
-            now,
-        )
+        dumps_json(self.legacy_macs(self.inner.digest), json.as_bytes(), now)
     }
 
     /// `.loads(token, salt=SALT, max_age=max_age_seconds)` with the configured digest
@@ -434,8 +437,8 @@ impl Signer {
     /// with the current secret.
     ///
     /// Objects are written in the map's iteration order (sorted keys unless serde_json's
-    /// `preserve_order` is on), where Python keeps insertion order: build the JSON
-    /// yourself (as [`Signer::mint_proof`] does) when the order matters.
+    /// `preserve_order` feature is on) where Python keeps insertion order; a payload
+    /// whose key order matters gets its own writer, as [`Signer::mint_proof`] has.
     pub fn dumps_itsdangerous_with(
         &self,
         value: &Value,
@@ -532,12 +535,16 @@ impl Signer {
             };
         }
 
-        let mut first_error = None;
+        let mut refusal = None;
         for digest in [self.inner.digest, self.inner.digest.other()] {
             let value = match unsign(self.legacy_macs(digest), token) {
                 Ok(value) => value,
                 Err(error) => {
-                    first_error.get_or_insert(error);
+                    // A signature of the wrong length for one digest is no news when it has
+                    // the right length for the other: report the more telling refusal.
+                    if refusal.is_none() || error == TokenError::BadSignature {
+                        refusal = Some(error);
+                    }
                     continue;
                 }
             };
@@ -580,7 +587,7 @@ impl Signer {
             };
         }
         let format = looks_like_itsdangerous(token).then_some(TokenFormat::Itsdangerous);
-        let error = first_error.unwrap_or(TokenError::BadSignature);
+        let error = refusal.unwrap_or(TokenError::BadSignature);
         Inspection::invalid(format, None, &error)
     }
 }
@@ -1090,7 +1097,10 @@ fn dumps_json(macs: &[LegacyMac], json: &[u8], now: OffsetDateTime) -> String {
     // Python's int(time.time()); a clock before 1970 (which Python cannot sign) stamps 0.
     let ts = u64::try_from(now.unix_timestamp()).unwrap_or(0);
     let ts_bytes = ts.to_be_bytes();
-    let first = ts_bytes.iter().position(|&b| b != 0).unwrap_or(ts_bytes.len());
+    let first = ts_bytes
+        .iter()
+        .position(|&b| b != 0)
+        .unwrap_or(ts_bytes.len());
     URL_SAFE_NO_PAD.encode_string(&ts_bytes[first..], &mut token);
     let signed_len = token.len();
     token.push('.');
@@ -1463,7 +1473,10 @@ mod tests {
     #[test]
     fn python_string_escapes_match_json_dumps() {
         let mut out = String::new();
-        py_json_str("a\"b\\c\n\r\t\u{8}\u{c}\u{0}\u{1f}\u{7f}\u{2028}/é用😀", &mut out);
+        py_json_str(
+            "a\"b\\c\n\r\t\u{8}\u{c}\u{0}\u{1f}\u{7f}\u{2028}/é用😀",
+            &mut out,
+        );
         assert_eq!(
             out,
             "\"a\\\"b\\\\c\\n\\r\\t\\b\\f\\u0000\\u001f\u{7f}\u{2028}/é用😀\""
@@ -1601,7 +1614,10 @@ mod tests {
             Err(Malformation::Timestamp)
         );
         // 2^63: beyond i64 and year 9999.
-        assert_eq!(decode_timestamp("gAAAAAAAAAA"), Err(Malformation::Timestamp));
+        assert_eq!(
+            decode_timestamp("gAAAAAAAAAA"),
+            Err(Malformation::Timestamp)
+        );
     }
 
     #[test]
@@ -1615,9 +1631,54 @@ mod tests {
     }
 
     #[test]
+    fn a_signer_can_be_shared_across_tasks() {
+        fn shareable<T: Clone + Send + Sync + fmt::Debug + 'static>() {}
+        shareable::<Signer>();
+        shareable::<Keys>();
+        shareable::<TokenError>();
+    }
+
+    #[test]
+    fn inspect_says_why_a_token_of_the_other_digest_fails() {
+        let now = datetime!(2025-11-24 16:00:00 UTC);
+        let token = signer("k", &[], "s", Digest::Sha256).mint_itsdangerous("a@b.c", now);
+        let other_key = signer("other", &[], "s", Digest::Sha1);
+        let inspection = other_key.inspect(&token, 60, now);
+        assert_eq!(inspection.status, InspectionStatus::Invalid);
+        assert_eq!(inspection.format, Some(TokenFormat::Itsdangerous));
+        assert_eq!(inspection.reason.as_deref(), Some("bad signature"));
+    }
+
+    #[test]
+    fn inspect_serialises_as_the_contract_says() {
+        let now = datetime!(2025-11-24 16:00:00 UTC);
+        let s = signer("k", &[], "email-confirm", Digest::Sha1);
+        let token = s.mint_itsdangerous("a@b.c", now);
+        let json = serde_json::to_value(s.inspect(&token, 3600, now)).expect("serialises");
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "status": "valid",
+                "format": "itsdangerous",
+                "digest": "sha1",
+                "payload": "a@b.c",
+                "issued_at": "2025-11-24T16:00:00Z",
+                "expires_at": "2025-11-24T17:00:00Z",
+            })
+        );
+        let json = serde_json::to_value(s.inspect("nonsense", 3600, now)).expect("serialises");
+        assert_eq!(json["status"], "invalid");
+        assert!(json.get("payload").is_none());
+    }
+
+    #[test]
     fn debug_output_never_shows_a_secret() {
         let s = signer("hunter2-secret", &["old-secret-xyz"], "salt", Digest::Sha1);
-        let keys = Keys::new("hunter2-secret".into(), vec!["old-secret-xyz".into()], "salt".into());
+        let keys = Keys::new(
+            "hunter2-secret".into(),
+            vec!["old-secret-xyz".into()],
+            "salt".into(),
+        );
         for text in [format!("{s:?}"), format!("{keys:?}")] {
             assert!(!text.contains("hunter2"), "{text}");
             assert!(!text.contains("old-secret"), "{text}");
@@ -1629,8 +1690,12 @@ mod tests {
         let s = signer("k", &[], "s", Digest::Sha1);
         assert!(looks_like_v1(&s.mint_v1(&claims())));
         assert!(!looks_like_v1("v1.a.b"));
-        assert!(!looks_like_v1("ImFAYi5jIg.aSSBAA.cIL0gKQnyhZASOtUkqk1fXm9Usg"));
-        assert!(looks_like_itsdangerous("ImFAYi5jIg.aSSBAA.cIL0gKQnyhZASOtUkqk1fXm9Usg"));
+        assert!(!looks_like_v1(
+            "ImFAYi5jIg.aSSBAA.cIL0gKQnyhZASOtUkqk1fXm9Usg"
+        ));
+        assert!(looks_like_itsdangerous(
+            "ImFAYi5jIg.aSSBAA.cIL0gKQnyhZASOtUkqk1fXm9Usg"
+        ));
         assert!(looks_like_itsdangerous(".eJx.aSSBAA.cIL0"));
         assert!(!looks_like_itsdangerous("hello world"));
     }
@@ -1643,9 +1708,14 @@ mod tests {
         assert_eq!("sha256".parse(), Ok(Digest::Sha256));
         assert_eq!(Digest::Sha1.to_string(), "sha1");
         let err = "SHA1".parse::<Digest>().expect_err("case matters");
-        assert_eq!(err.to_string(), "unknown digest, expected `sha1` or `sha256`");
         assert_eq!(
-            serde_json::to_string(&TokenFormat::Itsdangerous).ok().as_deref(),
+            err.to_string(),
+            "unknown digest, expected `sha1` or `sha256`"
+        );
+        assert_eq!(
+            serde_json::to_string(&TokenFormat::Itsdangerous)
+                .ok()
+                .as_deref(),
             Some("\"itsdangerous\"")
         );
     }

@@ -54,20 +54,26 @@ fn claims() -> impl Strategy<Value = Claims> {
         text(40),
         text(20),
         email(),
-        prop_oneof![Just("verify_email".to_owned()), Just("reset_password".to_owned()), text(16)],
+        prop_oneof![
+            Just("verify_email".to_owned()),
+            Just("reset_password".to_owned()),
+            text(16)
+        ],
         prop::option::of(text(12)),
         unix(),
         1i64..10_000_000,
     )
-        .prop_map(|(request_id, user_id, email, purpose, locale, iat, lifetime)| Claims {
-            request_id,
-            user_id,
-            email,
-            purpose,
-            locale,
-            issued_at: at(iat),
-            expires_at: at(iat + lifetime),
-        })
+        .prop_map(
+            |(request_id, user_id, email, purpose, locale, iat, lifetime)| Claims {
+                request_id,
+                user_id,
+                email,
+                purpose,
+                locale,
+                issued_at: at(iat),
+                expires_at: at(iat + lifetime),
+            },
+        )
 }
 
 /// Characters a tamperer might put in: the token alphabet and a few outsiders.

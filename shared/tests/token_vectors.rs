@@ -110,8 +110,14 @@ fn the_vectors_cover_what_matters() {
     for digest in ["sha1", "sha256"] {
         let of_digest: Vec<&Dumps> = v.dumps.iter().filter(|d| d.digest == digest).collect();
         assert!(of_digest.len() >= 12, "{digest}: a dozen payloads");
-        assert!(of_digest.iter().any(|d| d.compressed), "{digest}: compressed");
-        assert!(of_digest.iter().any(|d| d.payload.is_object()), "{digest}: a dict");
+        assert!(
+            of_digest.iter().any(|d| d.compressed),
+            "{digest}: compressed"
+        );
+        assert!(
+            of_digest.iter().any(|d| d.payload.is_object()),
+            "{digest}: a dict"
+        );
         for email in ["用户@例子.公司", "josé@example.com"] {
             assert!(of_digest.iter().any(|d| d.payload == email), "{email}");
         }
@@ -129,11 +135,7 @@ fn every_email_vector_is_minted_byte_for_byte() {
         let Some(email) = v.payload.as_str() else {
             continue;
         };
-        let s = signer(
-            std::slice::from_ref(&v.secret),
-            &v.salt,
-            digest(&v.digest),
-        );
+        let s = signer(std::slice::from_ref(&v.secret), &v.salt, digest(&v.digest));
         assert_eq!(
             s.mint_itsdangerous(email, at(v.timestamp)),
             v.token,
@@ -198,8 +200,12 @@ fn floats_are_written_as_python_writes_them() {
             })
             .collect();
         let s = signer(std::slice::from_ref(&v.secret), &v.salt, digest(&v.digest));
-        let token =
-            s.dumps_itsdangerous_with(&Value::Array(floats), &v.salt, digest(&v.digest), at(v.timestamp));
+        let token = s.dumps_itsdangerous_with(
+            &Value::Array(floats),
+            &v.salt,
+            digest(&v.digest),
+            at(v.timestamp),
+        );
         assert_eq!(token, v.token, "{}", v.digest);
     }
 }
@@ -225,19 +231,29 @@ fn every_loads_case_ends_as_in_python() {
     for case in vectors().loads {
         let d = digest(&case.digest);
         let s = signer(&case.secrets, &case.salt, d);
-        let result = s.loads_itsdangerous_with(&case.token, &case.salt, d, case.max_age, at(case.now));
+        let result =
+            s.loads_itsdangerous_with(&case.token, &case.salt, d, case.max_age, at(case.now));
         let expected = case.rust_outcome.as_deref().unwrap_or(&case.outcome);
         assert_eq!(outcome(&result), expected, "{}: {result:?}", case.name);
         match result {
             Ok((payload, issued_at)) => {
                 assert_eq!(Some(payload), case.payload, "{}", case.name);
-                assert_eq!(Some(issued_at.unix_timestamp()), case.issued_at, "{}", case.name);
+                assert_eq!(
+                    Some(issued_at.unix_timestamp()),
+                    case.issued_at,
+                    "{}",
+                    case.name
+                );
             }
             Err(TokenError::Expired(expired)) => {
                 let ExpiredToken::Itsdangerous { payload, .. } = *expired else {
                     panic!("{}: an itsdangerous expiry", case.name);
                 };
-                assert!(payload.is_some(), "{}: expired tokens carry their payload", case.name);
+                assert!(
+                    payload.is_some(),
+                    "{}: expired tokens carry their payload",
+                    case.name
+                );
             }
             Err(_) => {}
         }

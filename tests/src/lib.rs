@@ -1,4 +1,9 @@
 //! Test support shared by the integration and end-to-end tests: an SMTP
-//! server with fault injection, fresh namespaces and databases, event capture.
+//! server with fault injection, fresh namespaces and databases, the real
+//! binaries as processes, event capture and a tiny HTTP client.
 
+pub mod env;
+pub mod http;
+pub mod procs;
 pub mod smtp;
+pub mod tap;
