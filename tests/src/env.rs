@@ -55,7 +55,7 @@ impl TestEnv {
         set("VERIMAIL_SECRET_KEY", format!("test-secret-{suffix}"));
         set("GATEWAY_ADDR", format!("127.0.0.1:{gateway_port}"));
         set("PUBLIC_BASE_URL", format!("http://127.0.0.1:{gateway_port}"));
-        set("METRICS_ADDR", "127.0.0.1:0".into());
+        set("METRICS_ADDR", format!("127.0.0.1:{}", free_port()));
         set("LOG_FORMAT", "json".into());
         set("RUST_LOG", "info".into());
         set("WORKER_CONCURRENCY", "16".into());

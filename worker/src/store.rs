@@ -186,24 +186,23 @@ RETURNING r.throttle_passed, r.attempts,
         }))
     }
 
-    /// Seconds until the throttle of `(user_id, purpose)` lets a mail through
-    /// again: at least 1, rounded up.
-    pub async fn retry_after(
+    /// How long until the throttle of `(user_id, purpose)` lets a mail through
+    /// again (`None` when nothing holds it any more).
+    pub async fn throttle_remaining(
         &self,
         user_id: &str,
         purpose: &str,
         throttle: Duration,
-    ) -> Result<u64, sqlx::Error> {
-        let secs: Option<i64> = sqlx::query_scalar(
-            "SELECT CEIL(EXTRACT(EPOCH FROM (last_sent_at + $3::float8 * interval '1 second' - now())))::int8
+    ) -> Result<Option<f64>, sqlx::Error> {
+        sqlx::query_scalar(
+            "SELECT EXTRACT(EPOCH FROM (last_sent_at + $3::float8 * interval '1 second' - now()))::float8
              FROM throttle WHERE user_id = $1 AND purpose = $2",
         )
         .bind(user_id)
         .bind(purpose)
         .bind(throttle.as_secs_f64())
         .fetch_optional(&self.pool)
-        .await?;
-        Ok(secs.map_or(1, |s| u64::try_from(s).unwrap_or(0).max(1)))
+        .await
     }
 
     /// Stores the outcome and marks the request `done`, refreshing (sent) or

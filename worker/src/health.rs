@@ -1,0 +1,104 @@
+//! `/healthz`, `/readyz` and `/metrics` on `METRICS_ADDR`.
+//!
+//! Readiness is kept by a background probe ([`probe`]) that asks the database
+//! and the broker every second with a 2-second bound, so `/readyz` answers at
+//! once and notices an outage within about 3 seconds; processing code also
+//! reports database failures the moment it sees them.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use metrics_exporter_prometheus::PrometheusHandle;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use verimail_shared::bus::Bus;
+
+/// What `/readyz` reports: both must hold.
+#[derive(Debug, Default)]
+pub struct Health {
+    db: AtomicBool,
+    bus: AtomicBool,
+}
+
+impl Health {
+    /// Ready: database and broker reachable.
+    pub fn ready(&self) -> bool {
+        self.db.load(Ordering::Relaxed) && self.bus.load(Ordering::Relaxed)
+    }
+
+    /// Records whether the database answered.
+    pub fn set_db(&self, up: bool) {
+        let was = self.db.swap(up, Ordering::Relaxed);
+        if was != up {
+            if up {
+                tracing::info!("database reachable again");
+            } else {
+                tracing::warn!("database unreachable");
+            }
+        }
+    }
+
+    /// Records whether the broker connection is up.
+    pub fn set_bus(&self, up: bool) {
+        let was = self.bus.swap(up, Ordering::Relaxed);
+        if was != up && !up {
+            tracing::warn!("broker connection lost");
+        }
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    health: Arc<Health>,
+    metrics: PrometheusHandle,
+}
+
+/// The router of the ops endpoints.
+pub fn router(health: Arc<Health>, metrics: PrometheusHandle) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(render_metrics))
+        .with_state(AppState { health, metrics })
+}
+
+async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+    if state.health.ready() {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
+}
+
+async fn render_metrics(State(state): State<AppState>) -> impl IntoResponse {
+    // Upkeep drains histogram buffers; cheap enough to run on each scrape.
+    state.metrics.run_upkeep();
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+}
+
+/// Probes the database and the broker every second until `stop`.
+pub async fn probe(health: Arc<Health>, pool: PgPool, bus: Arc<Bus>, stop: CancellationToken) {
+    const BOUND: Duration = Duration::from_secs(2);
+    loop {
+        let db = verimail_shared::db::is_reachable(&pool, BOUND).await;
+        health.set_db(db);
+        let bus_up = matches!(
+            tokio::time::timeout(BOUND, bus.connection()).await,
+            Ok(Ok(conn)) if conn.status().connected()
+        );
+        health.set_bus(bus_up);
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}

@@ -1,0 +1,104 @@
+//! Prometheus metrics, rendered on `/metrics`.
+//!
+//! The `metrics` facade has one global recorder per process, so it is
+//! installed once and shared by every [`crate::Worker`] in the process (tests
+//! start several); each worker's `/metrics` renders the same registry.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics::{counter, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Outcomes published, by `outcome` (`sent`, `throttled`, `failed`) and `reason`.
+pub const OUTCOMES: &str = "verimail_worker_outcomes_total";
+/// Requests sent to a retry queue after a transient failure.
+pub const RETRIES: &str = "verimail_worker_retries_total";
+/// Messages moved to `{ns}.dead`, by `reason`.
+pub const DEAD_LETTERS: &str = "verimail_worker_dead_letters_total";
+/// Deliveries of a request id already handled or in hand elsewhere, by `state`.
+pub const DUPLICATES: &str = "verimail_worker_duplicates_total";
+/// Deliveries handed back because the database failed.
+pub const DB_ERRORS: &str = "verimail_worker_database_errors_total";
+/// Time from delivery to ack, seconds.
+pub const PROCESSING_SECONDS: &str = "verimail_worker_processing_seconds";
+/// Time of one SMTP send including in-process retries, seconds, by `result`.
+pub const SMTP_SECONDS: &str = "verimail_worker_smtp_seconds";
+
+const BUCKETS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+];
+
+/// The process-wide recorder's handle (installed on first use).
+pub fn handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &BUCKETS)
+                .unwrap_or_else(|_| PrometheusBuilder::new());
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            // Another recorder already installed (an embedding program's):
+            // ours then stays empty rather than taking over.
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!("a metrics recorder was already installed; /metrics stays empty");
+            }
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    metrics::describe_counter!(OUTCOMES, "Outcome events published, by outcome and reason.");
+    metrics::describe_counter!(RETRIES, "Requests moved to a retry queue after a transient failure.");
+    metrics::describe_counter!(DEAD_LETTERS, "Messages moved to the dead-letter queue, by reason.");
+    metrics::describe_counter!(DUPLICATES, "Deliveries of a request id already handled or in hand.");
+    metrics::describe_counter!(DB_ERRORS, "Deliveries handed back because the database failed.");
+    metrics::describe_histogram!(
+        PROCESSING_SECONDS,
+        metrics::Unit::Seconds,
+        "Time from delivery to acknowledgement."
+    );
+    metrics::describe_histogram!(
+        SMTP_SECONDS,
+        metrics::Unit::Seconds,
+        "Time of one send, in-process retries included."
+    );
+}
+
+/// Counts a published outcome.
+pub fn outcome(outcome: &'static str, reason: &'static str) {
+    counter!(OUTCOMES, "outcome" => outcome, "reason" => reason).increment(1);
+}
+
+/// Counts a delayed retry.
+pub fn retry() {
+    counter!(RETRIES).increment(1);
+}
+
+/// Counts a dead letter.
+pub fn dead_letter(reason: &'static str) {
+    counter!(DEAD_LETTERS, "reason" => reason).increment(1);
+}
+
+/// Counts a duplicate delivery.
+pub fn duplicate(state: &'static str) {
+    counter!(DUPLICATES, "state" => state).increment(1);
+}
+
+/// Counts a delivery handed back after a database failure.
+pub fn db_error() {
+    counter!(DB_ERRORS).increment(1);
+}
+
+/// Records the processing time of one delivery.
+pub fn processing(elapsed: Duration) {
+    histogram!(PROCESSING_SECONDS).record(elapsed.as_secs_f64());
+}
+
+/// Records the time of one send.
+pub fn smtp(elapsed: Duration, result: &'static str) {
+    histogram!(SMTP_SECONDS, "result" => result).record(elapsed.as_secs_f64());
+}
