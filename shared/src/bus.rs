@@ -173,7 +173,10 @@ pub async fn declare(channel: &Channel, topology: &Topology) -> Result<(), lapin
                 ("x-queue-type", field(ShortString::from("quorum"))),
                 // Poison that keeps crashing its consumer is moved aside
                 // instead of looping; high because every return counts.
-                ("x-delivery-limit", field(AMQPValue::LongLongInt(DELIVERY_LIMIT))),
+                (
+                    "x-delivery-limit",
+                    field(AMQPValue::LongLongInt(DELIVERY_LIMIT)),
+                ),
                 // Where the broker moves such poison: the default exchange, to `{ns}.dead`.
                 ("x-dead-letter-exchange", field(ShortString::from(""))),
                 (
@@ -339,8 +342,7 @@ async fn connect_any(urls: &[String], name: &str) -> Result<Connection, BusError
     for url in &order {
         tracing::info!(url = %redact(url), "connecting to RabbitMQ");
         let props = ConnectionProperties::default().with_connection_name(name.into());
-        match tokio::time::timeout(Duration::from_secs(10), Connection::connect(url, props)).await
-        {
+        match tokio::time::timeout(Duration::from_secs(10), Connection::connect(url, props)).await {
             Ok(Ok(conn)) => {
                 tracing::info!(url = %redact(url), "connected to RabbitMQ");
                 return Ok(conn);
@@ -351,9 +353,9 @@ async fn connect_any(urls: &[String], name: &str) -> Result<Connection, BusError
             }
             Err(_) => {
                 tracing::warn!(url = %redact(url), "RabbitMQ node timed out");
-                last = Some(lapin::Error::from(lapin::ErrorKind::InvalidConnectionState(
-                    lapin::ConnectionState::Closed,
-                )));
+                last = Some(lapin::Error::from(
+                    lapin::ErrorKind::InvalidConnectionState(lapin::ConnectionState::Closed),
+                ));
             }
         }
     }
@@ -547,8 +549,8 @@ pub fn dead_letter_headers(reason: &str, detail: &str) -> FieldTable {
 /// Why a dead letter is in `{ns}.dead`: our header, or the broker's own
 /// `x-first-death-reason` (e.g. `delivery_limit`) when the broker moved it.
 pub fn dead_letter_reason(headers: Option<&FieldTable>) -> (Option<String>, Option<String>) {
-    let reason = header_str(headers, HEADER_REASON)
-        .or_else(|| header_str(headers, "x-first-death-reason"));
+    let reason =
+        header_str(headers, HEADER_REASON).or_else(|| header_str(headers, "x-first-death-reason"));
     let detail = header_str(headers, HEADER_DETAIL).or_else(|| {
         header_str(headers, "x-first-death-queue").map(|q| format!("moved by the broker from {q}"))
     });
@@ -575,11 +577,17 @@ mod tests {
                 "x-first-death-reason",
                 AMQPValue::LongString("delivery_limit".into()),
             ),
-            ("x-first-death-queue", AMQPValue::LongString("ns.worker".into())),
+            (
+                "x-first-death-queue",
+                AMQPValue::LongString("ns.worker".into()),
+            ),
         ]);
         let (reason, detail) = dead_letter_reason(Some(&headers));
         assert_eq!(reason.as_deref(), Some("delivery_limit"));
-        assert_eq!(detail.as_deref(), Some("moved by the broker from ns.worker"));
+        assert_eq!(
+            detail.as_deref(),
+            Some("moved by the broker from ns.worker")
+        );
         let ours = dead_letter_headers("undecodable", "not JSON");
         assert_eq!(
             dead_letter_reason(Some(&ours)),

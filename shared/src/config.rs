@@ -372,9 +372,7 @@ fn check_mailbox(raw: &str) -> Result<(), String> {
     if raw.chars().any(char::is_control) {
         return Err("contains a control character".into());
     }
-    let (local, domain) = addr
-        .rsplit_once('@')
-        .ok_or("the address has no @")?;
+    let (local, domain) = addr.rsplit_once('@').ok_or("the address has no @")?;
     if local.is_empty() || domain.is_empty() {
         return Err("the address needs a local part and a domain".into());
     }
@@ -460,7 +458,10 @@ impl<F: Fn(&str) -> Option<String>> Env<'_, F> {
             if !matches!(parsed.scheme(), "amqp" | "amqps") || parsed.host_str().is_none() {
                 return Err(ConfigError::new(
                     "AMQP_URL",
-                    format!("`{}` must be amqp://host... or amqps://host...", redact(url)),
+                    format!(
+                        "`{}` must be amqp://host... or amqps://host...",
+                        redact(url)
+                    ),
                 ));
             }
         }
@@ -515,7 +516,10 @@ impl<F: Fn(&str) -> Option<String>> Env<'_, F> {
             .filter(|o| !o.is_empty())
             .map(|o| {
                 let url = Url::parse(o).map_err(|e| {
-                    ConfigError::new("RETURN_URL_ALLOWLIST", format!("`{o}` is not an origin ({e})"))
+                    ConfigError::new(
+                        "RETURN_URL_ALLOWLIST",
+                        format!("`{o}` is not an origin ({e})"),
+                    )
                 })?;
                 if !matches!(url.scheme(), "http" | "https")
                     || url.path() != "/"
@@ -552,7 +556,10 @@ impl<F: Fn(&str) -> Option<String>> Env<'_, F> {
     }
 
     fn log_format(&self) -> Result<LogFormat, ConfigError> {
-        match self.get("LOG_FORMAT").map(|v| v.trim().to_ascii_lowercase()) {
+        match self
+            .get("LOG_FORMAT")
+            .map(|v| v.trim().to_ascii_lowercase())
+        {
             None => Ok(LogFormat::default()),
             Some(v) if v == "json" => Ok(LogFormat::Json),
             Some(v) if v == "pretty" => Ok(LogFormat::Pretty),
@@ -646,8 +653,11 @@ mod tests {
     fn itsdangerous_minting_turns_on_accepting_it() -> Result<(), ConfigError> {
         assert!(config(&[("TOKEN_FORMAT", "itsdangerous")])?.accept_itsdangerous);
         assert!(
-            !config(&[("TOKEN_FORMAT", "itsdangerous"), ("ACCEPT_ITSDANGEROUS", "false")])?
-                .accept_itsdangerous
+            !config(&[
+                ("TOKEN_FORMAT", "itsdangerous"),
+                ("ACCEPT_ITSDANGEROUS", "false")
+            ])?
+            .accept_itsdangerous
         );
         Ok(())
     }
@@ -707,7 +717,10 @@ mod tests {
     fn the_secret_file_loses_its_trailing_newline() -> Result<(), Box<dyn std::error::Error>> {
         let path = std::env::temp_dir().join(format!("verimail-key-{}", std::process::id()));
         std::fs::write(&path, "from-a-file\n")?;
-        let c = config(&[("VERIMAIL_SECRET_KEY_FILE", path.to_str().unwrap_or_default())])?;
+        let c = config(&[(
+            "VERIMAIL_SECRET_KEY_FILE",
+            path.to_str().unwrap_or_default(),
+        )])?;
         std::fs::remove_file(&path)?;
         assert_eq!(c.expose_current_secret(), Some("from-a-file"));
         Ok(())
@@ -734,11 +747,19 @@ mod tests {
         }
         assert!(matches!(
             "smtps://mail.example.com".parse::<MailUrl>()?,
-            MailUrl::Smtp { security: SmtpSecurity::Implicit, port: 465, .. }
+            MailUrl::Smtp {
+                security: SmtpSecurity::Implicit,
+                port: 465,
+                ..
+            }
         ));
         assert!(matches!(
             "smtp+plain://127.0.0.1:2525".parse::<MailUrl>()?,
-            MailUrl::Smtp { security: SmtpSecurity::None, port: 2525, .. }
+            MailUrl::Smtp {
+                security: SmtpSecurity::None,
+                port: 2525,
+                ..
+            }
         ));
         Ok(())
     }

@@ -102,7 +102,10 @@ pub async fn ensure_database(options: &PgConnectOptions) -> Result<(), DbError> 
     if !exists {
         let quoted = format!("\"{}\"", name.replace('"', "\"\""));
         let create = format!("CREATE DATABASE {quoted}");
-        match sqlx::raw_sql(sqlx::AssertSqlSafe(create)).execute(&mut conn).await {
+        match sqlx::raw_sql(sqlx::AssertSqlSafe(create))
+            .execute(&mut conn)
+            .await
+        {
             Ok(_) => tracing::info!(database = %name, "created database"),
             // Another process created it between our check and our CREATE.
             Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => {}

@@ -94,7 +94,11 @@ pub struct CloudEvent<T> {
     #[serde(rename = "type")]
     pub ty: String,
     /// When it happened.
-    #[serde(with = "rfc3339::option", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        with = "rfc3339::option",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub time: Option<OffsetDateTime>,
     /// `application/json` on every event we emit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -375,7 +379,9 @@ pub fn decode_request(body: &[u8], policy: Policy<'_>) -> Result<ValidRequest, D
     let request_id = match event.get("id") {
         Some(Value::String(s)) if !s.is_empty() && s.chars().count() <= 128 => s.clone(),
         Some(Value::String(_)) => {
-            return Err(DecodeError::Undecodable("id: must be 1-128 characters".into()));
+            return Err(DecodeError::Undecodable(
+                "id: must be 1-128 characters".into(),
+            ));
         }
         Some(_) => return Err(DecodeError::Undecodable("id: not a string".into())),
         None => return Err(DecodeError::Undecodable("id: missing".into())),
@@ -456,9 +462,15 @@ pub fn decode_request(body: &[u8], policy: Policy<'_>) -> Result<ValidRequest, D
     let user_id = user_id.map_err(|r| problems.broke("user_id", r)).ok();
     let email = email.map_err(|r| problems.broke("email", r)).ok();
     let name = name.map_err(|r| problems.broke("name", r)).ok().flatten();
-    let locale = locale.map_err(|r| problems.broke("locale", r)).ok().flatten();
+    let locale = locale
+        .map_err(|r| problems.broke("locale", r))
+        .ok()
+        .flatten();
     let purpose = purpose.map_err(|r| problems.broke("purpose", r)).ok();
-    let context = context.map_err(|r| problems.broke("context", r)).ok().flatten();
+    let context = context
+        .map_err(|r| problems.broke("context", r))
+        .ok()
+        .flatten();
     let return_url = match field_return_url(data.get("return_url")) {
         Ok(url) => url,
         Err(rule) => {
@@ -709,10 +721,7 @@ pub fn resolve_locale<'a>(tag: Option<&str>, available: &[&'a str], default: &'a
     let Some(tag) = tag else { return default };
     let mut candidate = tag;
     loop {
-        if let Some(found) = available
-            .iter()
-            .find(|a| a.eq_ignore_ascii_case(candidate))
-        {
+        if let Some(found) = available.iter().find(|a| a.eq_ignore_ascii_case(candidate)) {
             return found;
         }
         match candidate.rfind('-') {
@@ -878,7 +887,9 @@ mod tests {
 
     fn failure(data: Value) -> (String, FailureReason, Echo) {
         match decode(&request(data)) {
-            Err(DecodeError::Invalid { echo, failure }) => (failure.detail(), failure.reason, *echo),
+            Err(DecodeError::Invalid { echo, failure }) => {
+                (failure.detail(), failure.reason, *echo)
+            }
             other => panic!("expected invalid, got {other:?}"),
         }
     }
@@ -896,7 +907,15 @@ mod tests {
         assert_eq!(r.data.user_id, "42");
         assert_eq!(r.data.locale.as_deref(), Some("zh-CN"));
         assert_eq!(r.data.purpose, Purpose::VerifyEmail);
-        assert_eq!(r.data.context, Some(json!({"signup_flow":"b"}).as_object().cloned().unwrap_or_default()));
+        assert_eq!(
+            r.data.context,
+            Some(
+                json!({"signup_flow":"b"})
+                    .as_object()
+                    .cloned()
+                    .unwrap_or_default()
+            )
+        );
         Ok(())
     }
 
@@ -913,24 +932,75 @@ mod tests {
         let long_email = format!("{}@example.com", "a".repeat(250));
         let cases = [
             (json!({"email":"a@example.com"}), "user_id: missing"),
-            (json!({"user_id":"","email":"a@example.com"}), "user_id: empty"),
-            (json!({"user_id":"x".repeat(129),"email":"a@example.com"}), "user_id: 129 characters, more than 128"),
-            (json!({"user_id":1.5,"email":"a@example.com"}), "user_id: a number must be an integer"),
-            (json!({"user_id":true,"email":"a@example.com"}), "user_id: must be a string or an integer"),
+            (
+                json!({"user_id":"","email":"a@example.com"}),
+                "user_id: empty",
+            ),
+            (
+                json!({"user_id":"x".repeat(129),"email":"a@example.com"}),
+                "user_id: 129 characters, more than 128",
+            ),
+            (
+                json!({"user_id":1.5,"email":"a@example.com"}),
+                "user_id: a number must be an integer",
+            ),
+            (
+                json!({"user_id":true,"email":"a@example.com"}),
+                "user_id: must be a string or an integer",
+            ),
             (json!({"user_id":"1"}), "email: missing"),
-            (json!({"user_id":"1","email":long_email}), "email: more than 254 characters"),
-            (json!({"user_id":"1","email":"a@example.com\r\nBcc: x@evil.io"}), "email: contains a control character"),
-            (json!({"user_id":"1","email":"not-an-address"}), "email: not a valid address (RFC 5322 addr-spec)"),
-            (json!({"user_id":"1","email":"Alice <a@example.com>"}), "email: must be a bare address, without a display name"),
-            (json!({"user_id":"1","email":"a@example.com","name":"x".repeat(257)}), "name: 257 characters, more than 256"),
-            (json!({"user_id":"1","email":"a@example.com","name":"Eve\r\nBcc: x@evil.io"}), "name: contains a control character"),
-            (json!({"user_id":"1","email":"a@example.com","locale":"not a tag"}), "locale: `not a tag` is not a BCP 47 tag"),
-            (json!({"user_id":"1","email":"a@example.com","purpose":"delete_account"}), "purpose: unknown purpose `delete_account` (expected verify_email or reset_password)"),
-            (json!({"user_id":"1","email":"a@example.com","return_url":"/relative"}), "return_url: not an absolute URL (relative URL without a base)"),
-            (json!({"user_id":"1","email":"a@example.com","return_url":"javascript:alert(1)"}), "return_url: must be an http or https URL"),
-            (json!({"user_id":"1","email":"a@example.com","purpose":"reset_password"}), "return_url: required for purpose reset_password"),
-            (json!({"user_id":"1","email":"a@example.com","context":[1]}), "context: must be a JSON object"),
-            (json!({"user_id":"1","email":"a@example.com","context":{"k":"v".repeat(5000)}}), "context: 5008 bytes serialized, more than 4096"),
+            (
+                json!({"user_id":"1","email":long_email}),
+                "email: more than 254 characters",
+            ),
+            (
+                json!({"user_id":"1","email":"a@example.com\r\nBcc: x@evil.io"}),
+                "email: contains a control character",
+            ),
+            (
+                json!({"user_id":"1","email":"not-an-address"}),
+                "email: not a valid address (RFC 5322 addr-spec)",
+            ),
+            (
+                json!({"user_id":"1","email":"Alice <a@example.com>"}),
+                "email: must be a bare address, without a display name",
+            ),
+            (
+                json!({"user_id":"1","email":"a@example.com","name":"x".repeat(257)}),
+                "name: 257 characters, more than 256",
+            ),
+            (
+                json!({"user_id":"1","email":"a@example.com","name":"Eve\r\nBcc: x@evil.io"}),
+                "name: contains a control character",
+            ),
+            (
+                json!({"user_id":"1","email":"a@example.com","locale":"not a tag"}),
+                "locale: `not a tag` is not a BCP 47 tag",
+            ),
+            (
+                json!({"user_id":"1","email":"a@example.com","purpose":"delete_account"}),
+                "purpose: unknown purpose `delete_account` (expected verify_email or reset_password)",
+            ),
+            (
+                json!({"user_id":"1","email":"a@example.com","return_url":"/relative"}),
+                "return_url: not an absolute URL (relative URL without a base)",
+            ),
+            (
+                json!({"user_id":"1","email":"a@example.com","return_url":"javascript:alert(1)"}),
+                "return_url: must be an http or https URL",
+            ),
+            (
+                json!({"user_id":"1","email":"a@example.com","purpose":"reset_password"}),
+                "return_url: required for purpose reset_password",
+            ),
+            (
+                json!({"user_id":"1","email":"a@example.com","context":[1]}),
+                "context: must be a JSON object",
+            ),
+            (
+                json!({"user_id":"1","email":"a@example.com","context":{"k":"v".repeat(5000)}}),
+                "context: 5008 bytes serialized, more than 4096",
+            ),
         ];
         for (data, expected) in cases {
             let (detail, reason, _) = failure(data.clone());
@@ -950,19 +1020,39 @@ mod tests {
 
     #[test]
     fn a_foreign_return_url_has_its_own_reason() {
-        let (detail, reason, _) = failure(json!({"user_id":"1","email":"a@example.com","return_url":"https://evil.example.net/x"}));
+        let (detail, reason, _) = failure(
+            json!({"user_id":"1","email":"a@example.com","return_url":"https://evil.example.net/x"}),
+        );
         assert_eq!(reason, FailureReason::ReturnUrlNotAllowed);
-        assert!(detail.starts_with("return_url: origin https://evil.example.net"), "{detail}");
+        assert!(
+            detail.starts_with("return_url: origin https://evil.example.net"),
+            "{detail}"
+        );
     }
 
     #[test]
     fn envelope_rules_are_named() {
         let cases = [
-            (json!({"specversion":"0.3","id":"x","source":"/a","type":VERIFICATION_REQUESTED,"data":{}}), "specversion"),
-            (json!({"specversion":"1.0","id":"x","type":VERIFICATION_REQUESTED,"data":{}}), "source"),
-            (json!({"specversion":"1.0","id":"x","source":"/a","type":"other","data":{}}), "type"),
-            (json!({"specversion":"1.0","id":"x","source":"/a","type":VERIFICATION_REQUESTED}), "data"),
-            (json!({"specversion":"1.0","id":"x","source":"/a","type":VERIFICATION_REQUESTED,"time":"yesterday","data":{}}), "time"),
+            (
+                json!({"specversion":"0.3","id":"x","source":"/a","type":VERIFICATION_REQUESTED,"data":{}}),
+                "specversion",
+            ),
+            (
+                json!({"specversion":"1.0","id":"x","type":VERIFICATION_REQUESTED,"data":{}}),
+                "source",
+            ),
+            (
+                json!({"specversion":"1.0","id":"x","source":"/a","type":"other","data":{}}),
+                "type",
+            ),
+            (
+                json!({"specversion":"1.0","id":"x","source":"/a","type":VERIFICATION_REQUESTED}),
+                "data",
+            ),
+            (
+                json!({"specversion":"1.0","id":"x","source":"/a","type":VERIFICATION_REQUESTED,"time":"yesterday","data":{}}),
+                "time",
+            ),
         ];
         for (body, field) in cases {
             match decode(body.to_string().as_bytes()) {
@@ -974,8 +1064,18 @@ mod tests {
 
     #[test]
     fn bodies_that_are_not_cloudevents_are_undecodable() {
-        for body in [&b"not json"[..], b"[1,2]", b"{}", b"{\"id\":7}", b"{\"id\":\"\"}", b"\xff\xfe"] {
-            assert!(matches!(decode(body), Err(DecodeError::Undecodable(_))), "{body:?}");
+        for body in [
+            &b"not json"[..],
+            b"[1,2]",
+            b"{}",
+            b"{\"id\":7}",
+            b"{\"id\":\"\"}",
+            b"\xff\xfe",
+        ] {
+            assert!(
+                matches!(decode(body), Err(DecodeError::Undecodable(_))),
+                "{body:?}"
+            );
         }
     }
 
@@ -994,7 +1094,10 @@ mod tests {
     #[test]
     fn locales_fall_back_along_their_subtags() {
         let available = ["en", "zh-CN", "zh-Hant"];
-        assert_eq!(resolve_locale(Some("zh-Hant-TW"), &available, "en"), "zh-Hant");
+        assert_eq!(
+            resolve_locale(Some("zh-Hant-TW"), &available, "en"),
+            "zh-Hant"
+        );
         assert_eq!(resolve_locale(Some("zh-cn"), &available, "en"), "zh-CN");
         assert_eq!(resolve_locale(Some("zh"), &available, "en"), "en");
         assert_eq!(resolve_locale(Some("fr-CA"), &available, "en"), "en");
@@ -1024,7 +1127,10 @@ mod tests {
         assert_eq!(v["data"]["context"], Value::Null);
         assert_eq!(v["data"]["retry_after_seconds"], 12);
         assert_eq!(rfc3339::format(t), "2026-11-24T10:00:00Z");
-        assert!(matches!(Event::decode(&ev.to_bytes()), Ok(Event::Outcome(Outcome::Throttled(_)))));
+        assert!(matches!(
+            Event::decode(&ev.to_bytes()),
+            Ok(Event::Outcome(Outcome::Throttled(_)))
+        ));
         Ok(())
     }
 }
