@@ -11,6 +11,7 @@ pub mod bus;
 pub mod config;
 pub mod db;
 pub mod events;
+pub mod retention;
 pub mod shutdown;
 pub mod telemetry;
 pub mod token;

@@ -1,0 +1,94 @@
+//! Retention against a real PostgreSQL: old rows go, fresh ones and
+//! unfinished requests stay.
+
+use std::time::Duration;
+
+use verimail_shared::db::{self, PoolSettings};
+use verimail_shared::retention;
+
+async fn fresh_db(label: &str) -> (sqlx::PgPool, String) {
+    let name = format!(
+        "vm_{label}_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    );
+    let url = format!("postgres://postgres@127.0.0.1:5432/{name}");
+    let pool = db::connect(&url, true, PoolSettings::default())
+        .await
+        .expect("database");
+    (pool, name)
+}
+
+async fn drop_db(name: &str) {
+    if let Ok(admin) = sqlx::PgPool::connect("postgres://postgres@127.0.0.1:5432/postgres").await {
+        let sql = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
+        let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .execute(&admin)
+            .await;
+    }
+}
+
+async fn count(pool: &sqlx::PgPool, table: &str) -> i64 {
+    let sql = format!("SELECT count(*) FROM {table}");
+    sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+        .fetch_one(pool)
+        .await
+        .expect("count")
+}
+
+#[tokio::test]
+async fn old_records_are_deleted_in_batches_and_fresh_ones_stay() {
+    let (pool, name) = fresh_db("retention").await;
+    // 2,500 old finished requests (more than two batches), 3 fresh, 2 old but unfinished.
+    sqlx::query(
+        "INSERT INTO requests (id, state, created_at) \
+         SELECT 'old-' || g, 'done', now() - interval '10 days' FROM generate_series(1, 2500) g",
+    )
+    .execute(&pool)
+    .await
+    .expect("old requests");
+    sqlx::query(
+        "INSERT INTO requests (id, state, created_at) VALUES \
+         ('fresh-1','done',now()), ('fresh-2','done',now()), ('fresh-3','processing',now()), \
+         ('stuck-1','processing',now() - interval '10 days'), ('stuck-2','processing',now() - interval '10 days')",
+    )
+    .execute(&pool)
+    .await
+    .expect("fresh requests");
+    sqlx::query(
+        "INSERT INTO throttle VALUES ('u1','verify_email',now() - interval '10 days','old-1'), \
+         ('u2','verify_email',now(),'fresh-1')",
+    )
+    .execute(&pool)
+    .await
+    .expect("throttle");
+    sqlx::query(
+        "INSERT INTO confirmations (key, email, purpose, event_id, verified_at) VALUES \
+         ('r:old-1','a@example.com','verify_email','e1',now() - interval '10 days'), \
+         ('r:fresh-1','b@example.com','verify_email','e2',now())",
+    )
+    .execute(&pool)
+    .await
+    .expect("confirmations");
+
+    let swept = retention::sweep(&pool, Duration::from_secs(168 * 3600))
+        .await
+        .expect("sweep");
+    assert_eq!(swept.requests, 2500);
+    assert_eq!(swept.throttle, 1);
+    assert_eq!(swept.confirmations, 1);
+    assert_eq!(
+        count(&pool, "requests").await,
+        5,
+        "fresh and unfinished requests stay"
+    );
+    assert_eq!(count(&pool, "throttle").await, 1);
+    assert_eq!(count(&pool, "confirmations").await, 1);
+
+    // A second sweep finds nothing more.
+    let again = retention::sweep(&pool, Duration::from_secs(168 * 3600))
+        .await
+        .expect("sweep");
+    assert_eq!(again, retention::Swept::default());
+    pool.close().await;
+    drop_db(&name).await;
+}
