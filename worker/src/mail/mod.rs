@@ -1,17 +1,25 @@
-//! Rendering and sending mail. INTERFACE STUB: the mail engineer replaces the
-//! bodies; the signatures are the agreed interface (more may be added).
+//! Rendering and sending mail.
+//!
+//! - [`templates`]: the built-in templates (`worker/templates/`, embedded) and
+//!   overrides from `TEMPLATES_DIR`; [`Templates::render`] picks the locale.
+//! - [`send`]: [`Mailer`] builds the MIME message and delivers it over pooled
+//!   SMTP or into a `file://` outbox; [`SendError::classification`] is the one
+//!   place deciding whether a failure is worth retrying.
+//!
+//! Invariants: a recipient's name is data, never template source (it cannot
+//! inject template syntax, HTML or headers); every delivery attempt ends within
+//! a deadline, so a stuck SMTP server cannot hold a worker's slots forever.
 
-use std::path::Path;
+pub mod send;
+pub mod templates;
+
 use std::time::Duration;
 
 use time::OffsetDateTime;
-use verimail_shared::config::Config;
 use verimail_shared::events::Purpose;
 
-/// A template failed to load or render (a startup error when loading).
-#[derive(Debug, thiserror::Error)]
-#[error("template error: {0}")]
-pub struct TemplateError(pub String);
+pub use send::{ATTEMPT_TIMEOUT, CONNECT_TIMEOUT, Mailer, MailerError, SendError, classify};
+pub use templates::{DEFAULT_LOCALE, TemplateError, Templates};
 
 /// What a template sees.
 #[derive(Debug, Clone)]
@@ -43,26 +51,6 @@ pub struct RenderedMail {
     pub locale: String,
 }
 
-/// Built-in templates plus overrides from `TEMPLATES_DIR`.
-#[derive(Debug)]
-pub struct Templates {}
-
-impl Templates {
-    /// Loads and checks every template (a broken one is a startup error).
-    pub fn load(_dir: Option<&Path>) -> Result<Self, TemplateError> {
-        Err(TemplateError("not implemented yet".into()))
-    }
-
-    /// Renders the mail for `purpose` in the best locale for `locale`.
-    pub fn render(
-        &self,
-        _locale: Option<&str>,
-        _ctx: &MailContext<'_>,
-    ) -> Result<RenderedMail, TemplateError> {
-        Err(TemplateError("not implemented yet".into()))
-    }
-}
-
 /// Whether a failed delivery may succeed later.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Classification {
@@ -71,23 +59,6 @@ pub enum Classification {
     /// 5xx: give up at once (`recipient_rejected`).
     Permanent,
 }
-
-/// A delivery failed.
-#[derive(Debug, thiserror::Error)]
-#[error("delivery failed: {0}")]
-pub struct SendError(pub String);
-
-impl SendError {
-    /// Transient or permanent (the one tested classification function).
-    pub fn classification(&self) -> Classification {
-        Classification::Transient
-    }
-}
-
-/// A mailer could not be built from `MAIL_URL`/`MAIL_FROM`.
-#[derive(Debug, thiserror::Error)]
-#[error("MAIL_URL: {0}")]
-pub struct MailerError(pub String);
 
 /// One mail to deliver.
 #[derive(Debug, Clone)]
@@ -98,31 +69,4 @@ pub struct Envelope<'a> {
     pub to_email: &'a str,
     /// Used for the `Message-ID` header, so a duplicate can be recognised downstream.
     pub request_id: &'a str,
-}
-
-/// Delivers mail over pooled SMTP or into a `file://` outbox.
-#[derive(Debug, Clone)]
-pub struct Mailer {}
-
-impl Mailer {
-    /// Builds the transport from the configuration (warns when `MAIL_URL` is the default).
-    pub fn from_config(_config: &Config) -> Result<Self, MailerError> {
-        Err(MailerError("not implemented yet".into()))
-    }
-
-    /// Sends once.
-    pub async fn send(&self, _to: &Envelope<'_>, _mail: &RenderedMail) -> Result<(), SendError> {
-        Err(SendError("not implemented yet".into()))
-    }
-
-    /// Sends, retrying transient failures in-process with exponential backoff
-    /// and jitter for at most `budget`; returns the last error otherwise.
-    pub async fn send_with_backoff(
-        &self,
-        to: &Envelope<'_>,
-        mail: &RenderedMail,
-        _budget: Duration,
-    ) -> Result<(), SendError> {
-        self.send(to, mail).await
-    }
 }

@@ -1,0 +1,849 @@
+//! Building the MIME message and delivering it: pooled SMTP or a `file://` outbox.
+//!
+//! # Why our own connection pool
+//!
+//! lettre's async SMTP transport applies its timeout to the TCP connect only: a
+//! server that accepts and then stops answering blocks a send forever. So
+//! every attempt here runs under a deadline ([`ATTEMPT_TIMEOUT`]). Cancelling a
+//! send of lettre's pooled transport would hand the half-used connection back
+//! to its pool (its `PooledConnection` recycles on drop), and the next mail on
+//! it would read the late reply meant for the previous command: a `250` could
+//! be taken for the acceptance of the wrong mail. Our pool holds lettre's own
+//! [`AsyncSmtpConnection`]s; a connection is returned to it only after a
+//! complete, successful exchange, and a timed-out attempt drops its
+//! connection with the future. Sockets are opened with `TCP_NODELAY`, as
+//! lettre writes the message and its final `.` separately and Nagle's
+//! algorithm would hold the latter back for a delayed ACK (about 40 ms per
+//! mail). `smtps://` connections are opened by lettre and keep Nagle.
+//!
+//! # Classification
+//!
+//! [`classify`] is the one function that says whether a failure may pass:
+//! a 5xx reply to the mail transaction is permanent; everything else
+//! (4xx, refused or reset connections, timeouts, TLS, a 5xx while connecting
+//! or authenticating, which is the server refusing *us*, not the recipient,
+//! and file-system errors of the outbox) is transient.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use backon::{ExponentialBuilder, Retryable};
+use lettre::address::{AddressError, Envelope as SmtpEnvelope};
+use lettre::message::{Mailbox, MultiPart};
+use lettre::transport::smtp::authentication::{Credentials, DEFAULT_MECHANISMS};
+use lettre::transport::smtp::client::{AsyncSmtpConnection, TlsParameters};
+use lettre::transport::smtp::extension::ClientId;
+use lettre::{Address, AsyncFileTransport, AsyncTransport, Message, Tokio1Executor};
+use secrecy::ExposeSecret;
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+use tracing::{debug, warn};
+use verimail_shared::config::{Config, MailUrl, SmtpSecurity};
+
+use super::{Classification, Envelope, RenderedMail};
+
+/// Longest a single delivery attempt may take, connection included. Long
+/// enough for a slow server's reply to the message (content scanning), short
+/// enough that a stuck one frees the worker's slot.
+pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest the TCP (and TLS) connection may take to open.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most SMTP connections open at once (also capped by `WORKER_CONCURRENCY`);
+/// servers limit connections per client (Postfix: 50 by default).
+pub const MAX_CONNECTIONS: usize = 32;
+/// A connection idle longer than this is checked with `NOOP` before reuse.
+const CHECK_IDLE_AFTER: Duration = Duration::from_secs(2);
+/// A connection idle longer than this is closed rather than reused (servers
+/// drop idle clients after a few minutes anyway).
+const MAX_IDLE: Duration = Duration::from_secs(60);
+/// First delay between in-process attempts; it doubles, with jitter, up to [`BACKOFF_MAX`].
+pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// Longest delay between in-process attempts.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Histogram of single attempts, seconds, by `result`.
+pub const ATTEMPT_SECONDS: &str = "verimail_worker_smtp_attempt_seconds";
+/// Counter of attempts by `result` (`sent`, `transient`, `permanent`).
+pub const ATTEMPTS: &str = "verimail_worker_smtp_attempts_total";
+
+/// A delivery failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// Opening the connection failed at the TCP level (refused, unreachable, reset).
+    #[error("cannot connect to the SMTP server: {0}")]
+    Connect(#[source] std::io::Error),
+    /// The server refused or broke the session before the mail transaction:
+    /// greeting, EHLO, STARTTLS, TLS handshake or AUTH.
+    #[error("SMTP session set-up failed: {0}")]
+    Session(#[source] lettre::transport::smtp::Error),
+    /// The mail transaction failed: a 4xx/5xx reply to MAIL, RCPT or DATA, or
+    /// the connection broke during it.
+    #[error("SMTP: {0}")]
+    Smtp(#[source] lettre::transport::smtp::Error),
+    /// The recipient address needs SMTPUTF8, which the server does not offer.
+    #[error("the SMTP server cannot take this non-ASCII address: {0}")]
+    Utf8Address(#[source] lettre::transport::smtp::Error),
+    /// No complete exchange within the deadline.
+    #[error("no answer from the SMTP server within {} s", .0.as_secs())]
+    Timeout(Duration),
+    /// Writing to the `file://` outbox failed.
+    #[error("writing the mail file failed: {0}")]
+    File(#[source] lettre::transport::file::Error),
+    /// The recipient address is not one lettre can send to.
+    #[error("the recipient address is unusable: {0}")]
+    Address(#[source] AddressError),
+    /// The message could not be built.
+    #[error("the message could not be built: {0}")]
+    Message(#[source] lettre::error::Error),
+}
+
+impl SendError {
+    /// Transient or permanent (the one tested classification function).
+    pub fn classification(&self) -> Classification {
+        classify(self)
+    }
+}
+
+/// Whether `error` may pass if the mail is sent again later.
+pub fn classify(error: &SendError) -> Classification {
+    match error {
+        // Only a negative reply inside the mail transaction is about this mail
+        // or recipient; 5xx replies to MAIL/RCPT/DATA land here.
+        SendError::Smtp(e) if e.is_permanent() => Classification::Permanent,
+        SendError::Smtp(_) => Classification::Transient,
+        // These will fail the same way on every attempt.
+        SendError::Utf8Address(_) | SendError::Address(_) | SendError::Message(_) => {
+            Classification::Permanent
+        }
+        // The server (or our disk) is unwell, or refuses us rather than the
+        // recipient (wrong credentials, TLS): an operator can fix it, and the
+        // request is replayable from the dead-letter queue once the window ends.
+        SendError::Connect(_)
+        | SendError::Session(_)
+        | SendError::Timeout(_)
+        | SendError::File(_) => Classification::Transient,
+    }
+}
+
+/// A mailer could not be built from `MAIL_URL`/`MAIL_FROM`.
+#[derive(Debug, thiserror::Error)]
+pub enum MailerError {
+    /// `MAIL_FROM` is not a mailbox lettre accepts.
+    #[error("MAIL_FROM: `{value}` is not a mailbox ({source})")]
+    From {
+        /// The configured value.
+        value: String,
+        /// lettre's complaint.
+        #[source]
+        source: AddressError,
+    },
+    /// The `file://` outbox folder could not be created.
+    #[error("MAIL_URL: cannot create the outbox folder {}: {source}", dir.display())]
+    Outbox {
+        /// The folder.
+        dir: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// TLS parameters could not be built for the host.
+    #[error("MAIL_URL: TLS set-up for `{host}` failed: {source}")]
+    Tls {
+        /// The SMTP host.
+        host: String,
+        /// lettre's error.
+        #[source]
+        source: lettre::transport::smtp::Error,
+    },
+}
+
+/// Delivers mail over pooled SMTP or into a `file://` outbox.
+#[derive(Debug, Clone)]
+pub struct Mailer {
+    from: Mailbox,
+    /// Right-hand side of our `Message-ID`s: the sender's domain.
+    id_domain: String,
+    transport: Arc<Transport>,
+    attempt_timeout: Duration,
+}
+
+#[derive(Debug)]
+enum Transport {
+    Smtp(SmtpPool),
+    File(AsyncFileTransport<Tokio1Executor>),
+}
+
+impl Mailer {
+    /// Builds the transport from the configuration (warns when `MAIL_URL` is the default).
+    pub fn from_config(config: &Config) -> Result<Self, MailerError> {
+        let from: Mailbox = config
+            .mail_from
+            .parse()
+            .map_err(|source| MailerError::From {
+                value: config.mail_from.clone(),
+                source,
+            })?;
+        let id_domain = from.email.domain().to_owned();
+        let transport = match &config.mail_url {
+            MailUrl::File(dir) => {
+                std::fs::create_dir_all(dir).map_err(|source| MailerError::Outbox {
+                    dir: dir.clone(),
+                    source,
+                })?;
+                if config.mail_url_is_default {
+                    warn!(
+                        dir = %dir.display(),
+                        "MAIL_URL is not set: mails are NOT sent, they are written as .eml files \
+                         to the default outbox; set MAIL_URL=smtp://host:port to send"
+                    );
+                } else {
+                    warn!(dir = %dir.display(), "MAIL_URL is file://: mails are written as .eml files, not sent");
+                }
+                Transport::File(AsyncFileTransport::new(dir))
+            }
+            MailUrl::Smtp {
+                security,
+                host,
+                port,
+                credentials,
+            } => {
+                let tls = match security {
+                    SmtpSecurity::None => None,
+                    SmtpSecurity::Opportunistic | SmtpSecurity::Implicit => {
+                        Some(TlsParameters::new(host.clone()).map_err(|source| {
+                            MailerError::Tls {
+                                host: host.clone(),
+                                source,
+                            }
+                        })?)
+                    }
+                };
+                let size = usize::from(config.worker_concurrency).clamp(1, MAX_CONNECTIONS);
+                Transport::Smtp(SmtpPool {
+                    host: host.clone(),
+                    port: *port,
+                    security: *security,
+                    tls,
+                    credentials: credentials.as_ref().map(|(user, pass)| {
+                        Credentials::new(user.clone(), pass.expose_secret().to_owned())
+                    }),
+                    hello: ClientId::default(),
+                    permits: Semaphore::new(size),
+                    max_idle: size,
+                    idle: Mutex::new(Vec::with_capacity(size)),
+                })
+            }
+        };
+        Ok(Self {
+            from,
+            id_domain,
+            transport: Arc::new(transport),
+            attempt_timeout: ATTEMPT_TIMEOUT,
+        })
+    }
+
+    /// The same mailer with another per-attempt deadline (tests use short ones).
+    pub fn with_attempt_timeout(mut self, timeout: Duration) -> Self {
+        self.attempt_timeout = timeout;
+        self
+    }
+
+    /// Sends once.
+    pub async fn send(&self, to: &Envelope<'_>, mail: &RenderedMail) -> Result<(), SendError> {
+        let message = self.build(to, mail)?;
+        self.attempt(&message).await
+    }
+
+    /// Sends, retrying transient failures in-process with exponential backoff
+    /// and jitter for at most `budget`; returns the last error otherwise.
+    ///
+    /// The first attempt always runs; a retry starts only if its delay ends
+    /// within `budget`, so the call returns within `budget` plus one attempt
+    /// ([`ATTEMPT_TIMEOUT`]).
+    pub async fn send_with_backoff(
+        &self,
+        to: &Envelope<'_>,
+        mail: &RenderedMail,
+        budget: Duration,
+    ) -> Result<(), SendError> {
+        let message = self.build(to, mail)?;
+        let started = Instant::now();
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(BACKOFF_MIN)
+            .with_factor(2.0)
+            .with_max_delay(BACKOFF_MAX)
+            .with_jitter()
+            .without_max_times();
+        (|| self.attempt(&message))
+            .retry(backoff)
+            .sleep(tokio::time::sleep)
+            .when(|e| classify(e) == Classification::Transient)
+            .adjust(|_, delay| delay.filter(|d| started.elapsed() + *d <= budget))
+            .notify(|e, delay| debug!(error = %e, retry_in_ms = delay.as_millis(), "send failed; retrying"))
+            .await
+    }
+
+    /// The MIME message: multipart/alternative (text, HTML), with a
+    /// `Message-ID` derived from the request id.
+    fn build(&self, to: &Envelope<'_>, mail: &RenderedMail) -> Result<Message, SendError> {
+        let address: Address = to.to_email.parse().map_err(SendError::Address)?;
+        // lettre quotes or RFC 2047-encodes the name: it cannot add a header or address.
+        let name = to
+            .to_name
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .map(str::to_owned);
+        Message::builder()
+            .from(self.from.clone())
+            .to(Mailbox::new(name, address))
+            .subject(mail.subject.clone())
+            .date_now()
+            .message_id(Some(message_id(to.request_id, &self.id_domain)))
+            .multipart(MultiPart::alternative_plain_html(
+                mail.text.clone(),
+                mail.html.clone(),
+            ))
+            .map_err(SendError::Message)
+    }
+
+    /// One attempt under the deadline, measured.
+    async fn attempt(&self, message: &Message) -> Result<(), SendError> {
+        let started = Instant::now();
+        let result = match tokio::time::timeout(self.attempt_timeout, self.deliver(message)).await {
+            Ok(result) => result,
+            Err(_) => Err(SendError::Timeout(self.attempt_timeout)),
+        };
+        let label = match &result {
+            Ok(()) => "sent",
+            Err(e) => match classify(e) {
+                Classification::Transient => "transient",
+                Classification::Permanent => "permanent",
+            },
+        };
+        metrics::histogram!(ATTEMPT_SECONDS, "result" => label)
+            .record(started.elapsed().as_secs_f64());
+        metrics::counter!(ATTEMPTS, "result" => label).increment(1);
+        result
+    }
+
+    async fn deliver(&self, message: &Message) -> Result<(), SendError> {
+        let bytes = message.formatted();
+        let envelope = message.envelope();
+        match &*self.transport {
+            Transport::Smtp(pool) => pool.send(envelope, &bytes).await,
+            Transport::File(file) => file
+                .send_raw(envelope, &bytes)
+                .await
+                .map(drop)
+                .map_err(SendError::File),
+        }
+    }
+}
+
+/// `<{request id, sanitized}.{hash of the raw id}@{domain}>`: the same request
+/// always gives the same id (downstream can spot a duplicate), and the hash
+/// keeps ids apart that sanitizing would merge.
+fn message_id(request_id: &str, domain: &str) -> String {
+    let clean: String = request_id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(64)
+        .collect();
+    let clean = clean.trim_matches('.');
+    // FNV-1a: stable across Rust versions and platforms, unlike std's hasher.
+    let hash = request_id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!("<{clean}.{hash:016x}@{domain}>")
+}
+
+/// A small pool of SMTP connections (see the module docs for why not lettre's).
+struct SmtpPool {
+    host: String,
+    port: u16,
+    security: SmtpSecurity,
+    tls: Option<TlsParameters>,
+    credentials: Option<Credentials>,
+    hello: ClientId,
+    /// Caps the connections open at once.
+    permits: Semaphore,
+    max_idle: usize,
+    /// Connections that completed their last exchange cleanly, newest last.
+    idle: Mutex<Vec<Idle>>,
+}
+
+struct Idle {
+    conn: AsyncSmtpConnection,
+    since: Instant,
+}
+
+impl std::fmt::Debug for SmtpPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SmtpPool")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("security", &self.security)
+            .field("max_idle", &self.max_idle)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The guarded Vec is never left half-updated, so a poisoned lock is still usable.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl SmtpPool {
+    async fn send(&self, envelope: &SmtpEnvelope, bytes: &[u8]) -> Result<(), SendError> {
+        // The semaphore is never closed, so acquiring fails only in theory.
+        let _permit = self.permits.acquire().await.ok();
+        let mut conn = self.checkout().await?;
+        match conn.send(envelope, bytes).await {
+            Ok(_) => {
+                self.checkin(conn);
+                Ok(())
+            }
+            Err(e) => {
+                // lettre already closed the connection after a negative reply or
+                // an I/O error; its client-side refusals leave it usable.
+                let utf8 = e.is_client()
+                    && envelope
+                        .to()
+                        .iter()
+                        .any(|a| !AsRef::<str>::as_ref(a).is_ascii());
+                if !conn.has_broken() {
+                    self.checkin(conn);
+                }
+                Err(if utf8 {
+                    SendError::Utf8Address(e)
+                } else {
+                    SendError::Smtp(e)
+                })
+            }
+        }
+    }
+
+    /// The newest idle connection that still answers, or a new one.
+    async fn checkout(&self) -> Result<AsyncSmtpConnection, SendError> {
+        loop {
+            let idle = lock(&self.idle).pop();
+            let Some(Idle { mut conn, since }) = idle else {
+                return self.connect().await;
+            };
+            let idle_for = since.elapsed();
+            if idle_for > MAX_IDLE {
+                retire(conn);
+                continue;
+            }
+            // Skipped for connections just used: at thousands of mails per second
+            // the NOOP round trip would cost a quarter of the exchange.
+            if idle_for > CHECK_IDLE_AFTER && !conn.test_connected().await {
+                continue;
+            }
+            return Ok(conn);
+        }
+    }
+
+    fn checkin(&self, conn: AsyncSmtpConnection) {
+        let mut idle = lock(&self.idle);
+        if idle.len() < self.max_idle {
+            idle.push(Idle {
+                conn,
+                since: Instant::now(),
+            });
+        } else {
+            drop(idle);
+            retire(conn);
+        }
+    }
+
+    async fn connect(&self) -> Result<AsyncSmtpConnection, SendError> {
+        let address = (self.host.as_str(), self.port);
+        let mut conn = match self.security {
+            SmtpSecurity::Implicit => AsyncSmtpConnection::connect_tokio1(
+                address,
+                Some(CONNECT_TIMEOUT),
+                &self.hello,
+                self.tls.clone(),
+                None,
+            )
+            .await
+            .map_err(SendError::Session)?,
+            SmtpSecurity::Opportunistic | SmtpSecurity::None => {
+                let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(address))
+                    .await
+                    .map_err(|_| SendError::Timeout(CONNECT_TIMEOUT))?
+                    .map_err(SendError::Connect)?;
+                tcp.set_nodelay(true).map_err(SendError::Connect)?;
+                let mut conn =
+                    AsyncSmtpConnection::connect_with_transport(Box::new(tcp), &self.hello)
+                        .await
+                        .map_err(SendError::Session)?;
+                if let Some(tls) = &self.tls
+                    && conn.can_starttls()
+                {
+                    conn.starttls(tls.clone(), &self.hello)
+                        .await
+                        .map_err(SendError::Session)?;
+                }
+                conn
+            }
+        };
+        if let Some(credentials) = &self.credentials {
+            conn.auth(DEFAULT_MECHANISMS, credentials)
+                .await
+                .map_err(SendError::Session)?;
+        }
+        Ok(conn)
+    }
+}
+
+/// Says QUIT in the background (bounded), so the server is not left guessing.
+fn retire(mut conn: AsyncSmtpConnection) {
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(Duration::from_secs(2), conn.quit()).await;
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use verimail_tests::smtp::{Mode, SmtpServer};
+
+    type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+    fn config(vars: &[(&str, &str)]) -> Result<Config, verimail_shared::ConfigError> {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        Config::from_lookup(|name| map.get(name).cloned())
+    }
+
+    fn mailer(mail_url: &str) -> Result<Mailer, Box<dyn std::error::Error>> {
+        Ok(Mailer::from_config(&config(&[
+            ("MAIL_URL", mail_url),
+            ("MAIL_FROM", "verimail <no-reply@verimail.test>"),
+        ])?)?)
+    }
+
+    fn mail() -> RenderedMail {
+        RenderedMail {
+            subject: "请确认您的邮箱地址".into(),
+            text: "Hello,\n\nhttp://127.0.0.1:8080/confirm/abc.def-ghi\n".into(),
+            html: "<p><a href=\"http://127.0.0.1:8080/confirm/abc.def-ghi\">go</a></p>".into(),
+            locale: "zh-CN".into(),
+        }
+    }
+
+    fn envelope<'a>(name: Option<&'a str>, email: &'a str) -> Envelope<'a> {
+        Envelope {
+            to_name: name,
+            to_email: email,
+            request_id: "5f1c-req/1",
+        }
+    }
+
+    /// A port nothing listens on (bound, then released).
+    fn closed_port() -> Result<u16, std::io::Error> {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        Ok(listener.local_addr()?.port())
+    }
+
+    #[tokio::test]
+    async fn a_mail_arrives_as_multipart_with_name_subject_and_message_id() -> TestResult {
+        let server = SmtpServer::start();
+        let m = mailer(&server.mail_url())?;
+        m.send(
+            &envelope(
+                Some("Zoé \"Z\" <z@evil.test>, Bcc: x@evil.test"),
+                "alice@example.com",
+            ),
+            &mail(),
+        )
+        .await?;
+        let mails = server.wait_for_mails(1, Duration::from_secs(5)).await;
+        let got = mails.first().ok_or("no mail")?;
+        assert_eq!(got.to, vec!["alice@example.com".to_owned()]);
+        assert_eq!(got.from, "no-reply@verimail.test");
+        assert_eq!(got.subject, "请确认您的邮箱地址");
+        assert_eq!(
+            got.link.as_deref(),
+            Some("http://127.0.0.1:8080/confirm/abc.def-ghi")
+        );
+        assert!(got.html.contains("<a href="));
+        let raw = String::from_utf8_lossy(&got.raw);
+        assert!(raw.contains("multipart/alternative"), "{raw}");
+        assert!(raw.contains("Date: "), "{raw}");
+        assert!(
+            !raw.contains("\r\nBcc:"),
+            "a name must not add a header: {raw}"
+        );
+        let parsed = mail_parser::MessageParser::default()
+            .parse(&got.raw)
+            .ok_or("unparsable mail")?;
+        let to: Vec<_> = parsed.to().ok_or("no To")?.iter().collect();
+        assert_eq!(to.len(), 1, "a name must not add an address: {to:?}");
+        assert_eq!(to[0].address(), Some("alice@example.com"));
+        assert_eq!(
+            to[0].name(),
+            Some("Zoé \"Z\" <z@evil.test>, Bcc: x@evil.test")
+        );
+        let id = got.message_id.as_deref().ok_or("no Message-ID")?;
+        assert!(id.starts_with("5f1c-req_1."), "{id}");
+        assert!(id.ends_with("@verimail.test"), "{id}");
+        Ok(())
+    }
+
+    #[test]
+    fn message_ids_are_stable_and_distinct() {
+        let a = message_id("a/b", "x.test");
+        assert_eq!(a, message_id("a/b", "x.test"));
+        assert_ne!(a, message_id("a_b", "x.test"));
+        assert!(a.starts_with("<a_b.") && a.ends_with("@x.test>"), "{a}");
+        let long = message_id(&"é".repeat(200), "x.test");
+        assert!(long.len() < 100, "{long}");
+    }
+
+    #[tokio::test]
+    async fn replies_4xx_are_transient_and_5xx_permanent() -> TestResult {
+        let server = SmtpServer::start();
+        let m = mailer(&server.mail_url())?;
+        let to = envelope(None, "bob@example.com");
+
+        server.set_mode(Mode::TempFail);
+        let err = m.send(&to, &mail()).await.err().ok_or("451 expected")?;
+        assert!(matches!(err, SendError::Smtp(_)), "{err:?}");
+        assert_eq!(err.classification(), Classification::Transient, "{err}");
+
+        server.set_mode(Mode::PermFail);
+        let err = m.send(&to, &mail()).await.err().ok_or("550 expected")?;
+        assert_eq!(err.classification(), Classification::Permanent, "{err}");
+        assert!(err.to_string().contains("550"), "{err}");
+
+        server.set_mode(Mode::Accept);
+        m.send(&to, &mail()).await?;
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_is_transient() -> TestResult {
+        let m = mailer(&format!("smtp+plain://127.0.0.1:{}", closed_port()?))?;
+        let err = m
+            .send(&envelope(None, "bob@example.com"), &mail())
+            .await
+            .err()
+            .ok_or("refused expected")?;
+        assert!(matches!(err, SendError::Connect(_)), "{err:?}");
+        assert_eq!(err.classification(), Classification::Transient);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_failed_tls_handshake_is_transient() -> TestResult {
+        // The test server speaks plain SMTP: implicit TLS fails in the handshake.
+        let server = SmtpServer::start();
+        let m = mailer(&format!("smtps://127.0.0.1:{}", server.port()))?;
+        let err = m
+            .send(&envelope(None, "bob@example.com"), &mail())
+            .await
+            .err()
+            .ok_or("TLS failure expected")?;
+        assert!(matches!(err, SendError::Session(_)), "{err:?}");
+        assert_eq!(err.classification(), Classification::Transient);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_hanging_server_times_out_and_is_transient() -> TestResult {
+        let server = SmtpServer::start();
+        server.set_hang(true);
+        let m = mailer(&server.mail_url())?.with_attempt_timeout(Duration::from_millis(300));
+        let started = Instant::now();
+        let err = m
+            .send(&envelope(None, "bob@example.com"), &mail())
+            .await
+            .err()
+            .ok_or("timeout expected")?;
+        assert!(matches!(err, SendError::Timeout(_)), "{err:?}");
+        assert_eq!(err.classification(), Classification::Transient);
+        assert!(started.elapsed() < Duration::from_secs(3));
+        server.set_hang(false);
+        // The timed-out connection was dropped, not pooled: the next send is clean.
+        m.send(&envelope(None, "bob@example.com"), &mail()).await?;
+        assert_eq!(
+            server.wait_for_mails(1, Duration::from_secs(5)).await.len(),
+            1
+        );
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn an_address_the_server_cannot_take_is_permanent() -> TestResult {
+        // The test server offers no SMTPUTF8.
+        let server = SmtpServer::start();
+        let m = mailer(&server.mail_url())?;
+        let err = m
+            .send(&envelope(None, "josé@example.com"), &mail())
+            .await
+            .err()
+            .ok_or("refusal expected")?;
+        assert!(matches!(err, SendError::Utf8Address(_)), "{err:?}");
+        assert_eq!(err.classification(), Classification::Permanent);
+        let err = m
+            .send(&envelope(None, "not an address"), &mail())
+            .await
+            .err()
+            .ok_or("bad address")?;
+        assert_eq!(err.classification(), Classification::Permanent, "{err}");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn an_unwritable_outbox_is_transient_and_a_writable_one_gets_eml_files() -> TestResult {
+        let dir = std::env::temp_dir().join(format!("verimail-outbox-{}", uuid::Uuid::new_v4()));
+        let m = mailer(&format!("file://{}", dir.display()))?;
+        m.send(&envelope(Some("Alice"), "alice@example.com"), &mail())
+            .await?;
+        let files: Vec<_> = std::fs::read_dir(&dir)?.collect::<Result<_, _>>()?;
+        assert_eq!(files.len(), 1);
+        let eml = std::fs::read(files[0].path())?;
+        let parsed = mail_parser::MessageParser::default()
+            .parse(&eml)
+            .ok_or("unparsable .eml")?;
+        assert_eq!(parsed.subject(), Some("请确认您的邮箱地址"));
+
+        std::fs::remove_dir_all(&dir)?;
+        std::fs::write(&dir, "a file where the outbox was")?;
+        let err = m
+            .send(&envelope(None, "alice@example.com"), &mail())
+            .await
+            .err()
+            .ok_or("I/O error expected")?;
+        assert!(matches!(err, SendError::File(_)), "{err:?}");
+        assert_eq!(err.classification(), Classification::Transient);
+        std::fs::remove_file(&dir)?;
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn backoff_retries_transient_failures_until_the_server_recovers() -> TestResult {
+        let mut server = SmtpServer::start();
+        let m = mailer(&server.mail_url())?;
+        server.stop();
+        let sending = {
+            let m = m.clone();
+            tokio::spawn(async move {
+                m.send_with_backoff(
+                    &envelope(None, "carol@example.com"),
+                    &mail(),
+                    Duration::from_secs(10),
+                )
+                .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        server.resume();
+        sending.await??;
+        assert_eq!(
+            server.wait_for_mails(1, Duration::from_secs(5)).await.len(),
+            1
+        );
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn backoff_gives_up_when_the_budget_is_spent_and_never_retries_permanent() -> TestResult {
+        let server = SmtpServer::start();
+        let m = mailer(&server.mail_url())?;
+        server.set_mode(Mode::TempFail);
+        let started = Instant::now();
+        let err = m
+            .send_with_backoff(
+                &envelope(None, "dan@example.com"),
+                &mail(),
+                Duration::from_millis(700),
+            )
+            .await
+            .err()
+            .ok_or("failure expected")?;
+        assert_eq!(err.classification(), Classification::Transient);
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+        let tried = server.stats().rejected;
+        assert!((2..=8).contains(&tried), "{tried} attempts");
+
+        server.set_mode(Mode::PermFail);
+        let before = server.stats().rejected;
+        let err = m
+            .send_with_backoff(
+                &envelope(None, "dan@example.com"),
+                &mail(),
+                Duration::from_secs(10),
+            )
+            .await
+            .err()
+            .ok_or("failure expected")?;
+        assert_eq!(err.classification(), Classification::Permanent);
+        assert_eq!(server.stats().rejected - before, 1, "a 5xx is not retried");
+        Ok(())
+    }
+
+    #[test]
+    fn a_bad_mail_from_names_the_variable() -> Result<(), verimail_shared::ConfigError> {
+        // Passes the config's light check, fails lettre's parse.
+        let c = config(&[("MAIL_FROM", "verimail <no reply@@localhost>")])?;
+        let message = Mailer::from_config(&c)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(message.starts_with("MAIL_FROM: "), "{message}");
+        Ok(())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn thousands_of_concurrent_sends_share_a_few_connections() -> TestResult {
+        let server = SmtpServer::start();
+        let m = Arc::new(Mailer::from_config(&config(&[
+            ("MAIL_URL", &server.mail_url()),
+            ("WORKER_CONCURRENCY", "16"),
+        ])?)?);
+        let total = 2000;
+        let started = Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        for worker in 0..64 {
+            let m = Arc::clone(&m);
+            tasks.spawn(async move {
+                for i in 0..total / 64 {
+                    let email = format!("user{worker}-{i}@example.com");
+                    m.send(&envelope(None, &email), &mail()).await?;
+                }
+                Ok::<(), SendError>(())
+            });
+        }
+        while let Some(done) = tasks.join_next().await {
+            done??;
+        }
+        let elapsed = started.elapsed();
+        let sent = server.count();
+        eprintln!(
+            "{sent} mails in {elapsed:?} ({:.0}/s), {} connections",
+            sent as f64 / elapsed.as_secs_f64(),
+            server.stats().connections
+        );
+        assert_eq!(sent, total / 64 * 64);
+        assert!(server.stats().connections <= 16, "{:?}", server.stats());
+        Ok(())
+    }
+}

@@ -1,0 +1,770 @@
+//! Mail templates (minijinja): built in per purpose and locale, overridable
+//! from `TEMPLATES_DIR`.
+//!
+//! # Layout
+//!
+//! Each mail is three templates, named `{purpose}.{locale}.{part}`:
+//!
+//! | file | what | escaping |
+//! |---|---|---|
+//! | `verify_email.en.subject.txt` | the subject (white space, newlines included, collapses to single spaces) | none |
+//! | `verify_email.en.txt` | the plain-text part | none |
+//! | `verify_email.en.html` | the HTML part | HTML autoescape |
+//!
+//! `purpose` is `verify_email` or `reset_password`; `locale` a BCP 47 tag
+//! (`en`, `zh-CN`, `fr`, `pt-BR`; case is normalized). The built-ins live in
+//! `worker/templates/` (en and zh-CN) and are compiled into the binary.
+//! `TEMPLATES_DIR` is one flat folder of such files: a file replaces the
+//! built-in of the same name (any single part may be replaced), and a locale the
+//! built-ins lack (`fr`) needs all three parts of a purpose. Other `.txt` and
+//! `.html` files are an error (a misspelt name would otherwise be ignored
+//! silently); files with other extensions and hidden files are ignored.
+//!
+//! # Variables
+//!
+//! `name` (string or none: test it with `{% if name %}`), `email`, `link`,
+//! `purpose`, `locale` (the one chosen), `expires_at` (RFC 3339, UTC),
+//! `ttl_seconds`, `valid_for` ("1 hour", "30 minutes"; "1 小时" for `zh*`),
+//! `valid_for_amount` and `valid_for_unit` (`second`/`minute`/`hour`/`day`, to
+//! word it in another language), and in the text and HTML parts `subject`.
+//! Undefined variables are errors (strict mode), so a typo fails at start:
+//! [`Templates::load`] renders every template with sample data, with and
+//! without a name.
+//!
+//! # Locale choice
+//!
+//! The request's `locale` falls back by subtags (`zh-Hant-TW` → `zh-Hant` →
+//! `zh`) to [`DEFAULT_LOCALE`], among the locales available for the purpose.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use minijinja::{AutoEscape, Environment, UndefinedBehavior, Value, context};
+use time::OffsetDateTime;
+use verimail_shared::events::{Purpose, resolve_locale, rfc3339, validate_locale};
+
+use super::{MailContext, RenderedMail};
+
+/// The locale used when nothing closer to the request's is available.
+pub const DEFAULT_LOCALE: &str = "en";
+
+/// A template failed to load or render (a startup error when loading).
+///
+/// The worker prefixes it with `TEMPLATES_DIR: `; each variant names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum TemplateError {
+    /// The folder or a file in it could not be read.
+    #[error("cannot read {}: {source}", path.display())]
+    Io {
+        /// The folder or file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A `.txt` or `.html` file whose name is not `{purpose}.{locale}.{part}`.
+    #[error(
+        "{}: {problem} (expected {{purpose}}.{{locale}}.subject.txt, .txt or .html)",
+        path.display()
+    )]
+    FileName {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with its name.
+        problem: String,
+    },
+    /// A locale the built-ins lack was given without all three parts.
+    #[error("{} is missing: a new locale needs its subject, text and html templates", path.display())]
+    Missing {
+        /// The file that should exist.
+        path: PathBuf,
+    },
+    /// A template failed to compile or to render.
+    #[error("{file}: {source}")]
+    Template {
+        /// The template file (its path, or `built-in NAME`).
+        file: String,
+        /// minijinja's error (syntax error, unknown filter, undefined variable…).
+        #[source]
+        source: minijinja::Error,
+    },
+}
+
+/// One of a mail's three templates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Part {
+    Subject,
+    Text,
+    Html,
+}
+
+impl Part {
+    const ALL: [Part; 3] = [Part::Subject, Part::Text, Part::Html];
+
+    fn suffix(self) -> &'static str {
+        match self {
+            Part::Subject => "subject.txt",
+            Part::Text => "txt",
+            Part::Html => "html",
+        }
+    }
+}
+
+/// The template (and file) name, e.g. `verify_email.zh-CN.html`.
+fn template_name(purpose: Purpose, locale: &str, part: Part) -> String {
+    format!("{}.{locale}.{}", purpose.as_str(), part.suffix())
+}
+
+macro_rules! builtin {
+    ($($name:literal),* $(,)?) => {
+        [$(($name, include_str!(concat!("../../templates/", $name)))),*]
+    };
+}
+
+/// The built-in templates, compiled in.
+const BUILTIN: [(&str, &str); 12] = builtin![
+    "verify_email.en.subject.txt",
+    "verify_email.en.txt",
+    "verify_email.en.html",
+    "verify_email.zh-CN.subject.txt",
+    "verify_email.zh-CN.txt",
+    "verify_email.zh-CN.html",
+    "reset_password.en.subject.txt",
+    "reset_password.en.txt",
+    "reset_password.en.html",
+    "reset_password.zh-CN.subject.txt",
+    "reset_password.zh-CN.txt",
+    "reset_password.zh-CN.html",
+];
+
+/// Where a template came from, for error messages.
+#[derive(Debug, Clone)]
+enum Origin {
+    BuiltIn,
+    File(PathBuf),
+}
+
+struct Source {
+    text: String,
+    origin: Origin,
+}
+
+/// Built-in templates plus overrides from `TEMPLATES_DIR`.
+pub struct Templates {
+    env: Environment<'static>,
+    /// Locales available per purpose, for the fallback.
+    locales: HashMap<Purpose, Vec<String>>,
+    /// Template name → where it came from (for runtime error messages).
+    origins: HashMap<String, Origin>,
+}
+
+impl fmt::Debug for Templates {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Templates")
+            .field("locales", &self.locales)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Templates {
+    /// Loads and checks every template (a broken one is a startup error).
+    pub fn load(dir: Option<&Path>) -> Result<Self, TemplateError> {
+        let mut sources: HashMap<(Purpose, String, Part), Source> = HashMap::new();
+        for (name, text) in BUILTIN {
+            // The built-in names are fixed above and covered by tests.
+            if let Ok(Some(key)) = parse_file_name(name) {
+                sources.insert(
+                    key,
+                    Source {
+                        text: text.to_owned(),
+                        origin: Origin::BuiltIn,
+                    },
+                );
+            }
+        }
+        let builtin_keys: BTreeSet<(&'static str, String)> = sources
+            .keys()
+            .map(|(p, l, _)| (p.as_str(), l.clone()))
+            .collect();
+        if let Some(dir) = dir {
+            read_overrides(dir, &mut sources)?;
+            // A new locale must come whole: a missing part would otherwise
+            // surface only when a user with that locale signs up.
+            let mut keys: Vec<(Purpose, String)> =
+                sources.keys().map(|(p, l, _)| (*p, l.clone())).collect();
+            keys.sort_by(|a, b| (a.0.as_str(), &a.1).cmp(&(b.0.as_str(), &b.1)));
+            keys.dedup();
+            for (purpose, locale) in keys {
+                if builtin_keys.contains(&(purpose.as_str(), locale.clone())) {
+                    continue;
+                }
+                for part in Part::ALL {
+                    if !sources.contains_key(&(purpose, locale.clone(), part)) {
+                        return Err(TemplateError::Missing {
+                            path: dir.join(template_name(purpose, &locale, part)),
+                        });
+                    }
+                }
+            }
+        }
+
+        let mut env = Environment::new();
+        env.set_undefined_behavior(UndefinedBehavior::Strict);
+        env.set_auto_escape_callback(|name| {
+            if name.ends_with(".html") {
+                AutoEscape::Html
+            } else {
+                AutoEscape::None
+            }
+        });
+        // HTML escaping as in Jinja2/markupsafe (`& < > " '`): minijinja also
+        // escapes `/`, which would turn every link into `http:&#x2f;&#x2f;…`.
+        env.set_formatter(|out, state, value| {
+            if matches!(state.auto_escape(), AutoEscape::Html)
+                && !value.is_safe()
+                && let Some(s) = value.as_str()
+            {
+                return write_html_escaped(out, s).map_err(minijinja::Error::from);
+            }
+            minijinja::escape_formatter(out, state, value)
+        });
+        let mut locales: HashMap<Purpose, BTreeSet<String>> = HashMap::new();
+        let mut origins = HashMap::new();
+        let mut names: Vec<_> = sources.into_iter().collect();
+        // Deterministic order: the first broken file reported is always the same one.
+        names.sort_by_key(|((p, l, part), _)| template_name(*p, l, *part));
+        for ((purpose, locale, part), source) in names {
+            let name = template_name(purpose, &locale, part);
+            env.add_template_owned(name.clone(), source.text)
+                .map_err(|e| TemplateError::Template {
+                    file: describe(&name, &source.origin),
+                    source: e,
+                })?;
+            origins.insert(name, source.origin);
+            locales.entry(purpose).or_default().insert(locale);
+        }
+        let templates = Self {
+            env,
+            locales: locales
+                .into_iter()
+                .map(|(p, set)| (p, set.into_iter().collect()))
+                .collect(),
+            origins,
+        };
+        templates.check()?;
+        Ok(templates)
+    }
+
+    /// Renders every template with sample data, with and without a name, so
+    /// runtime errors (unknown filter, undefined variable) show at start.
+    fn check(&self) -> Result<(), TemplateError> {
+        let expires_at = OffsetDateTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        for purpose in Purpose::ALL {
+            for locale in self.locales_for(purpose) {
+                for name in [Some("Alice"), None] {
+                    let sample = MailContext {
+                        name,
+                        email: "alice@example.com",
+                        link: "https://verify.example.com/confirm/sample-token",
+                        purpose,
+                        expires_at,
+                        ttl: Duration::from_secs(3600),
+                    };
+                    self.render_in(locale, &sample)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The locales available for `purpose`, sorted.
+    pub fn locales_for(&self, purpose: Purpose) -> Vec<&str> {
+        self.locales
+            .get(&purpose)
+            .map(|l| l.iter().map(String::as_str).collect())
+            .unwrap_or_default()
+    }
+
+    /// Renders the mail for `purpose` in the best locale for `locale`.
+    pub fn render(
+        &self,
+        locale: Option<&str>,
+        ctx: &MailContext<'_>,
+    ) -> Result<RenderedMail, TemplateError> {
+        let available = self.locales_for(ctx.purpose);
+        let chosen = resolve_locale(locale, &available, DEFAULT_LOCALE);
+        self.render_in(chosen, ctx)
+    }
+
+    fn render_in(
+        &self,
+        locale: &str,
+        ctx: &MailContext<'_>,
+    ) -> Result<RenderedMail, TemplateError> {
+        let (amount, unit) = validity(ctx.ttl);
+        let base = context! {
+            // A blank name greets like no name.
+            name => ctx.name.filter(|n| !n.trim().is_empty()),
+            email => ctx.email,
+            link => ctx.link,
+            purpose => ctx.purpose.as_str(),
+            locale => locale,
+            expires_at => rfc3339::format(ctx.expires_at),
+            ttl_seconds => ctx.ttl.as_secs(),
+            valid_for => valid_for(locale, amount, unit),
+            valid_for_amount => amount,
+            valid_for_unit => unit.key(),
+        };
+        let raw_subject = self.render_part(ctx.purpose, locale, Part::Subject, base.clone())?;
+        // One line whatever the template's white space (lettre encodes the rest).
+        let subject = raw_subject.split_whitespace().collect::<Vec<_>>().join(" ");
+        let full = context! { subject => subject.clone(), ..base };
+        let mut text = self.render_part(ctx.purpose, locale, Part::Text, full.clone())?;
+        if !text.ends_with('\n') {
+            text.push('\n');
+        }
+        let html = self.render_part(ctx.purpose, locale, Part::Html, full)?;
+        Ok(RenderedMail {
+            subject,
+            text,
+            html,
+            locale: locale.to_owned(),
+        })
+    }
+
+    fn render_part(
+        &self,
+        purpose: Purpose,
+        locale: &str,
+        part: Part,
+        ctx: Value,
+    ) -> Result<String, TemplateError> {
+        let name = template_name(purpose, locale, part);
+        let error = |source| TemplateError::Template {
+            file: match self.origins.get(&name) {
+                Some(origin) => describe(&name, origin),
+                None => name.clone(),
+            },
+            source,
+        };
+        self.env
+            .get_template(&name)
+            .map_err(error)?
+            .render(ctx)
+            .map_err(error)
+    }
+}
+
+fn write_html_escaped(out: &mut impl fmt::Write, s: &str) -> fmt::Result {
+    let mut rest = s;
+    while let Some(i) = rest.find(['&', '<', '>', '"', '\'']) {
+        out.write_str(&rest[..i])?;
+        out.write_str(match rest.as_bytes()[i] {
+            b'&' => "&amp;",
+            b'<' => "&lt;",
+            b'>' => "&gt;",
+            b'"' => "&quot;",
+            _ => "&#39;",
+        })?;
+        rest = &rest[i + 1..];
+    }
+    out.write_str(rest)
+}
+
+fn describe(name: &str, origin: &Origin) -> String {
+    match origin {
+        Origin::BuiltIn => format!("built-in {name}"),
+        Origin::File(path) => path.display().to_string(),
+    }
+}
+
+/// Reads `dir`'s templates over the built-ins.
+fn read_overrides(
+    dir: &Path,
+    sources: &mut HashMap<(Purpose, String, Part), Source>,
+) -> Result<(), TemplateError> {
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| TemplateError::Io { path, source }
+    };
+    let mut entries = std::fs::read_dir(dir)
+        .map_err(io(dir))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(io(dir))?;
+    entries.sort_by_key(|e| e.file_name());
+    for entry in entries {
+        let path = entry.path();
+        let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+            continue;
+        };
+        if name.starts_with('.') || !path.is_file() {
+            continue;
+        }
+        let key = match parse_file_name(&name) {
+            Ok(Some(key)) => key,
+            Ok(None) => continue,
+            Err(problem) => return Err(TemplateError::FileName { path, problem }),
+        };
+        let text = std::fs::read_to_string(&path).map_err(io(&path))?;
+        sources.insert(
+            key,
+            Source {
+                text,
+                origin: Origin::File(path),
+            },
+        );
+    }
+    Ok(())
+}
+
+/// `verify_email.zh-cn.html` → (VerifyEmail, "zh-CN", Html); `Ok(None)` for
+/// files that are not templates (other extensions).
+fn parse_file_name(name: &str) -> Result<Option<(Purpose, String, Part)>, String> {
+    let (stem, part) = if let Some(stem) = name.strip_suffix(".subject.txt") {
+        (stem, Part::Subject)
+    } else if let Some(stem) = name.strip_suffix(".txt") {
+        (stem, Part::Text)
+    } else if let Some(stem) = name.strip_suffix(".html") {
+        (stem, Part::Html)
+    } else {
+        return Ok(None);
+    };
+    let (purpose, locale) = stem
+        .split_once('.')
+        .ok_or_else(|| "no locale in the name".to_owned())?;
+    let purpose: Purpose = purpose.parse()?;
+    validate_locale(locale)?;
+    Ok(Some((purpose, canonical_locale(locale), part)))
+}
+
+/// BCP 47 case conventions (`zh-hant-tw` → `zh-Hant-TW`), so a file named
+/// `zh-cn` overrides the built-in `zh-CN` instead of adding a twin.
+fn canonical_locale(tag: &str) -> String {
+    tag.split('-')
+        .enumerate()
+        .map(|(i, sub)| match (i, sub.len()) {
+            (0, _) => sub.to_ascii_lowercase(),
+            (_, 2) => sub.to_ascii_uppercase(),
+            (_, 4) => {
+                let lower = sub.to_ascii_lowercase();
+                let mut chars = lower.chars();
+                chars
+                    .next()
+                    .map(|c| c.to_ascii_uppercase().to_string() + chars.as_str())
+                    .unwrap_or_default()
+            }
+            _ => sub.to_ascii_lowercase(),
+        })
+        .collect::<Vec<_>>()
+        .join("-")
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unit {
+    Second,
+    Minute,
+    Hour,
+    Day,
+}
+
+impl Unit {
+    fn key(self) -> &'static str {
+        match self {
+            Unit::Second => "second",
+            Unit::Minute => "minute",
+            Unit::Hour => "hour",
+            Unit::Day => "day",
+        }
+    }
+}
+
+/// The link's lifetime in the largest unit that states it exactly, else
+/// rounded down (a mail never promises more time than the token gives).
+fn validity(ttl: Duration) -> (u64, Unit) {
+    const MINUTE: u64 = 60;
+    const HOUR: u64 = 3600;
+    const DAY: u64 = 86_400;
+    let s = ttl.as_secs();
+    if s >= DAY && s.is_multiple_of(DAY) {
+        (s / DAY, Unit::Day)
+    } else if s >= HOUR && (s.is_multiple_of(HOUR) || s >= DAY) {
+        (s / HOUR, Unit::Hour)
+    } else if s >= MINUTE {
+        (s / MINUTE, Unit::Minute)
+    } else {
+        (s, Unit::Second)
+    }
+}
+
+/// "1 hour" / "30 minutes"; "1 小时" for Chinese (the template adds "内有效").
+/// Other locales get the English form; their templates can use
+/// `valid_for_amount` and `valid_for_unit` instead.
+fn valid_for(locale: &str, amount: u64, unit: Unit) -> String {
+    let primary = locale.split('-').next().unwrap_or(locale);
+    if primary.eq_ignore_ascii_case("zh") {
+        let word = match unit {
+            Unit::Second => "秒",
+            Unit::Minute => "分钟",
+            Unit::Hour => "小时",
+            Unit::Day => "天",
+        };
+        return format!("{amount} {word}");
+    }
+    let plural = if amount == 1 { "" } else { "s" };
+    format!("{amount} {}{plural}", unit.key())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+    fn ctx<'a>(name: Option<&'a str>, purpose: Purpose) -> MailContext<'a> {
+        MailContext {
+            name,
+            email: "alice@example.com",
+            link: "http://127.0.0.1:8080/confirm/abc.DEF-123_x",
+            purpose,
+            expires_at: OffsetDateTime::UNIX_EPOCH,
+            ttl: Duration::from_secs(3600),
+        }
+    }
+
+    /// A fresh folder under the system temp dir, removed on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(files: &[(&str, &str)]) -> Result<Self, std::io::Error> {
+            let dir =
+                std::env::temp_dir().join(format!("verimail-templates-{}", uuid::Uuid::new_v4()));
+            std::fs::create_dir_all(&dir)?;
+            for (name, text) in files {
+                std::fs::write(dir.join(name), text)?;
+            }
+            Ok(Self(dir))
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn both_built_in_locales_render_for_both_purposes() -> TestResult {
+        let t = Templates::load(None)?;
+        let en = t.render(Some("en"), &ctx(Some("Alice"), Purpose::VerifyEmail))?;
+        assert_eq!(en.locale, "en");
+        assert_eq!(en.subject, "Confirm your email address");
+        assert!(en.text.contains("Hello Alice,"), "{}", en.text);
+        assert!(en.text.contains("confirm your address"), "{}", en.text);
+        assert!(en.text.contains("valid for 1 hour"), "{}", en.text);
+        assert!(
+            en.text
+                .contains("http://127.0.0.1:8080/confirm/abc.DEF-123_x\n")
+        );
+        assert!(
+            en.html
+                .contains(r#"href="http://127.0.0.1:8080/confirm/abc.DEF-123_x""#)
+        );
+
+        let zh = t.render(Some("zh-CN"), &ctx(None, Purpose::VerifyEmail))?;
+        assert_eq!(zh.locale, "zh-CN");
+        assert_eq!(zh.subject, "请确认您的邮箱地址");
+        assert!(zh.text.starts_with("您好："), "{}", zh.text);
+        assert!(zh.text.contains("1 小时内有效"), "{}", zh.text);
+
+        let reset = t.render(Some("en"), &ctx(None, Purpose::ResetPassword))?;
+        assert_eq!(reset.subject, "Reset your password");
+        assert!(reset.text.contains("reset your password"), "{}", reset.text);
+        assert!(reset.html.contains("Reset your password"));
+        let reset_zh = t.render(Some("zh-CN"), &ctx(Some("小明"), Purpose::ResetPassword))?;
+        assert_eq!(reset_zh.subject, "重置您的密码");
+        assert!(reset_zh.html.contains("小明，您好："));
+        Ok(())
+    }
+
+    #[test]
+    fn the_name_is_escaped_in_html_and_verbatim_in_text() -> TestResult {
+        let t = Templates::load(None)?;
+        let mail = t.render(
+            None,
+            &ctx(Some("<script>alert(1)</script>"), Purpose::VerifyEmail),
+        )?;
+        assert!(mail.html.contains("&lt;script&gt;"), "{}", mail.html);
+        assert!(!mail.html.contains("<script>"));
+        assert!(mail.text.contains("Hello <script>alert(1)</script>,"));
+        Ok(())
+    }
+
+    #[test]
+    fn template_syntax_in_a_name_is_shown_not_evaluated() -> TestResult {
+        let t = Templates::load(None)?;
+        let mail = t.render(
+            None,
+            &ctx(
+                Some("{{ 7*7 }}{% if true %}x{% endif %}"),
+                Purpose::VerifyEmail,
+            ),
+        )?;
+        assert!(
+            mail.text
+                .contains("Hello {{ 7*7 }}{% if true %}x{% endif %},"),
+            "{}",
+            mail.text
+        );
+        assert!(!mail.text.contains("49"));
+        assert!(mail.html.contains("{{ 7*7 }}"), "{}", mail.html);
+        Ok(())
+    }
+
+    #[test]
+    fn locales_fall_back_by_subtag_then_to_english() -> TestResult {
+        let t = Templates::load(None)?;
+        let c = ctx(None, Purpose::VerifyEmail);
+        assert_eq!(t.render(Some("zh-CN-x-private"), &c)?.locale, "zh-CN");
+        assert_eq!(t.render(Some("zh-cn"), &c)?.locale, "zh-CN");
+        assert_eq!(t.render(Some("zh-Hant-TW"), &c)?.locale, "en");
+        assert_eq!(t.render(Some("en-GB"), &c)?.locale, "en");
+        assert_eq!(t.render(Some("de"), &c)?.locale, "en");
+        assert_eq!(t.render(None, &c)?.locale, "en");
+        Ok(())
+    }
+
+    #[test]
+    fn validity_is_worded_in_the_largest_exact_unit() {
+        let en = |s| {
+            let (a, u) = validity(Duration::from_secs(s));
+            valid_for("en", a, u)
+        };
+        assert_eq!(en(3600), "1 hour");
+        assert_eq!(en(7200), "2 hours");
+        assert_eq!(en(1800), "30 minutes");
+        assert_eq!(en(5400), "90 minutes");
+        assert_eq!(en(86_400), "1 day");
+        assert_eq!(en(3 * 86_400), "3 days");
+        assert_eq!(en(90_000), "25 hours");
+        assert_eq!(en(61), "1 minute");
+        assert_eq!(en(45), "45 seconds");
+        let (a, u) = validity(Duration::from_secs(1800));
+        assert_eq!(valid_for("zh-CN", a, u), "30 分钟");
+        let (a, u) = validity(Duration::from_secs(2 * 86_400));
+        assert_eq!(valid_for("zh", a, u), "2 天");
+    }
+
+    #[test]
+    fn a_broken_override_fails_loading_and_names_its_file() -> TestResult {
+        let dir = TempDir::new(&[("verify_email.en.txt", "Hello {{ name \n")])?;
+        let err = Templates::load(Some(&dir.0))
+            .err()
+            .ok_or("a broken template loaded")?;
+        let message = err.to_string();
+        assert!(
+            message.contains(&dir.0.join("verify_email.en.txt").display().to_string()),
+            "{message}"
+        );
+        assert!(message.contains("syntax error"), "{message}");
+
+        let dir = TempDir::new(&[("verify_email.en.html", "{{ link | no_such_filter }}")])?;
+        let message = Templates::load(Some(&dir.0))
+            .err()
+            .ok_or("unknown filter loaded")?
+            .to_string();
+        assert!(message.contains("verify_email.en.html"), "{message}");
+
+        let dir = TempDir::new(&[("reset_password.zh-CN.subject.txt", "{{ nmae }}")])?;
+        let message = Templates::load(Some(&dir.0))
+            .err()
+            .ok_or("typo loaded")?
+            .to_string();
+        assert!(
+            message.contains("reset_password.zh-CN.subject.txt"),
+            "{message}"
+        );
+        assert!(message.contains("undefined"), "{message}");
+        Ok(())
+    }
+
+    #[test]
+    fn an_override_dir_can_add_a_locale_and_replace_a_part() -> TestResult {
+        let dir = TempDir::new(&[
+            ("verify_email.fr.subject.txt", "Confirmez votre adresse\n"),
+            (
+                "verify_email.fr.txt",
+                "Bonjour{% if name %} {{ name }}{% endif %},\n{{ link }}\nValable {{ valid_for_amount }} {% if valid_for_unit == 'hour' %}heure(s){% else %}{{ valid_for_unit }}{% endif %}.",
+            ),
+            (
+                "verify_email.fr.html",
+                "<p>Bonjour {{ name }}</p><a href=\"{{ link }}\">{{ subject }}</a>",
+            ),
+            ("verify_email.en.subject.txt", "Please  confirm\n  now"),
+            ("README.md", "not a template"),
+        ])?;
+        let t = Templates::load(Some(&dir.0))?;
+        let fr = t.render(
+            Some("fr-CA"),
+            &ctx(Some("<b>Zoé</b>"), Purpose::VerifyEmail),
+        )?;
+        assert_eq!(fr.locale, "fr");
+        assert_eq!(fr.subject, "Confirmez votre adresse");
+        assert!(fr.text.contains("Bonjour <b>Zoé</b>,"), "{}", fr.text);
+        assert!(fr.text.contains("Valable 1 heure(s)."), "{}", fr.text);
+        assert!(fr.html.contains("&lt;b&gt;Zoé&lt;/b&gt;"), "{}", fr.html);
+        // fr exists only for verify_email; the other purpose still falls back.
+        assert_eq!(
+            t.render(Some("fr"), &ctx(None, Purpose::ResetPassword))?
+                .locale,
+            "en"
+        );
+        // A single replaced part; the built-in text and HTML stay.
+        let en = t.render(Some("en"), &ctx(None, Purpose::VerifyEmail))?;
+        assert_eq!(en.subject, "Please confirm now");
+        assert!(en.text.contains("confirm your address"));
+        Ok(())
+    }
+
+    #[test]
+    fn an_incomplete_new_locale_or_a_misnamed_file_fails_loading() -> TestResult {
+        let dir = TempDir::new(&[("verify_email.fr.txt", "Bonjour")])?;
+        let message = Templates::load(Some(&dir.0))
+            .err()
+            .ok_or("incomplete loaded")?
+            .to_string();
+        assert!(
+            message.contains("verify_email.fr.html")
+                || message.contains("verify_email.fr.subject.txt"),
+            "{message}"
+        );
+
+        let dir = TempDir::new(&[("verify-email.en.txt", "Hello")])?;
+        let message = Templates::load(Some(&dir.0))
+            .err()
+            .ok_or("misnamed loaded")?
+            .to_string();
+        assert!(message.contains("verify-email.en.txt"), "{message}");
+
+        let missing = std::env::temp_dir().join(format!("verimail-none-{}", uuid::Uuid::new_v4()));
+        let message = Templates::load(Some(&missing))
+            .err()
+            .ok_or("missing dir loaded")?
+            .to_string();
+        assert!(message.contains("cannot read"), "{message}");
+        Ok(())
+    }
+
+    #[test]
+    fn file_names_parse_and_locales_are_normalized() {
+        assert!(matches!(
+            parse_file_name("verify_email.zh-hant-tw.subject.txt"),
+            Ok(Some((Purpose::VerifyEmail, ref l, Part::Subject))) if l == "zh-Hant-TW"
+        ));
+        assert!(matches!(parse_file_name("notes.md"), Ok(None)));
+        assert!(parse_file_name("reset_password.html").is_err());
+        assert!(parse_file_name("welcome.en.txt").is_err());
+        assert!(parse_file_name("verify_email.e n.txt").is_err());
+    }
+}
