@@ -26,6 +26,9 @@ use crate::events::{CONTENT_TYPE, VERIFICATION_REQUESTED};
 pub const HEADER_REASON: &str = "x-verimail-reason";
 /// Header with the human-readable detail of a dead letter.
 pub const HEADER_DETAIL: &str = "x-verimail-detail";
+/// Header `verimail dead replay` sets (AMQP boolean `true`) on every copy it
+/// re-publishes, so the worker treats the request as a fresh attempt.
+pub const HEADER_REPLAYED: &str = "x-verimail-replayed";
 /// Header the worker sets on a request it sends to a retry queue, counting
 /// delayed redeliveries (the database holds the authoritative attempt count).
 pub const HEADER_RETRY: &str = "x-verimail-retry";
@@ -120,6 +123,12 @@ fn field(v: impl Into<AMQPValue>) -> AMQPValue {
     v.into()
 }
 
+/// String arguments travel as AMQP long strings: RabbitMQ 3.10 cannot parse
+/// lapin's short-string table values and drops the whole connection.
+fn long(s: &str) -> AMQPValue {
+    AMQPValue::LongString(s.into())
+}
+
 fn table(entries: &[(&str, AMQPValue)]) -> FieldTable {
     let mut t = FieldTable::default();
     for (k, v) in entries {
@@ -159,7 +168,7 @@ pub async fn declare(channel: &Channel, topology: &Topology) -> Result<(), lapin
         .queue_declare(
             dead.as_str().into(),
             durable(),
-            table(&[("x-queue-type", field(ShortString::from("quorum")))]),
+            table(&[("x-queue-type", long("quorum"))]),
         )
         .await?;
 
@@ -170,7 +179,7 @@ pub async fn declare(channel: &Channel, topology: &Topology) -> Result<(), lapin
             durable(),
             table(&[
                 // Quorum: replicated by Raft, survives the loss of a minority of nodes.
-                ("x-queue-type", field(ShortString::from("quorum"))),
+                ("x-queue-type", long("quorum")),
                 // Poison that keeps crashing its consumer is moved aside
                 // instead of looping; high because every return counts.
                 (
@@ -178,20 +187,14 @@ pub async fn declare(channel: &Channel, topology: &Topology) -> Result<(), lapin
                     field(AMQPValue::LongLongInt(DELIVERY_LIMIT)),
                 ),
                 // Where the broker moves such poison: the default exchange, to `{ns}.dead`.
-                ("x-dead-letter-exchange", field(ShortString::from(""))),
-                (
-                    "x-dead-letter-routing-key",
-                    field(ShortString::from(dead.as_str())),
-                ),
+                ("x-dead-letter-exchange", long("")),
+                ("x-dead-letter-routing-key", long(dead.as_str())),
                 // Dead-lettering that waits for the target queue's confirm
                 // instead of dropping on the way...
-                (
-                    "x-dead-letter-strategy",
-                    field(ShortString::from("at-least-once")),
-                ),
+                ("x-dead-letter-strategy", long("at-least-once")),
                 // ...which RabbitMQ only honours with reject-publish overflow
                 // (otherwise it silently falls back to at-most-once).
-                ("x-overflow", field(ShortString::from("reject-publish"))),
+                ("x-overflow", long("reject-publish")),
             ]),
         )
         .await?;
@@ -214,28 +217,55 @@ pub async fn declare(channel: &Channel, topology: &Topology) -> Result<(), lapin
                 durable(),
                 table(&[
                     // Quorum, so a node lost during a delayed retry loses nothing.
-                    ("x-queue-type", field(ShortString::from("quorum"))),
+                    ("x-queue-type", long("quorum")),
                     // One queue per delay: quorum queues expire only at the
                     // head, so mixed delays in one queue would wait on each other.
                     ("x-message-ttl", field(AMQPValue::LongLongInt(millis))),
                     // On expiry, back to the worker queue through the default exchange.
-                    ("x-dead-letter-exchange", field(ShortString::from(""))),
-                    (
-                        "x-dead-letter-routing-key",
-                        field(ShortString::from(worker.as_str())),
-                    ),
+                    ("x-dead-letter-exchange", long("")),
+                    ("x-dead-letter-routing-key", long(worker.as_str())),
                     // Expired messages move only once the worker queue has them.
-                    (
-                        "x-dead-letter-strategy",
-                        field(ShortString::from("at-least-once")),
-                    ),
+                    ("x-dead-letter-strategy", long("at-least-once")),
                     // Required by at-least-once dead-lettering (see above).
-                    ("x-overflow", field(ShortString::from("reject-publish"))),
+                    ("x-overflow", long("reject-publish")),
                 ]),
             )
             .await?;
     }
     Ok(())
+}
+
+/// Declares a subscriber's durable quorum queue `{ns}.sub.{name}` and binds it
+/// to the exchange with each of `patterns` (`verimail.email.verified`,
+/// `verimail.#`). Returns the queue name.
+pub async fn declare_subscriber(
+    channel: &Channel,
+    topology: &Topology,
+    name: &str,
+    patterns: &[&str],
+) -> Result<String, lapin::Error> {
+    let queue = topology.subscriber_queue(name);
+    channel
+        .queue_declare(
+            queue.as_str().into(),
+            durable(),
+            // Quorum like every queue holding work: a subscriber's backlog
+            // survives the loss of a broker node.
+            table(&[("x-queue-type", long("quorum"))]),
+        )
+        .await?;
+    for pattern in patterns {
+        channel
+            .queue_bind(
+                queue.as_str().into(),
+                topology.exchange().into(),
+                (*pattern).into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+    }
+    Ok(queue)
 }
 
 /// A connection to one node of the cluster named by `AMQP_URL`, re-made on
