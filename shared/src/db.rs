@@ -107,8 +107,11 @@ pub async fn ensure_database(options: &PgConnectOptions) -> Result<(), DbError> 
             .await
         {
             Ok(_) => tracing::info!(database = %name, "created database"),
-            // Another process created it between our check and our CREATE.
-            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => {}
+            // Another process created it between our check and our CREATE:
+            // duplicate_database, or the catalog's unique index when both
+            // CREATEs ran at the same instant.
+            Err(sqlx::Error::Database(e))
+                if matches!(e.code().as_deref(), Some("42P04") | Some("23505")) => {}
             Err(e) => return Err(DbError::Create { name, source: e }),
         }
     }
