@@ -144,11 +144,11 @@ fn durable() -> QueueDeclareOptions {
     }
 }
 
-/// Declares the exchange, the worker queue, the dead-letter queue and the
-/// retry queues of `topology`, idempotently (every component calls it at start).
-pub async fn declare(channel: &Channel, topology: &Topology) -> Result<(), lapin::Error> {
-    // A durable topic exchange with no arguments: subscribers bind their own
-    // queues with routing keys equal to event types (`verimail.#`).
+/// Declares only the namespace's exchange: a durable topic exchange with no
+/// arguments, to which subscribers bind their own queues with routing keys
+/// equal to event types (`verimail.#`). Publishers that own no queue (the
+/// gateway) declare just this.
+pub async fn declare_exchange(channel: &Channel, topology: &Topology) -> Result<(), lapin::Error> {
     channel
         .exchange_declare(
             topology.exchange().into(),
@@ -159,7 +159,13 @@ pub async fn declare(channel: &Channel, topology: &Topology) -> Result<(), lapin
             },
             FieldTable::default(),
         )
-        .await?;
+        .await
+}
+
+/// Declares the exchange, the worker queue, the dead-letter queue and the
+/// retry queues of `topology`, idempotently (every component calls it at start).
+pub async fn declare(channel: &Channel, topology: &Topology) -> Result<(), lapin::Error> {
+    declare_exchange(channel, topology).await?;
 
     let dead = topology.dead_queue();
     // The dead-letter queue: quorum (replicated), nothing else; letters stay

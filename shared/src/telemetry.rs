@@ -9,7 +9,7 @@ use crate::config::LogFormat;
 /// for libraries.
 pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        EnvFilter::new("warn,verimail=info,verimail_shared=info,verimail_worker=info,verimail_gateway=info,verimail_producer=info")
+        EnvFilter::new("warn,lapin::returned_messages=error,verimail=info,verimail_shared=info,verimail_worker=info,verimail_gateway=info,verimail_producer=info")
     });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -1,0 +1,125 @@
+//! The gateway's Prometheus metrics, in a recorder of its own (not the global
+//! one), so several gateways in one test process keep separate counts.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Level, Metadata, Recorder};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+
+use crate::answer::Status;
+
+const REQUESTS: &str = "verimail_gateway_confirm_requests_total";
+const DURATION: &str = "verimail_gateway_confirm_duration_seconds";
+const BACKLOG: &str = "verimail_gateway_outbox_backlog";
+const PUBLISHED: &str = "verimail_gateway_events_published_total";
+const PUBLISH_FAILURES: &str = "verimail_gateway_publish_failures_total";
+
+/// Latency buckets, in seconds: a confirm takes milliseconds; 5 s is the
+/// unavailable deadline.
+const BUCKETS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
+/// Handles to every metric, registered once.
+#[derive(Clone)]
+pub struct Metrics {
+    recorder: Arc<PrometheusRecorder>,
+    handle: PrometheusHandle,
+    by_status: Arc<[(Status, Counter)]>,
+    duration: Histogram,
+    backlog: Gauge,
+    published: Counter,
+    publish_failures: Counter,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+static META: Metadata<'static> = Metadata::new(module_path!(), Level::INFO, Some(module_path!()));
+
+impl Metrics {
+    /// A fresh registry with every metric at zero.
+    pub fn new() -> Self {
+        let builder = PrometheusBuilder::new();
+        // The buckets are a non-empty constant: this cannot fail.
+        let builder = builder
+            .set_buckets(&BUCKETS)
+            .unwrap_or_else(|_| PrometheusBuilder::new());
+        let recorder = Arc::new(builder.build_recorder());
+        let describe = |name: &'static str, help: &'static str| {
+            recorder.describe_counter(KeyName::from_const_str(name), None, help.into());
+        };
+        describe(REQUESTS, "Answers of /confirm by outcome status.");
+        describe(DURATION, "Time to answer /confirm, in seconds.");
+        describe(
+            BACKLOG,
+            "Verified events waiting in the outbox for the broker.",
+        );
+        describe(PUBLISHED, "Verified events the broker confirmed.");
+        describe(
+            PUBLISH_FAILURES,
+            "Outbox publish attempts that failed (retried later).",
+        );
+        let by_status: Vec<(Status, Counter)> = Status::ALL
+            .iter()
+            .map(|&s| {
+                let key = Key::from_parts(REQUESTS, vec![Label::new("status", s.as_str())]);
+                (s, recorder.register_counter(&key, &META))
+            })
+            .collect();
+        Self {
+            handle: recorder.handle(),
+            by_status: by_status.into(),
+            duration: recorder.register_histogram(&Key::from_name(DURATION), &META),
+            backlog: recorder.register_gauge(&Key::from_name(BACKLOG), &META),
+            published: recorder.register_counter(&Key::from_name(PUBLISHED), &META),
+            publish_failures: recorder.register_counter(&Key::from_name(PUBLISH_FAILURES), &META),
+            recorder,
+        }
+    }
+
+    /// Counts one `/confirm` answer.
+    pub fn answered(&self, status: Status, took: Duration) {
+        if let Some((_, counter)) = self.by_status.iter().find(|(s, _)| *s == status) {
+            counter.increment(1);
+        }
+        self.duration.record(took.as_secs_f64());
+    }
+
+    /// Sets the outbox backlog.
+    pub fn backlog(&self, rows: i64) {
+        self.backlog.set(rows as f64);
+    }
+
+    /// Counts events the broker confirmed.
+    pub fn published(&self, n: u64) {
+        self.published.increment(n);
+    }
+
+    /// Counts failed publish attempts.
+    pub fn publish_failed(&self, n: u64) {
+        self.publish_failures.increment(n);
+    }
+
+    /// Folds recent histogram samples so memory stays bounded (called periodically).
+    pub fn upkeep(&self) {
+        self.handle.run_upkeep();
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        // Keep the recorder alive as long as the handles (they share it).
+        let _ = &self.recorder;
+        self.handle.render()
+    }
+}

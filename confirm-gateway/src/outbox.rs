@@ -1,0 +1,239 @@
+//! The outbox relay: publishes the verified events that confirmations wrote to
+//! `outbox`, each with the broker's confirm, and deletes a row only then.
+//!
+//! Invariants:
+//! - a click never waits for the broker: it only writes to PostgreSQL, and the
+//!   relay catches up when the broker is back, with the same event id;
+//! - rows are taken `FOR UPDATE SKIP LOCKED` inside a short transaction, so
+//!   several gateways never publish one row at the same time (a crash between
+//!   the confirm and the delete re-publishes it: at least once, same id).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
+
+use sqlx::PgPool;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use verimail_shared::bus::{Bus, BusError, Outgoing, Publisher, Topology};
+
+use crate::metrics::Metrics;
+use crate::{BusSlot, store};
+
+/// Rows taken per transaction.
+pub const BATCH: i64 = 100;
+/// Poll period when nothing wakes the relay (another gateway's rows, retries).
+pub const POLL: Duration = Duration::from_secs(1);
+/// Wait after a failure before trying again.
+pub const BACKOFF: Duration = Duration::from_secs(2);
+/// Wait after the broker returned events for want of a bound queue.
+pub const UNROUTABLE_BACKOFF: Duration = Duration::from_secs(10);
+/// Longest a batch may take to publish before it is handed back.
+pub const BATCH_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long the relay waits for a broker connection before leaving the rows
+/// alone (no transaction is opened without a connection).
+const CONNECT_WAIT: Duration = Duration::from_secs(2);
+
+/// The relay's dependencies.
+#[derive(Debug, Clone)]
+pub struct Relay {
+    /// Where the outbox lives.
+    pub pool: PgPool,
+    /// The broker connection, once made.
+    pub bus: BusSlot,
+    /// Names of the exchange.
+    pub topology: Topology,
+    /// Wakes the relay after a confirmation.
+    pub wake: Arc<Notify>,
+    /// Backlog gauge and publish counters.
+    pub metrics: Metrics,
+}
+
+/// What one batch did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BatchOutcome {
+    /// Rows the broker confirmed (and that were deleted).
+    pub published: usize,
+    /// Rows whose publish failed (left in place), unroutable ones included.
+    pub failed: usize,
+    /// Rows the broker returned because no queue is bound (left in place).
+    pub unroutable: usize,
+}
+
+/// Why a batch could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// The database failed.
+    #[error("outbox database: {0}")]
+    Database(#[from] sqlx::Error),
+    /// The broker is not connected (yet).
+    #[error("broker not connected")]
+    NoBroker,
+    /// Publishing the batch took too long.
+    #[error("publishing timed out")]
+    Timeout,
+}
+
+impl Relay {
+    /// Runs until `shutdown`, then makes one last short attempt to empty the outbox.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut publisher: Option<(Arc<Bus>, Publisher)> = None;
+        let mut last_gauge = Instant::now() - POLL;
+        let mut need_declare = false;
+        loop {
+            let pass = self.pass(&mut publisher, &mut need_declare);
+            let pause = tokio::select! {
+                pause = pass => pause,
+                () = shutdown.cancelled() => break,
+            };
+            if last_gauge.elapsed() >= POLL {
+                last_gauge = Instant::now();
+                match store::outbox_backlog(&self.pool).await {
+                    Ok(rows) => self.metrics.backlog(rows),
+                    Err(e) => tracing::debug!(error = %e, "outbox backlog unknown"),
+                }
+                self.metrics.upkeep();
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = self.wake.notified(), if pause == POLL => {}
+                () = tokio::time::sleep(pause) => {}
+            }
+        }
+        // Hand over what was confirmed in the last moments, if the broker is there.
+        if let Some((_, publisher)) = &publisher {
+            let last = tokio::time::timeout(Duration::from_secs(3), self.batch(publisher)).await;
+            if let Ok(Ok(outcome)) = last
+                && outcome.published > 0
+            {
+                tracing::info!(published = outcome.published, "outbox flushed at shutdown");
+            }
+        }
+    }
+
+    /// Publishes batches until the outbox is empty or something fails; returns
+    /// how long to wait before the next pass.
+    async fn pass(
+        &self,
+        publisher: &mut Option<(Arc<Bus>, Publisher)>,
+        need_declare: &mut bool,
+    ) -> Duration {
+        let Some(bus) = self.bus.get() else {
+            return POLL;
+        };
+        let publisher = match publisher {
+            Some((current, p)) if Arc::ptr_eq(current, &bus) => &*p,
+            slot => &slot.insert((bus.clone(), Publisher::new(bus))).1,
+        };
+        loop {
+            if *need_declare {
+                // A failed publish may mean the broker lost its definitions
+                // (a fresh node): declare again before retrying.
+                match tokio::time::timeout(
+                    BATCH_TIMEOUT,
+                    redeclare(publisher.bus(), &self.topology),
+                )
+                .await
+                {
+                    Ok(Ok(())) => *need_declare = false,
+                    _ => return BACKOFF,
+                }
+            }
+            match self.batch(publisher).await {
+                Ok(outcome) if outcome.failed > outcome.unroutable => {
+                    *need_declare = true;
+                    return BACKOFF;
+                }
+                // Waiting for a subscriber to bind: no need to hurry.
+                Ok(outcome) if outcome.unroutable > 0 => return UNROUTABLE_BACKOFF,
+                Ok(outcome) if outcome.published as i64 == BATCH => continue,
+                Ok(_) => return POLL,
+                Err(RelayError::NoBroker) => return BACKOFF,
+                Err(e) => {
+                    tracing::warn!(error = %e, "outbox relay failed, retrying");
+                    return BACKOFF;
+                }
+            }
+        }
+    }
+
+    /// Takes up to [`BATCH`] rows, publishes them concurrently, deletes those
+    /// the broker confirmed, in one short transaction.
+    pub async fn batch(&self, publisher: &Publisher) -> Result<BatchOutcome, RelayError> {
+        // Never hold row locks while waiting for a reconnection.
+        match tokio::time::timeout(CONNECT_WAIT, publisher.bus().connection()).await {
+            Ok(Ok(conn)) if conn.status().connected() => {}
+            _ => return Err(RelayError::NoBroker),
+        }
+        let mut tx = self.pool.begin().await?;
+        let rows: Vec<(String, String, Vec<u8>)> = sqlx::query_as(
+            "SELECT id, routing_key, body FROM outbox ORDER BY created_at, id \
+             LIMIT $1 FOR UPDATE SKIP LOCKED",
+        )
+        .bind(BATCH)
+        .fetch_all(&mut *tx)
+        .await?;
+        if rows.is_empty() {
+            tx.commit().await?;
+            return Ok(BatchOutcome::default());
+        }
+        let publishes = rows.iter().map(|(id, routing_key, body)| async move {
+            let msg = Outgoing::event(&self.topology, routing_key, id, body);
+            (id, publisher.publish(&msg).await)
+        });
+        let results = match tokio::time::timeout(BATCH_TIMEOUT, join_all(publishes)).await {
+            Ok(results) => results,
+            Err(_) => {
+                // Dropping the transaction rolls back: the rows stay, unlocked.
+                self.metrics.publish_failed(rows.len() as u64);
+                return Err(RelayError::Timeout);
+            }
+        };
+        let mut confirmed: Vec<String> = Vec::with_capacity(results.len());
+        let mut unroutable = 0;
+        let mut first_error = None;
+        for (id, result) in results {
+            match result {
+                Ok(()) => confirmed.push(id.clone()),
+                Err(BusError::Unroutable(_)) => unroutable += 1,
+                Err(e) => {
+                    first_error.get_or_insert((id, e));
+                }
+            }
+        }
+        let failed = rows.len() - confirmed.len();
+        if unroutable > 0 {
+            // Nobody bound a queue to `verimail.email.verified`: the events wait
+            // in the outbox for a subscriber instead of being dropped.
+            tracing::warn!(
+                events = unroutable,
+                "verified events are unroutable (no queue bound to verimail.email.verified); kept in the outbox"
+            );
+        }
+        if let Some((id, e)) = first_error {
+            tracing::warn!(event_id = %id, error = %e, failed, "publishing verified events failed; kept in the outbox");
+        }
+        if !confirmed.is_empty() {
+            sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
+                .bind(&confirmed)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        self.metrics.published(confirmed.len() as u64);
+        self.metrics.publish_failed(failed as u64);
+        Ok(BatchOutcome {
+            published: confirmed.len(),
+            failed,
+            unroutable,
+        })
+    }
+}
+
+async fn redeclare(bus: &Bus, topology: &Topology) -> Result<(), BusError> {
+    let channel = bus.channel().await?;
+    verimail_shared::bus::declare_exchange(&channel, topology).await?;
+    let _ = channel.close(200, "declared".into()).await;
+    Ok(())
+}
