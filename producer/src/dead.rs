@@ -9,7 +9,6 @@
 use lapin::Channel;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicGetOptions};
-use lapin::types::{AMQPValue, FieldTable, ShortString};
 use serde::Serialize;
 use serde_json::Value;
 use verimail_shared::bus::{self, Bus, BusError, Outgoing, Publisher, Topology};
@@ -170,8 +169,6 @@ async fn replay_on(
     on_replayed: &mut impl FnMut(&DeadLetter),
 ) -> Result<ReplayReport, DeadError> {
     let mut report = ReplayReport::default();
-    let mut headers = FieldTable::default();
-    headers.insert(ShortString::from(HEADER_REPLAYED), AMQPValue::Boolean(true));
     for delivery in take_all(channel, &topology.dead_queue()).await? {
         let letter = DeadLetter::from_delivery(&delivery);
         let selected = match selection {
@@ -192,7 +189,7 @@ async fn replay_on(
             message_id: id,
             kind: Some(ty),
             body: &delivery.data,
-            headers: headers.clone(),
+            headers: bus::replay_headers(delivery.properties.headers().as_ref()),
         };
         match publisher.publish(&copy).await {
             Ok(()) => {

@@ -237,6 +237,8 @@ pub(crate) fn validate_body(
         body,
         Policy {
             return_url_allowlist: allowlist,
+            // The worker's TOKEN_FORMAT decides this; it answers if it cannot.
+            single_use_links: true,
         },
     )
     .map_err(|e| match e {

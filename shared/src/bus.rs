@@ -582,6 +582,29 @@ pub fn dead_letter_headers(reason: &str, detail: &str) -> FieldTable {
     ])
 }
 
+/// Headers for a dead letter's replayed copy: the letter's own headers (the
+/// worker reads `x-verimail-failed-outcome` from them to reopen a request that
+/// failed with `delivery_failed`) without the dead-lettering ones, plus
+/// [`HEADER_REPLAYED`].
+pub fn replay_headers(letter: Option<&FieldTable>) -> FieldTable {
+    let mut headers = FieldTable::default();
+    if let Some(original) = letter {
+        for (key, value) in original.inner() {
+            let k = key.as_str();
+            let dead_lettering = k == HEADER_REASON
+                || k == HEADER_DETAIL
+                || k.starts_with("x-death")
+                || k.starts_with("x-first-death")
+                || k.starts_with("x-last-death");
+            if !dead_lettering {
+                headers.insert(key.clone(), value.clone());
+            }
+        }
+    }
+    headers.insert(HEADER_REPLAYED.into(), AMQPValue::Boolean(true));
+    headers
+}
+
 /// Why a dead letter is in `{ns}.dead`: our header, or the broker's own
 /// `x-first-death-reason` (e.g. `delivery_limit`) when the broker moved it.
 pub fn dead_letter_reason(headers: Option<&FieldTable>) -> (Option<String>, Option<String>) {
@@ -604,6 +627,36 @@ mod tests {
         assert_eq!(t.worker_queue(), "acme.worker");
         assert_eq!(t.dead_queue(), "acme.dead");
         assert_eq!(t.retry_queue(RETRY_DELAYS[0]), "acme.retry.5s");
+    }
+
+    #[test]
+    fn a_replayed_copy_keeps_the_letters_headers_but_not_its_death() {
+        let letter = table(&[
+            (
+                "x-verimail-failed-outcome",
+                AMQPValue::LongString("o-1".into()),
+            ),
+            (
+                HEADER_REASON,
+                AMQPValue::LongString("delivery_failed".into()),
+            ),
+            (HEADER_DETAIL, AMQPValue::LongString("451".into())),
+            (
+                "x-first-death-reason",
+                AMQPValue::LongString("rejected".into()),
+            ),
+        ]);
+        let copy = replay_headers(Some(&letter));
+        assert_eq!(
+            header_str(Some(&copy), "x-verimail-failed-outcome").as_deref(),
+            Some("o-1")
+        );
+        assert_eq!(header_str(Some(&copy), HEADER_REASON), None);
+        assert_eq!(header_str(Some(&copy), "x-first-death-reason"), None);
+        assert_eq!(
+            copy.inner().get(HEADER_REPLAYED),
+            Some(&AMQPValue::Boolean(true))
+        );
     }
 
     #[test]

@@ -235,6 +235,9 @@ pub struct ValidRequest {
 pub struct Policy<'a> {
     /// Origins a `return_url` may point to.
     pub return_url_allowlist: &'a [url::Origin],
+    /// Whether links can be single-use. itsdangerous tokens carry only the
+    /// address, so a worker minting them cannot serve `reset_password`.
+    pub single_use_links: bool,
 }
 
 /// Why a `failed` outcome was given.
@@ -485,6 +488,17 @@ pub fn decode_request(body: &[u8], policy: Policy<'_>) -> Result<ValidRequest, D
         problems.broke("return_url", format!("required for purpose {p}"));
     }
 
+    if let Some(p) = purpose
+        && p.single_use()
+        && !policy.single_use_links
+    {
+        problems.broke(
+            "purpose",
+            format!(
+                "{p} needs TOKEN_FORMAT=v1 (itsdangerous tokens carry only the address, so the link could not be single-use)"
+            ),
+        );
+    }
     if let Some(failure) = problems.first {
         return Err(DecodeError::Invalid {
             echo: Box::new(echo),
@@ -881,6 +895,7 @@ mod tests {
             body,
             Policy {
                 return_url_allowlist: &allow,
+                single_use_links: true,
             },
         )
     }
@@ -1016,6 +1031,26 @@ mod tests {
         assert_eq!(echo.email, None);
         assert_eq!(echo.purpose, Some(Purpose::VerifyEmail));
         assert_eq!(echo.context.map(Value::Object), Some(json!({"k":1})));
+    }
+
+    #[test]
+    fn single_use_purposes_need_v1_links() {
+        let allow = allow();
+        let body = request(
+            json!({"user_id":"1","email":"a@example.com","purpose":"reset_password",
+                                  "return_url":"https://app.example.com/reset"}),
+        );
+        let policy = Policy {
+            return_url_allowlist: &allow,
+            single_use_links: false,
+        };
+        match decode_request(&body, policy) {
+            Err(DecodeError::Invalid { failure, .. }) => {
+                assert_eq!(failure.field, "purpose");
+                assert!(failure.rule.contains("TOKEN_FORMAT=v1"), "{}", failure.rule);
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

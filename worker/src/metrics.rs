@@ -22,6 +22,8 @@ pub const DUPLICATES: &str = "verimail_worker_duplicates_total";
 pub const DB_ERRORS: &str = "verimail_worker_database_errors_total";
 /// Time from delivery to ack, seconds.
 pub const PROCESSING_SECONDS: &str = "verimail_worker_processing_seconds";
+/// Time of one step of processing (`claim`, `store`, `publish`, `mark`), seconds.
+pub const STEP_SECONDS: &str = "verimail_worker_step_seconds";
 /// Time of one SMTP send including in-process retries, seconds, by `result`.
 pub const SMTP_SECONDS: &str = "verimail_worker_smtp_seconds";
 
@@ -52,14 +54,31 @@ pub fn handle() -> PrometheusHandle {
 
 fn describe() {
     metrics::describe_counter!(OUTCOMES, "Outcome events published, by outcome and reason.");
-    metrics::describe_counter!(RETRIES, "Requests moved to a retry queue after a transient failure.");
-    metrics::describe_counter!(DEAD_LETTERS, "Messages moved to the dead-letter queue, by reason.");
-    metrics::describe_counter!(DUPLICATES, "Deliveries of a request id already handled or in hand.");
-    metrics::describe_counter!(DB_ERRORS, "Deliveries handed back because the database failed.");
+    metrics::describe_counter!(
+        RETRIES,
+        "Requests moved to a retry queue after a transient failure."
+    );
+    metrics::describe_counter!(
+        DEAD_LETTERS,
+        "Messages moved to the dead-letter queue, by reason."
+    );
+    metrics::describe_counter!(
+        DUPLICATES,
+        "Deliveries of a request id already handled or in hand."
+    );
+    metrics::describe_counter!(
+        DB_ERRORS,
+        "Deliveries handed back because the database failed."
+    );
     metrics::describe_histogram!(
         PROCESSING_SECONDS,
         metrics::Unit::Seconds,
         "Time from delivery to acknowledgement."
+    );
+    metrics::describe_histogram!(
+        STEP_SECONDS,
+        metrics::Unit::Seconds,
+        "Time of one processing step: claim, store, publish, mark."
     );
     metrics::describe_histogram!(
         SMTP_SECONDS,
@@ -96,6 +115,11 @@ pub fn db_error() {
 /// Records the processing time of one delivery.
 pub fn processing(elapsed: Duration) {
     histogram!(PROCESSING_SECONDS).record(elapsed.as_secs_f64());
+}
+
+/// Records the time of one processing step.
+pub fn step(step: &'static str, elapsed: Duration) {
+    histogram!(STEP_SECONDS, "step" => step).record(elapsed.as_secs_f64());
 }
 
 /// Records the time of one send.

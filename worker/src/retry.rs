@@ -81,7 +81,12 @@ pub fn retry_headers(original: Option<&FieldTable>, retry: u32) -> FieldTable {
 pub fn dead_headers(original: Option<&FieldTable>, extra: FieldTable) -> FieldTable {
     let mut headers = carried(
         original,
-        &[HEADER_RETRY, HEADER_REASON, HEADER_DETAIL, HEADER_FAILED_OUTCOME],
+        &[
+            HEADER_RETRY,
+            HEADER_REASON,
+            HEADER_DETAIL,
+            HEADER_FAILED_OUTCOME,
+        ],
     );
     for (k, v) in extra.inner() {
         headers.insert(k.clone(), v.clone());
@@ -135,7 +140,10 @@ mod tests {
         let first = retry_headers(Some(&original), retry_count(Some(&original)) + 1);
         assert_eq!(retry_count(Some(&first)), 1);
         assert!(!first.inner().contains_key("x-death"));
-        assert_eq!(header_str(Some(&first), "x-custom").as_deref(), Some("kept"));
+        assert_eq!(
+            header_str(Some(&first), "x-custom").as_deref(),
+            Some("kept")
+        );
         let second = retry_headers(Some(&first), retry_count(Some(&first)) + 1);
         assert_eq!(retry_count(Some(&second)), 2);
     }

@@ -163,12 +163,25 @@ RETURNING r.throttle_passed, r.attempts,
         self.lookup(row.id).await
     }
 
-    /// What a request that could not be claimed holds.
-    async fn lookup(&self, id: &str) -> Result<Claim, sqlx::Error> {
+    /// What a request that could not be claimed holds. A `done` row whose
+    /// outcome was never confirmed is handed to this caller to re-publish
+    /// (taking the lease, so concurrent duplicates do not all publish it), but
+    /// only once the delivery that concluded it is gone: while it still holds
+    /// the lease it is publishing right now, and the caller gets `Busy`.
+    pub async fn lookup(&self, id: &str) -> Result<Claim, sqlx::Error> {
         let row = sqlx::query(
-            "SELECT state, outcome_type, outcome, outcome_published FROM requests WHERE id = $1",
+            r"
+WITH took AS (
+    UPDATE requests SET lease_until = now() + $2::float8 * interval '1 second'
+    WHERE id = $1 AND state = 'done' AND NOT outcome_published
+      AND (lease_until IS NULL OR lease_until < now())
+    RETURNING id
+)
+SELECT state, outcome_type, outcome, outcome_published, EXISTS (SELECT 1 FROM took) AS took
+FROM requests WHERE id = $1",
         )
         .bind(id)
+        .bind(self.lease.as_secs_f64())
         .fetch_optional(&self.pool)
         .await?;
         let Some(row) = row else {
@@ -176,13 +189,15 @@ RETURNING r.throttle_passed, r.attempts,
             return Ok(Claim::Busy);
         };
         let state: String = row.try_get("state")?;
-        if state != "done" {
+        let published: bool = row.try_get("outcome_published")?;
+        let took: bool = row.try_get("took")?;
+        if state != "done" || !(published || took) {
             return Ok(Claim::Busy);
         }
         Ok(Claim::Done(Stored {
             outcome_type: row.try_get("outcome_type")?,
             outcome: row.try_get("outcome")?,
-            published: row.try_get("outcome_published")?,
+            published,
         }))
     }
 
@@ -206,14 +221,17 @@ RETURNING r.throttle_passed, r.attempts,
     }
 
     /// Stores the outcome and marks the request `done`, refreshing (sent) or
-    /// releasing (no mail) the throttle it holds, in one statement. Returns
+    /// releasing (no mail) the throttle it holds, in one statement. The lease
+    /// stays until [`Store::mark_published`], so a duplicate arriving while
+    /// the outcome is being published waits instead of publishing it too. Returns
     /// `false` when the row was no longer `processing` (another delivery
     /// finished it after our lease ran out).
     pub async fn finish(&self, f: Finish<'_>) -> Result<bool, sqlx::Error> {
         const FINISH: &str = r"
 WITH r AS (
     UPDATE requests
-    SET state = 'done', lease_until = NULL, outcome_type = $2, outcome = $3,
+    SET state = 'done', lease_until = now() + $7::float8 * interval '1 second',
+        outcome_type = $2, outcome = $3,
         sent_at = $4, attempts = attempts + $5
     WHERE id = $1 AND state = 'processing'
     RETURNING user_id, purpose
@@ -238,6 +256,7 @@ SELECT count(*) FROM r";
             .bind(f.sent_at)
             .bind(i32::from(f.attempted))
             .bind(f.release_throttle)
+            .bind(self.lease.as_secs_f64())
             .fetch_one(&self.pool)
             .await?;
         Ok(n > 0)
@@ -245,10 +264,12 @@ SELECT count(*) FROM r";
 
     /// Records that the broker confirmed the stored outcome.
     pub async fn mark_published(&self, id: &str) -> Result<(), sqlx::Error> {
-        sqlx::query("UPDATE requests SET outcome_published = true WHERE id = $1")
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(
+            "UPDATE requests SET outcome_published = true, lease_until = NULL WHERE id = $1",
+        )
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
@@ -270,11 +291,7 @@ SELECT count(*) FROM r";
     /// `outcome_id`, for a replay of its dead letter: a fresh attempt with a
     /// fresh retry window. `None` when the row is not in that state (any other
     /// delivery of the replay is then a plain duplicate).
-    pub async fn reopen(
-        &self,
-        id: &str,
-        outcome_id: &str,
-    ) -> Result<Option<Claimed>, sqlx::Error> {
+    pub async fn reopen(&self, id: &str, outcome_id: &str) -> Result<Option<Claimed>, sqlx::Error> {
         let row = sqlx::query(
             r"
 UPDATE requests
@@ -303,4 +320,52 @@ fn claimed_from(r: &sqlx::postgres::PgRow) -> Result<Claimed, sqlx::Error> {
         attempts: r.try_get("attempts")?,
         elapsed: Duration::try_from_secs_f64(elapsed.unwrap_or(0.0).max(0.0)).unwrap_or_default(),
     })
+}
+
+/// Marks outcomes published in batches: under load, many deliveries finish at
+/// once and one `UPDATE ... WHERE id = ANY(...)` (one commit) serves them all,
+/// instead of a commit each. A lone delivery is marked at once, as before.
+#[derive(Debug, Clone)]
+pub struct Marker {
+    tx: tokio::sync::mpsc::Sender<(String, tokio::sync::oneshot::Sender<bool>)>,
+}
+
+/// Most ids marked by one statement.
+const MARK_BATCH: usize = 256;
+
+impl Marker {
+    /// Starts the batching task on `store`; it ends when every `Marker` clone is dropped.
+    pub fn spawn(store: Store) -> Self {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<(String, tokio::sync::oneshot::Sender<bool>)>(
+            MARK_BATCH * 4,
+        );
+        tokio::spawn(async move {
+            let mut batch = Vec::with_capacity(MARK_BATCH);
+            while rx.recv_many(&mut batch, MARK_BATCH).await > 0 {
+                let ids: Vec<&str> = batch.iter().map(|(id, _)| id.as_str()).collect();
+                let ok = sqlx::query(
+                    "UPDATE requests SET outcome_published = true, lease_until = NULL
+                     WHERE id = ANY($1)",
+                )
+                .bind(&ids)
+                .execute(&store.pool)
+                .await
+                .is_ok();
+                for (_, done) in batch.drain(..) {
+                    let _ = done.send(ok);
+                }
+            }
+        });
+        Self { tx }
+    }
+
+    /// Marks `id` published; `false` when the batch failed (the caller then
+    /// marks it alone, with its own retries and error reporting).
+    pub async fn mark(&self, id: &str) -> bool {
+        let (done, wait) = tokio::sync::oneshot::channel();
+        if self.tx.send((id.to_owned(), done)).await.is_err() {
+            return false;
+        }
+        wait.await.unwrap_or(false)
+    }
 }

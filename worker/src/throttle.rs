@@ -49,6 +49,9 @@ mod tests {
     #[test]
     fn zero_seconds_turns_the_throttle_off() {
         assert_eq!(interval(Duration::ZERO), None);
-        assert_eq!(interval(Duration::from_secs(60)), Some(Duration::from_secs(60)));
+        assert_eq!(
+            interval(Duration::from_secs(60)),
+            Some(Duration::from_secs(60))
+        );
     }
 }

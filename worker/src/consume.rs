@@ -1,0 +1,149 @@
+//! The consumer loop: deliveries from `{ns}.worker`, each processed in its own
+//! task, at most `WORKER_CONCURRENCY` at once; a lost channel is replaced and
+//! consumption resumes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use std::panic::AssertUnwindSafe;
+
+use futures_util::{FutureExt, StreamExt};
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Consumer};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
+use verimail_shared::bus::{Bus, BusError};
+
+use verimail_shared::bus::declare;
+
+use crate::process::{self, Ctx};
+
+/// Consumes until `shutdown`, spawning one task per delivery into `tracker`.
+/// Returns the last channel, cancelled but open: in-flight tasks still ack on
+/// it, and closing it afterwards hands back whatever was not acknowledged.
+pub async fn consume(
+    ctx: Arc<Ctx>,
+    bus: Arc<Bus>,
+    prefetch: u16,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) -> Option<Channel> {
+    let tag = format!("verimail-worker-{}", uuid::Uuid::now_v7());
+    // The broker never has more than `prefetch` unacknowledged deliveries on a
+    // channel, but tasks from a lost channel may still run: the semaphore keeps
+    // the total bounded across reconnections too.
+    let permits = Arc::new(Semaphore::new(usize::from(prefetch)));
+    let mut wait = Duration::from_millis(200);
+    while !shutdown.is_cancelled() {
+        let started = tokio::select! {
+            started = start(&ctx, &bus, prefetch, &tag) => started,
+            () = shutdown.cancelled() => break,
+        };
+        let (channel, mut consumer) = match started {
+            Ok(started) => started,
+            Err(BusError::Cancelled) => break,
+            Err(e) => {
+                ctx.health.set_bus(false);
+                warn!(error = %e, retry_in = ?wait, "cannot consume; retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    () = shutdown.cancelled() => break,
+                }
+                wait = (wait * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        wait = Duration::from_millis(200);
+        info!(queue = %consumer.queue(), prefetch, "consuming");
+        loop {
+            let permit = tokio::select! {
+                biased;
+                () = shutdown.cancelled() => return Some(cancel(channel, &tag).await),
+                permit = permits.clone().acquire_owned() => permit,
+            };
+            // The semaphore is never closed.
+            let Ok(permit) = permit else { break };
+            let next = tokio::select! {
+                biased;
+                () = shutdown.cancelled() => return Some(cancel(channel, &tag).await),
+                next = consumer.next() => next,
+            };
+            match next {
+                Some(Ok(delivery)) => {
+                    let ctx = ctx.clone();
+                    tracker.spawn(async move {
+                        let acker = delivery.acker.clone();
+                        let handled = AssertUnwindSafe(process::handle(ctx, delivery))
+                            .catch_unwind()
+                            .await;
+                        if handled.is_err() {
+                            // A bug, not an outage: hand the message back after a
+                            // pause; if it keeps failing, the queue's delivery limit
+                            // moves it to the dead-letter queue. Without the nack it
+                            // would stay unacknowledged until the channel closes.
+                            error!("processing panicked; handing the message back");
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            let _ = acker
+                                .nack(BasicNackOptions {
+                                    requeue: true,
+                                    multiple: false,
+                                })
+                                .await;
+                        }
+                        drop(permit);
+                    });
+                }
+                Some(Err(e)) => {
+                    ctx.health.set_bus(false);
+                    warn!(error = %e, "consumer failed; reconnecting");
+                    break;
+                }
+                None => {
+                    warn!("consumer cancelled by the broker; reconnecting");
+                    break;
+                }
+            }
+        }
+    }
+    None
+}
+
+/// A fresh channel with prefetch set, the topology declared (a broker that
+/// lost it gets it back) and a consumer on the worker queue.
+async fn start(
+    ctx: &Ctx,
+    bus: &Bus,
+    prefetch: u16,
+    tag: &str,
+) -> Result<(Channel, Consumer), BusError> {
+    let channel = bus.channel().await?;
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await?;
+    declare(&channel, &ctx.topology).await?;
+    let consumer = channel
+        .basic_consume(
+            ctx.topology.worker_queue().as_str().into(),
+            tag.into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    ctx.health.set_bus(true);
+    Ok((channel, consumer))
+}
+
+/// Stops deliveries (basic.cancel) but keeps the channel for pending acks.
+async fn cancel(channel: Channel, tag: &str) -> Channel {
+    info!("stopping consumption");
+    if let Err(e) = channel
+        .basic_cancel(tag.into(), BasicCancelOptions::default())
+        .await
+    {
+        warn!(error = %e, "basic.cancel failed");
+    }
+    channel
+}

@@ -1,0 +1,270 @@
+//! The worker against the test SMTP server (fault injection).
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use time::OffsetDateTime;
+use verimail_shared::token::{Keys, Signer};
+use verimail_tests::smtp::{Mode, SmtpServer};
+
+use crate::support::{SECRET, TestEnv, request, user};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+async fn env_with(smtp: &SmtpServer) -> Result<TestEnv> {
+    let mut env = TestEnv::new().await?;
+    env.set("MAIL_URL", smtp.mail_url());
+    Ok(env)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mail_over_smtp_carries_a_link_whose_token_verifies() -> Result<()> {
+    let smtp = SmtpServer::start();
+    let env = env_with(&smtp).await?;
+    let capture = env.capture().await?;
+    let worker = env.start_worker().await?;
+
+    let req = request(&user(), "alice@example.com");
+    let id = req["id"].as_str().context("id")?.to_owned();
+    env.publish(&req).await?;
+    let outcome = capture.outcome_of(&id, WAIT).await?;
+    assert_eq!(outcome["type"], "verimail.verification.sent");
+    let mails = smtp.wait_for_mails(1, WAIT).await;
+    assert_eq!(mails.len(), 1);
+    assert_eq!(mails[0].to, vec!["alice@example.com".to_owned()]);
+    let link = mails[0].link.clone().context("a confirm link")?;
+    let token = link
+        .strip_prefix("https://verify.example.com/confirm/")
+        .context("link on PUBLIC_BASE_URL")?;
+    let keys = Keys::new(
+        SECRET.to_owned().into(),
+        Vec::new(),
+        "email-confirm".to_owned(),
+    );
+    let signer = Signer::new(&keys, verimail_shared::token::Digest::Sha1);
+    let claims = signer.verify_v1(token, OffsetDateTime::now_utc())?;
+    assert_eq!(claims.request_id, id);
+    assert_eq!(claims.email, "alice@example.com");
+    assert_eq!(
+        verimail_shared::events::rfc3339::format(claims.expires_at),
+        outcome["data"]["expires_at"].as_str().unwrap_or_default()
+    );
+
+    worker.stop().await?;
+    env.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permanent_smtp_refusal_fails_with_recipient_rejected_and_frees_the_throttle()
+-> Result<()> {
+    let smtp = SmtpServer::start();
+    smtp.set_mode(Mode::PermFail);
+    let env = env_with(&smtp).await?;
+    let capture = env.capture().await?;
+    let worker = env.start_worker().await?;
+
+    let uid = user();
+    let req = request(&uid, "nobody@example.com");
+    env.publish(&req).await?;
+    let o = capture
+        .outcome_of(req["id"].as_str().context("id")?, WAIT)
+        .await?;
+    assert_eq!(o["type"], "verimail.verification.failed");
+    assert_eq!(o["data"]["reason"], "recipient_rejected", "{o}");
+    assert!(env.drain_dead().await?.is_empty(), "nothing to replay");
+
+    // No mail went out, so the user is not throttled.
+    smtp.set_mode(Mode::Accept);
+    let next = request(&uid, "somebody@example.com");
+    env.publish(&next).await?;
+    let o = capture
+        .outcome_of(next["id"].as_str().context("id")?, WAIT)
+        .await?;
+    assert_eq!(o["type"], "verimail.verification.sent", "{o}");
+
+    worker.stop().await?;
+    env.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transient_smtp_failure_that_clears_sends_exactly_one_mail() -> Result<()> {
+    let smtp = SmtpServer::start();
+    smtp.set_mode(Mode::TempFail);
+    let env = env_with(&smtp).await?;
+    let capture = env.capture().await?;
+    let worker = env.start_worker().await?;
+
+    let req = request(&user(), "flaky@example.com");
+    let id = req["id"].as_str().context("id")?.to_owned();
+    env.publish(&req).await?;
+    // Wait for the first attempt to give up and park the request in a retry queue.
+    let pool = env.pool().await?;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let parked: Option<bool> = sqlx::query_scalar(
+            "SELECT attempts >= 1 AND lease_until IS NULL FROM requests WHERE id = $1",
+        )
+        .bind(&id)
+        .fetch_optional(&pool)
+        .await?;
+        if parked == Some(true) {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the request was never parked for a retry"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(smtp.stats().rejected >= 1);
+    smtp.set_mode(Mode::Accept);
+
+    let o = capture.outcome_of(&id, Duration::from_secs(30)).await?;
+    assert_eq!(o["type"], "verimail.verification.sent", "{o}");
+    assert_eq!(smtp.wait_for_mails(1, WAIT).await.len(), 1);
+    let attempts: i32 = sqlx::query_scalar("SELECT attempts FROM requests WHERE id = $1")
+        .bind(&id)
+        .fetch_one(&pool)
+        .await?;
+    assert_eq!(attempts, 2);
+    pool.close().await;
+    assert_eq!(capture.outcomes_of(&id).len(), 1);
+    assert_eq!(smtp.count(), 1);
+
+    worker.stop().await?;
+    env.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_an_in_flight_send_finish_and_returns_ok() -> Result<()> {
+    let smtp = SmtpServer::start();
+    smtp.set_mode(Mode::TempFail);
+    let env = env_with(&smtp).await?;
+    let worker = env.start_worker().await?;
+
+    let req = request(&user(), "slow@example.com");
+    let id = req["id"].as_str().context("id")?.to_owned();
+    env.publish(&req).await?;
+    // The send is in flight (retrying in process) once the server saw it.
+    let deadline = Instant::now() + WAIT;
+    while smtp.stats().rejected == 0 {
+        ensure!(Instant::now() < deadline, "no send attempt");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let started = Instant::now();
+    worker.stop().await?;
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(10), "stopped in {took:?}");
+
+    // The in-flight delivery finished its work (parked for a retry, lease
+    // given back) instead of being abandoned mid-way.
+    let pool = env.pool().await?;
+    let parked: bool = sqlx::query_scalar(
+        "SELECT attempts = 1 AND lease_until IS NULL AND state = 'processing' FROM requests WHERE id = $1",
+    )
+    .bind(&id)
+    .fetch_one(&pool)
+    .await?;
+    pool.close().await;
+    assert!(parked);
+    env.cleanup().await;
+    Ok(())
+}
+
+/// A rough throughput figure (not a pass/fail test): `cargo test --release
+/// -p verimail-worker --test worker -- --ignored throughput --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, run by hand"]
+async fn throughput_of_one_worker_over_smtp() -> Result<()> {
+    let n: usize = std::env::var("THROUGHPUT_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000);
+    let smtp = SmtpServer::start();
+    let mut env = env_with(&smtp).await?;
+    env.set("WORKER_CONCURRENCY", "64");
+    let capture = env.capture().await?;
+    let requests: Vec<serde_json::Value> = (0..n)
+        .map(|i| request(&user(), &format!("user{i}@example.com")))
+        .collect();
+    // Queue everything first, then start the worker: this measures the worker.
+    for chunk in requests.chunks(200) {
+        for r in futures_util::future::join_all(chunk.iter().map(|r| env.publish(r))).await {
+            r?;
+        }
+    }
+    if std::env::var("THROUGHPUT_ASYNC_COMMIT").is_ok() {
+        // How much of the time is commit latency (fsync)?
+        let pool = env.pool().await?;
+        let sql = format!(
+            "ALTER DATABASE \"{}\" SET synchronous_commit = off",
+            env.db_name
+        );
+        sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&pool).await?;
+        pool.close().await;
+    }
+    let started = Instant::now();
+    let worker = env.start_worker().await?;
+    let events = capture.wait_for(n, Duration::from_secs(300)).await;
+    let took = started.elapsed();
+    eprintln!(
+        "{} outcomes in {took:?}: {:.0}/s",
+        events.len(),
+        events.len() as f64 / took.as_secs_f64()
+    );
+    if std::env::var("THROUGHPUT_METRICS").is_ok() {
+        let (_, metrics) = worker.get("/metrics").await?;
+        for line in metrics
+            .lines()
+            .filter(|l| l.contains("_sum") || l.contains("_count"))
+        {
+            eprintln!("{line}");
+        }
+    }
+    assert_eq!(events.len(), n);
+    assert_eq!(smtp.count(), n);
+    worker.stop().await?;
+    env.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_token_format_itsdangerous_the_link_is_an_itsdangerous_token_of_the_email()
+-> Result<()> {
+    let smtp = SmtpServer::start();
+    let mut env = env_with(&smtp).await?;
+    env.set("TOKEN_FORMAT", "itsdangerous");
+    let capture = env.capture().await?;
+    let worker = env.start_worker().await?;
+
+    let req = request(&user(), "legacy@example.com");
+    env.publish(&req).await?;
+    let o = capture
+        .outcome_of(req["id"].as_str().context("id")?, WAIT)
+        .await?;
+    assert_eq!(o["type"], "verimail.verification.sent");
+    let mails = smtp.wait_for_mails(1, WAIT).await;
+    let link = mails
+        .first()
+        .and_then(|m| m.link.clone())
+        .context("a link")?;
+    let token = link
+        .rsplit('/')
+        .next()
+        .context("a token at the end of the link")?;
+    let keys = Keys::new(
+        SECRET.to_owned().into(),
+        Vec::new(),
+        "email-confirm".to_owned(),
+    );
+    let signer = Signer::new(&keys, verimail_shared::token::Digest::Sha1);
+    let legacy = signer.verify_itsdangerous(token, 3600, OffsetDateTime::now_utc())?;
+    assert_eq!(legacy.email.as_deref(), Some("legacy@example.com"));
+
+    worker.stop().await?;
+    env.cleanup().await;
+    Ok(())
+}
