@@ -6,6 +6,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/services.sh
+# The node-loss test starts a three-node RabbitMQ cluster beside the machine's
+# broker; take it down however the tests end.
+trap 'scripts/rabbitmq-cluster.sh down >/dev/null 2>&1 || true' EXIT
+
+# The end-to-end itsdangerous test checks links against Python's itsdangerous.
+python3 -c "import itsdangerous" 2>/dev/null || pip install --quiet itsdangerous
 
 if [ -x examples/run-examples.sh ]; then
   examples/run-examples.sh
