@@ -31,9 +31,13 @@ impl Pipeline {
         // Migrate once up front so several workers don't race on a new database.
         let (code, _, err) = cli(&["migrate"], &env).await;
         assert_eq!(code, 0, "verimail migrate failed: {err}");
-        let tap = EventTap::start(env.get("AMQP_URL").unwrap_or_default(), &env.namespace, &["verimail.#"])
-            .await
-            .expect("event tap");
+        let tap = EventTap::start(
+            env.get("AMQP_URL").unwrap_or_default(),
+            &env.namespace,
+            &["verimail.#"],
+        )
+        .await
+        .expect("event tap");
         let mut procs = Vec::new();
         for i in 0..workers {
             let mut wenv = env.clone();
@@ -43,8 +47,15 @@ impl Pipeline {
                 format!("127.0.0.1:{}", verimail_tests::env::free_port()),
             );
             let p = Proc::start("verimail-worker", &[], &wenv);
-            let ready = format!("http://{}/readyz", wenv.get("METRICS_ADDR").unwrap_or_default());
-            assert!(wait_http_ok(&ready, WAIT).await, "worker {i} never ready:\n{}", p.log());
+            let ready = format!(
+                "http://{}/readyz",
+                wenv.get("METRICS_ADDR").unwrap_or_default()
+            );
+            assert!(
+                wait_http_ok(&ready, WAIT).await,
+                "worker {i} never ready:\n{}",
+                p.log()
+            );
             procs.push(p);
         }
         let gateway = Proc::start("verimail-gateway", &[], &env);
@@ -76,7 +87,9 @@ impl Pipeline {
             .wait_until(WAIT, |all| {
                 all.iter().any(|e| {
                     e["data"]["request_id"] == request_id
-                        && e["type"].as_str().is_some_and(|t| t.starts_with("verimail.verification."))
+                        && e["type"]
+                            .as_str()
+                            .is_some_and(|t| t.starts_with("verimail.verification."))
                         && e["type"] != "verimail.verification.requested"
                 })
             })
@@ -84,18 +97,38 @@ impl Pipeline {
         found
             .into_iter()
             .find(|e| {
-                e["data"]["request_id"] == request_id && e["type"] != "verimail.verification.requested"
+                e["data"]["request_id"] == request_id
+                    && e["type"] != "verimail.verification.requested"
             })
-            .unwrap_or_else(|| panic!("no outcome for {request_id}; worker log:\n{}", self.worker_logs()))
+            .unwrap_or_else(|| {
+                panic!(
+                    "no outcome for {request_id}; worker log:\n{}",
+                    self.worker_logs()
+                )
+            })
     }
 
     fn worker_logs(&self) -> String {
-        self.workers.iter().map(Proc::log).collect::<Vec<_>>().join("\n---\n")
+        self.workers
+            .iter()
+            .map(Proc::log)
+            .collect::<Vec<_>>()
+            .join("\n---\n")
     }
 
     async fn stop(self) {
+        // Every event the pipeline emitted keeps the published contract.
+        for event in self.tap.all() {
+            if let Err(e) = verimail_producer::schema::validate_value(&event) {
+                panic!("an emitted event breaks docs/schemas: {e}\n{event}");
+            }
+        }
         for w in self.workers {
-            assert_eq!(w.stop(Duration::from_secs(30)).await, Some(0), "worker exits 0 on SIGTERM");
+            assert_eq!(
+                w.stop(Duration::from_secs(30)).await,
+                Some(0),
+                "worker exits 0 on SIGTERM"
+            );
         }
         assert_eq!(
             self.gateway.stop(Duration::from_secs(30)).await,
@@ -116,8 +149,16 @@ async fn a_request_travels_from_publish_to_mail_to_click_to_verified_event() {
     let p = Pipeline::start("loop", 1, |_| {}).await;
     let id = p
         .publish(&[
-            "--user-id", "42", "--email", "alice@example.com", "--name", "Alice",
-            "--locale", "zh-CN", "--context", r#"{"signup_flow":"b"}"#,
+            "--user-id",
+            "42",
+            "--email",
+            "alice@example.com",
+            "--name",
+            "Alice",
+            "--locale",
+            "zh-CN",
+            "--context",
+            r#"{"signup_flow":"b"}"#,
         ])
         .await;
 
@@ -146,7 +187,9 @@ async fn a_request_travels_from_publish_to_mail_to_click_to_verified_event() {
     assert_eq!(v["context"]["signup_flow"], "b");
 
     // A second click: already verified, and no second event.
-    let again = http::get(&link, &[("Accept", "application/json")]).await.expect("click");
+    let again = http::get(&link, &[("Accept", "application/json")])
+        .await
+        .expect("click");
     assert_eq!(again.0, 200);
     let body: Value = serde_json::from_str(&again.2).expect("JSON answer");
     assert_eq!(body["status"], "already_verified");
@@ -162,8 +205,11 @@ async fn three_workers_send_one_mail_for_simultaneous_requests_of_one_user() {
     for _ in 0..20 {
         let env = p.env.clone();
         handles.push(tokio::spawn(async move {
-            let (code, out, err) =
-                cli(&["publish", "--user-id", "7", "--email", "bob@example.com"], &env).await;
+            let (code, out, err) = cli(
+                &["publish", "--user-id", "7", "--email", "bob@example.com"],
+                &env,
+            )
+            .await;
             assert_eq!(code, 0, "{err}");
             out.trim().to_owned()
         }));
@@ -184,14 +230,21 @@ async fn three_workers_send_one_mail_for_simultaneous_requests_of_one_user() {
                 >= ids.len()
         })
         .await;
-    let sent = all.iter().filter(|e| e["type"] == "verimail.verification.sent").count();
+    let sent = all
+        .iter()
+        .filter(|e| e["type"] == "verimail.verification.sent")
+        .count();
     let throttled: Vec<&Value> = all
         .iter()
         .filter(|e| e["type"] == "verimail.verification.throttled")
         .collect();
     assert_eq!(sent, 1, "exactly one mail goes out");
     assert_eq!(throttled.len(), ids.len() - 1);
-    assert!(throttled.iter().all(|e| e["data"]["retry_after_seconds"].as_u64() >= Some(1)));
+    assert!(
+        throttled
+            .iter()
+            .all(|e| e["data"]["retry_after_seconds"].as_u64() >= Some(1))
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(p.smtp.mails().len(), 1);
     p.stop().await;
@@ -200,7 +253,14 @@ async fn three_workers_send_one_mail_for_simultaneous_requests_of_one_user() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_event_id_published_twice_sends_one_mail_and_one_outcome() {
     let p = Pipeline::start("dup", 1, |_| {}).await;
-    let args = ["--user-id", "9", "--email", "carol@example.com", "--id", "fixed-id-1"];
+    let args = [
+        "--user-id",
+        "9",
+        "--email",
+        "carol@example.com",
+        "--id",
+        "fixed-id-1",
+    ];
     assert_eq!(p.publish(&args).await, "fixed-id-1");
     p.outcome_of("fixed-id-1").await;
     assert_eq!(p.publish(&args).await, "fixed-id-1");
@@ -210,7 +270,10 @@ async fn the_same_event_id_published_twice_sends_one_mail_and_one_outcome() {
         .tap
         .all()
         .into_iter()
-        .filter(|e| e["data"]["request_id"] == "fixed-id-1" && e["type"] != "verimail.verification.requested")
+        .filter(|e| {
+            e["data"]["request_id"] == "fixed-id-1"
+                && e["type"] != "verimail.verification.requested"
+        })
         .count();
     assert_eq!(outcomes, 1, "one outcome for one id");
     assert_eq!(p.smtp.mails().len(), 1, "one mail for one id");
@@ -223,9 +286,14 @@ async fn an_expired_link_answers_410_and_a_tampered_one_400() {
         env.set("TOKEN_TTL_SECONDS", "2");
     })
     .await;
-    let id = p.publish(&["--user-id", "5", "--email", "dave@example.com"]).await;
+    let id = p
+        .publish(&["--user-id", "5", "--email", "dave@example.com"])
+        .await;
     p.outcome_of(&id).await;
-    let link = p.smtp.wait_for_mails(1, WAIT).await[0].link.clone().expect("link");
+    let link = p.smtp.wait_for_mails(1, WAIT).await[0]
+        .link
+        .clone()
+        .expect("link");
 
     // Flip one character of the signature part.
     let mut tampered = link.clone().into_bytes();
@@ -236,7 +304,9 @@ async fn an_expired_link_answers_410_and_a_tampered_one_400() {
     assert_eq!(bad.0, 400);
 
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let expired = http::get(&link, &[("Accept", "application/json")]).await.expect("click");
+    let expired = http::get(&link, &[("Accept", "application/json")])
+        .await
+        .expect("click");
     assert_eq!(expired.0, 410);
     let body: Value = serde_json::from_str(&expired.2).expect("JSON");
     assert_eq!(body["status"], "expired");
@@ -252,17 +322,30 @@ async fn a_confirmed_link_redirects_to_an_allowlisted_return_url() {
     .await;
     let id = p
         .publish(&[
-            "--user-id", "11", "--email", "erin@example.com",
-            "--return-url", "https://app.example.com/welcome?step=2",
+            "--user-id",
+            "11",
+            "--email",
+            "erin@example.com",
+            "--return-url",
+            "https://app.example.com/welcome?step=2",
         ])
         .await;
     p.outcome_of(&id).await;
-    let link = p.smtp.wait_for_mails(1, WAIT).await[0].link.clone().expect("link");
+    let link = p.smtp.wait_for_mails(1, WAIT).await[0]
+        .link
+        .clone()
+        .expect("link");
     let answer = http::get(&link, &[]).await.expect("click");
     assert_eq!(answer.0, 303);
     let location = header(&answer, "location").unwrap_or_default();
-    assert!(location.starts_with("https://app.example.com/welcome?"), "{location}");
-    assert!(location.contains("step=2") && location.contains("verimail=verified"), "{location}");
+    assert!(
+        location.starts_with("https://app.example.com/welcome?"),
+        "{location}"
+    );
+    assert!(
+        location.contains("step=2") && location.contains("verimail=verified"),
+        "{location}"
+    );
     p.stop().await;
 }
 
@@ -287,12 +370,21 @@ async fn itsdangerous_links_work_in_both_directions() {
         env.set("TOKEN_FORMAT", "itsdangerous");
     })
     .await;
-    let secret = p.env.get("VERIMAIL_SECRET_KEY").unwrap_or_default().to_owned();
+    let secret = p
+        .env
+        .get("VERIMAIL_SECRET_KEY")
+        .unwrap_or_default()
+        .to_owned();
 
     // verimail mints, Flask's itsdangerous accepts.
-    let id = p.publish(&["--user-id", "21", "--email", "frank@example.com"]).await;
+    let id = p
+        .publish(&["--user-id", "21", "--email", "frank@example.com"])
+        .await;
     p.outcome_of(&id).await;
-    let link = p.smtp.wait_for_mails(1, WAIT).await[0].link.clone().expect("link");
+    let link = p.smtp.wait_for_mails(1, WAIT).await[0]
+        .link
+        .clone()
+        .expect("link");
     let token = link.rsplit('/').next().unwrap_or_default().to_owned();
     let loaded = python(
         "import sys; from itsdangerous import URLSafeTimedSerializer as S; \
