@@ -17,6 +17,9 @@ if [ -x examples/run-examples.sh ]; then
   examples/run-examples.sh
 fi
 
+# The gateway's pages in headless Chromium, and the reset-password button clicked.
+scripts/browser-test.sh
+
 # The end-to-end tests start the real binaries: build them first, once.
 cargo build --workspace --bins
 cargo test --workspace

@@ -254,14 +254,16 @@ fn load_config(cli: &Cli) -> Result<Config, Exit> {
 /// Logs go to stderr; quiet by default (warnings only) because stdout is
 /// the result and stderr is read by people.
 fn init_logging(format: LogFormat, verbose: u8) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        EnvFilter::new(match verbose {
-            // lapin logs at error level what we report ourselves.
-            0 => "warn,lapin=off",
-            1 => "warn,verimail=info,verimail_shared=info,verimail_producer=info",
-            _ => "info,verimail=debug,verimail_shared=debug,verimail_producer=debug",
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| {
+            EnvFilter::new(match verbose {
+                // lapin logs at error level what we report ourselves.
+                0 => "warn,lapin=off",
+                1 => "warn,verimail=info,verimail_shared=info,verimail_producer=info",
+                _ => "info,verimail=debug,verimail_shared=debug,verimail_producer=debug",
+            })
         })
-    });
+        .add_directive(verimail_shared::telemetry::quiet_returns());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
