@@ -54,7 +54,10 @@ impl TestEnv {
         set("VERIMAIL_NAMESPACE", namespace.clone());
         set("VERIMAIL_SECRET_KEY", format!("test-secret-{suffix}"));
         set("GATEWAY_ADDR", format!("127.0.0.1:{gateway_port}"));
-        set("PUBLIC_BASE_URL", format!("http://127.0.0.1:{gateway_port}"));
+        set(
+            "PUBLIC_BASE_URL",
+            format!("http://127.0.0.1:{gateway_port}"),
+        );
         set("METRICS_ADDR", format!("127.0.0.1:{}", free_port()));
         set("LOG_FORMAT", "json".into());
         set("RUST_LOG", "info".into());
@@ -93,11 +96,9 @@ impl TestEnv {
     /// (best effort: a failing cleanup must not hide the test's own result).
     pub async fn cleanup(&self) {
         let config = self.config();
-        if let Ok(conn) = lapin::Connection::connect(
-            &config.amqp_urls[0],
-            lapin::ConnectionProperties::default(),
-        )
-        .await
+        if let Ok(conn) =
+            lapin::Connection::connect(&config.amqp_urls[0], lapin::ConnectionProperties::default())
+                .await
             && let Ok(ch) = conn.create_channel().await
         {
             let topology = verimail_shared::bus::Topology::new(&self.namespace);
@@ -109,7 +110,10 @@ impl TestEnv {
             );
             for q in queues {
                 let _ = ch
-                    .queue_delete(q.as_str().into(), lapin::options::QueueDeleteOptions::default())
+                    .queue_delete(
+                        q.as_str().into(),
+                        lapin::options::QueueDeleteOptions::default(),
+                    )
                     .await;
             }
             let _ = ch
@@ -124,7 +128,9 @@ impl TestEnv {
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
         if let Ok(pool) = sqlx::PgPool::connect(&format!("{base}/postgres")).await {
             let drop = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.database);
-            let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(drop)).execute(&pool).await;
+            let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(drop))
+                .execute(&pool)
+                .await;
             pool.close().await;
         }
     }

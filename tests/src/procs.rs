@@ -14,7 +14,13 @@ pub fn bin_path(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap_or_default();
     let dir = exe
         .parent()
-        .map(|d| if d.ends_with("deps") { d.parent().unwrap_or(d) } else { d })
+        .map(|d| {
+            if d.ends_with("deps") {
+                d.parent().unwrap_or(d)
+            } else {
+                d
+            }
+        })
         .map(PathBuf::from)
         .unwrap_or_default();
     let path = dir.join(name);
@@ -44,9 +50,7 @@ impl Proc {
             uuid::Uuid::new_v4().simple()
         ));
         let file = std::fs::File::create(&log).unwrap_or_else(|e| panic!("log file: {e}"));
-        let err = file
-            .try_clone()
-            .unwrap_or_else(|e| panic!("log file: {e}"));
+        let err = file.try_clone().unwrap_or_else(|e| panic!("log file: {e}"));
         let child = Command::new(bin_path(name))
             .args(args)
             .env_clear()

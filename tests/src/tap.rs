@@ -20,7 +20,8 @@ impl EventTap {
     /// Binds a tap to `namespace` for `patterns` (e.g. `verimail.#`). The
     /// exchange is declared first, so the tap may start before any service.
     pub async fn start(amqp_url: &str, namespace: &str, patterns: &[&str]) -> anyhow::Result<Self> {
-        let conn = lapin::Connection::connect(amqp_url, lapin::ConnectionProperties::default()).await?;
+        let conn =
+            lapin::Connection::connect(amqp_url, lapin::ConnectionProperties::default()).await?;
         let ch = conn.create_channel().await?;
         verimail_shared::bus::declare(&ch, &verimail_shared::bus::Topology::new(namespace)).await?;
         let queue = ch
@@ -76,10 +77,7 @@ impl EventTap {
 
     /// Events of one `type`.
     pub fn of_type(&self, ty: &str) -> Vec<Value> {
-        self.all()
-            .into_iter()
-            .filter(|e| e["type"] == ty)
-            .collect()
+        self.all().into_iter().filter(|e| e["type"] == ty).collect()
     }
 
     /// Waits until `pred` holds over the events, or `timeout`; returns the events then.
@@ -100,8 +98,10 @@ impl EventTap {
 
     /// Waits for `n` events of type `ty`.
     pub async fn wait_for(&self, ty: &str, n: usize, timeout: Duration) -> Vec<Value> {
-        self.wait_until(timeout, |all| all.iter().filter(|e| e["type"] == ty).count() >= n)
-            .await;
+        self.wait_until(timeout, |all| {
+            all.iter().filter(|e| e["type"] == ty).count() >= n
+        })
+        .await;
         self.of_type(ty)
     }
 }
