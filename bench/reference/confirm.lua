@@ -1,7 +1,11 @@
--- wrk script: GET /confirm/<token>, tokens taken round robin from a file (one a line).
---   wrk -t2 -c32 -d10s -s confirm.lua http://127.0.0.1:8081 -- tokens.txt
--- A token may be confirmed more than once; each request still verifies it and runs the UPDATE.
--- Counts responses by status class so non-200 answers do not pass unnoticed.
+-- wrk script: GET /confirm/<token>, tokens taken from a file (one a line).
+--   wrk -t2 -c32 -d10s -s confirm.lua http://127.0.0.1:8081 -- tokens.txt [MODE] [THREADS]
+-- MODE `round` (default): every thread walks the whole list round robin, from its own offset;
+--   a token may be confirmed more than once (each request still verifies it and runs the UPDATE).
+-- MODE `once`: thread k of THREADS (default 2, pass wrk's -t) takes every THREADS-th token from
+--   the k-th, so no token is sent twice until a thread has used its share up (then it wraps).
+-- Counts answers so non-200 ones do not pass unnoticed: 200 (first confirmation), 200 whose page
+-- says "already" (verimail's second click: already_verified), and everything else.
 
 local threads = {}
 
@@ -12,14 +16,24 @@ end
 
 function init(args)
   local path = args[1] or "tokens.txt"
+  local mode = args[2] or "round"
+  local nthreads = tonumber(args[3] or "2")
   tokens = {}
+  local n = 0
   for line in io.lines(path) do
-    if #line > 0 then tokens[#tokens + 1] = line end
+    if #line > 0 then
+      if mode ~= "once" or n % nthreads == id then tokens[#tokens + 1] = line end
+      n = n + 1
+    end
   end
-  if #tokens == 0 then error("no tokens in " .. path) end
-  -- Threads start at different offsets so they do not confirm the same tokens in lockstep.
-  i = (id * math.floor(#tokens / 2)) % #tokens
-  ok, other = 0, 0
+  if #tokens == 0 then error("no tokens in " .. path .. " for thread " .. id) end
+  if mode == "once" then
+    i = 0
+  else
+    -- Threads start at different offsets so they do not confirm the same tokens in lockstep.
+    i = (id * math.floor(#tokens / 2)) % #tokens
+  end
+  ok, already, other, first_other = 0, 0, 0, 0
 end
 
 function request()
@@ -28,14 +42,22 @@ function request()
 end
 
 function response(status, headers, body)
-  if status == 200 then ok = ok + 1 else other = other + 1 end
+  if status == 200 then
+    if string.find(body, "already", 1, true) then already = already + 1 else ok = ok + 1 end
+  else
+    other = other + 1
+    if first_other == 0 then first_other = status end
+  end
 end
 
 function done(summary, latency, requests)
-  local ok_total, other_total = 0, 0
+  local ok_total, already_total, other_total, first = 0, 0, 0, 0
   for _, t in ipairs(threads) do
     ok_total = ok_total + t:get("ok")
+    already_total = already_total + t:get("already")
     other_total = other_total + t:get("other")
+    if first == 0 then first = t:get("first_other") end
   end
-  io.write(string.format("status 200: %d, other: %d\n", ok_total, other_total))
+  io.write(string.format("status 200: %d, already: %d, other: %d (first other status %d)\n",
+    ok_total, already_total, other_total, first))
 end

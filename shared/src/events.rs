@@ -380,6 +380,12 @@ pub fn decode_request(body: &[u8], policy: Policy<'_>) -> Result<ValidRequest, D
         ));
     };
     let request_id = match event.get("id") {
+        // PostgreSQL text cannot hold NUL: such an id could never be recorded.
+        Some(Value::String(s)) if s.contains('\0') => {
+            return Err(DecodeError::Undecodable(
+                "id: contains a NUL character".into(),
+            ));
+        }
         Some(Value::String(s)) if !s.is_empty() && s.chars().count() <= 128 => s.clone(),
         Some(Value::String(_)) => {
             return Err(DecodeError::Undecodable(
@@ -572,6 +578,8 @@ fn field_user_id(v: Option<&Value>) -> Result<String, String> {
                 Err("empty".into())
             } else if n > 128 {
                 Err(format!("{n} characters, more than 128"))
+            } else if s.chars().any(char::is_control) {
+                Err("contains a control character".into())
             } else {
                 Ok(s.clone())
             }
@@ -696,11 +704,23 @@ fn field_context(v: Option<&Value>) -> Result<Option<Map<String, Value>>, String
                 Err(format!(
                     "{size} bytes serialized, more than {MAX_CONTEXT_BYTES}"
                 ))
+            } else if has_nul(&Value::Object(m.clone())) {
+                // PostgreSQL's jsonb cannot store \u0000.
+                Err("contains a NUL character".into())
             } else {
                 Ok(Some(m.clone()))
             }
         }
         Some(_) => Err("must be a JSON object".into()),
+    }
+}
+
+fn has_nul(v: &Value) -> bool {
+    match v {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(items) => items.iter().any(has_nul),
+        Value::Object(m) => m.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+        _ => false,
     }
 }
 
