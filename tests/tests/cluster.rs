@@ -635,6 +635,10 @@ async fn losing_the_worker_queues_leader_node_under_load_loses_and_doubles_nothi
     let (victim_name, victim) = (leader_name, leader_before);
     let outcomes_at_kill = lock(&seen).outcome_arrivals.len();
     let t_kill = Instant::now();
+    // Wall-clock time of the kill, to find it in the services' logs.
+    let kill_utc = OffsetDateTime::now_utc()
+        .format(&Rfc3339)
+        .unwrap_or_default();
     cluster(&["kill", &victim.to_string()]).await?;
     let kill_secs = t_kill.elapsed().as_secs_f64();
     let kill_offset = (t_kill - t_load).as_secs_f64();
@@ -676,7 +680,6 @@ async fn losing_the_worker_queues_leader_node_under_load_loses_and_doubles_nothi
     let back_offset = (Instant::now() - t_load).as_secs_f64();
 
     let published = publishing.await?;
-    let (new_leader, leader_trace) = leader_poll.await?;
     let publish_secs = published.took.as_secs_f64();
 
     // Drain: an outcome for every request, every mail clicked, a verified
@@ -722,6 +725,7 @@ async fn losing_the_worker_queues_leader_node_under_load_loses_and_doubles_nothi
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     let drain_secs = t_load.elapsed().as_secs_f64();
+    let (new_leader, leader_trace) = leader_poll.await?;
     // Late duplicates (a re-sent copy after a reconnect) get a moment to show.
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop.cancel();
@@ -832,7 +836,7 @@ async fn losing_the_worker_queues_leader_node_under_load_loses_and_doubles_nothi
             "cluster up: {up_secs:.1} s; worker A on {port_a}, worker B on {port_b} (after {b_attempts} start(s)), gateway on {port_gw:?}; worker queue leader {leader_before}"
         );
         println!(
-            "load: {requests} requests offered at {rate}/s over {publish_secs:.1} s; killed {victim} at +{kill_offset:.1} s in {kill_secs:.1} s \
+            "load: {requests} requests offered at {rate}/s over {publish_secs:.1} s; killed {victim} at +{kill_offset:.1} s ({kill_utc}) in {kill_secs:.1} s \
              ({outcomes_at_kill} outcomes by then); new leader {new_leader:?}, `leader` answers after the kill: {}; \
              `start` took {restart_secs:.1} s, node back at +{back_offset:.1} s; last outcome at +{last_outcome:.1} s, \
              last click at +{last_click:.1} s, last verified event at +{last_verified:.1} s; drained at +{drain_secs:.1} s",
