@@ -48,6 +48,8 @@ pub const LEASE: Duration = Duration::from_secs(60);
 /// How long in-flight deliveries may take to finish at shutdown before they
 /// are handed back to the broker unacknowledged.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
+/// How often the retention sweep runs.
+const RETENTION_EVERY: Duration = Duration::from_secs(300);
 
 /// Why the worker could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -205,6 +207,15 @@ impl Worker {
             hard_stop.clone(),
         ));
 
+        // Keeps the tables small: old request, throttle and confirmation
+        // records go in small batches (RETENTION_HOURS).
+        let retention = tokio::spawn(verimail_shared::retention::run(
+            ctx.store.pool().clone(),
+            ctx.config.retention,
+            RETENTION_EVERY,
+            hard_stop.clone(),
+        ));
+
         let tracker = TaskTracker::new();
         let channel = consume::consume(
             ctx.clone(),
@@ -234,6 +245,7 @@ impl Worker {
         hard_stop.cancel();
         bus.close().await;
         let _ = probe.await;
+        let _ = retention.await;
         match server.await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => warn!(error = %e, "metrics server failed"),
