@@ -10,6 +10,7 @@ use verimail_shared::telemetry::token_prefix;
 use verimail_shared::token::{ExpiredToken, TokenError};
 
 use crate::pages::Pages;
+use crate::writer::WriteError;
 
 /// The JSON `status` of a `/confirm` answer, one per row of the contract's table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -103,6 +104,9 @@ pub enum ConfirmError {
     /// The database failed or refused.
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
+    /// Recording the confirmation (with its batch) failed.
+    #[error(transparent)]
+    Write(#[from] WriteError),
     /// The database did not answer before the deadline.
     #[error("database did not answer within the deadline")]
     DatabaseTimeout,
@@ -126,7 +130,8 @@ impl ConfirmError {
             {
                 Status::Invalid
             }
-            Self::Database(_) | Self::DatabaseTimeout => Status::Unavailable,
+            Self::Write(e) if e.is_data_exception() => Status::Invalid,
+            Self::Database(_) | Self::Write(_) | Self::DatabaseTimeout => Status::Unavailable,
         }
     }
 

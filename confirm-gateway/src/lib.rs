@@ -6,7 +6,8 @@
 //! - [`routes`]: the router and the `/confirm` handler; [`answer`]: statuses,
 //!   the status → HTTP code mapping and rendering; [`pages`]: the HTML.
 //! - [`client`]: client address behind trusted proxies and the rate limiter.
-//! - [`store`]: SQL; [`outbox`]: the relay; [`metrics`]: Prometheus.
+//! - [`writer`]: group commit of confirmations (one statement per batch);
+//!   [`store`]: SQL; [`outbox`]: the relay; [`metrics`]: Prometheus.
 //!
 //! Invariants: the gateway never sends mail; a click never waits for the
 //! broker; no input makes `/confirm` answer 5xx, only a database outage (503).
@@ -18,6 +19,7 @@ pub mod outbox;
 pub mod pages;
 pub mod routes;
 pub mod store;
+pub mod writer;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -152,6 +154,8 @@ struct Inner {
     bus: BusSlot,
     /// Wakes the outbox relay after a confirmation.
     outbox_wake: Arc<Notify>,
+    /// Records confirmations in batches (group commit).
+    writer: writer::Writer,
     pages: pages::Pages,
     /// The Content-Security-Policy header, built once from the allowlist.
     csp: axum::http::HeaderValue,
@@ -161,16 +165,18 @@ impl AppState {
     /// State for `config` on `pool`; the signing keys are required.
     pub fn new(config: &Config, pool: PgPool, bus: BusSlot) -> Result<Self, ConfigError> {
         let keys = config.keys()?;
+        let outbox_wake = Arc::new(Notify::new());
         Ok(Self {
             inner: Arc::new(Inner {
                 signer: Signer::new(&keys, config.itsdangerous_digest),
                 limiter: client::RateLimiter::new(config.confirm_rate_limit_per_minute),
                 topology: Topology::new(config.namespace.clone()),
                 config: config.clone(),
+                writer: writer::Writer::new(pool.clone(), outbox_wake.clone()),
                 pool,
                 metrics: metrics::Metrics::new(),
                 bus,
-                outbox_wake: Arc::new(Notify::new()),
+                outbox_wake,
                 pages: pages::Pages::new(),
                 csp: routes::csp(&config.return_url_allowlist),
             }),

@@ -25,6 +25,10 @@ use crate::{BusSlot, store};
 pub const BATCH: i64 = 100;
 /// Poll period when nothing wakes the relay (another gateway's rows, retries).
 pub const POLL: Duration = Duration::from_secs(1);
+/// After a wake-up, how long the relay lets events accumulate before a pass:
+/// an event leaves this much later, and a busy outbox is emptied in a few
+/// large transactions instead of many small ones.
+pub const COALESCE: Duration = Duration::from_millis(10);
 /// Wait after a failure before trying again.
 pub const BACKOFF: Duration = Duration::from_secs(2);
 /// Wait after the broker returned events for want of a bound queue.
@@ -95,10 +99,19 @@ impl Relay {
                 }
                 self.metrics.upkeep();
             }
-            tokio::select! {
+            let woken = tokio::select! {
                 () = shutdown.cancelled() => break,
-                () = self.wake.notified(), if pause == POLL => {}
-                () = tokio::time::sleep(pause) => {}
+                () = self.wake.notified(), if pause == POLL => true,
+                () = tokio::time::sleep(pause) => false,
+            };
+            if woken {
+                // Let the clicks of the next moments join this pass: under
+                // load one transaction (and one commit) then carries many
+                // events instead of one batch of clicks each.
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep(COALESCE) => {}
+                }
             }
         }
         // Hand over what was confirmed in the last moments, if the broker is there.

@@ -1,63 +1,50 @@
-//! The gateway's SQL: reading the request behind a link, recording a
-//! confirmation together with its outbox event, and the outbox itself.
+//! The gateway's SQL: recording confirmations together with their outbox
+//! events (a batch per statement, the requests behind the links read in it),
+//! the latest mail to an address (legacy links), and the outbox itself.
 
-use serde_json::{Map, Value};
+use std::collections::HashMap;
+
 use sqlx::PgPool;
-use sqlx::types::Json;
 use time::OffsetDateTime;
+use verimail_shared::events::EMAIL_VERIFIED;
 
-/// What the `requests` row of a link tells the gateway.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct RequestInfo {
-    /// The request id (for legacy tokens, found by address).
-    pub request_id: Option<String>,
-    /// The user (for legacy tokens, found by address).
+/// The latest mail sent to an address: what a legacy link (only an address
+/// inside) confirms.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LatestMail {
+    /// The request the mail answered.
+    pub request_id: String,
+    /// Its user.
     pub user_id: Option<String>,
-    /// Where to send the browser after confirming.
-    pub return_url: Option<String>,
-    /// The request's context, echoed on the verified event.
-    pub context: Option<Map<String, Value>>,
 }
 
-type Row = (
-    String,
-    Option<String>,
-    Option<String>,
-    Option<Json<Map<String, Value>>>,
-);
-
-fn info((id, user_id, return_url, context): Row) -> RequestInfo {
-    RequestInfo {
-        request_id: Some(id),
-        user_id,
-        return_url,
-        context: context.map(|Json(c)| c),
-    }
-}
-
-/// The `requests` row with this id, if the worker recorded one.
-pub async fn request_by_id(pool: &PgPool, id: &str) -> Result<Option<RequestInfo>, sqlx::Error> {
-    let row: Option<Row> =
-        sqlx::query_as("SELECT id, user_id, return_url, context FROM requests WHERE id = $1")
-            .bind(id)
-            .fetch_optional(pool)
-            .await?;
-    Ok(row.map(info))
-}
-
-/// The latest mail sent to `email` (legacy tokens carry only the address).
-pub async fn latest_request_for_email(
+/// The latest mail sent to each of `emails`, by address.
+pub async fn latest_mails(
     pool: &PgPool,
-    email: &str,
-) -> Result<Option<RequestInfo>, sqlx::Error> {
-    let row: Option<Row> = sqlx::query_as(
-        "SELECT id, user_id, return_url, context FROM requests \
-         WHERE email = $1 AND sent_at IS NOT NULL ORDER BY sent_at DESC LIMIT 1",
+    emails: &[&str],
+) -> Result<HashMap<String, LatestMail>, sqlx::Error> {
+    if emails.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let rows: Vec<(String, String, Option<String>)> = sqlx::query_as(
+        "SELECT DISTINCT ON (email) email, id, user_id FROM requests \
+         WHERE email = ANY($1) AND sent_at IS NOT NULL ORDER BY email, sent_at DESC",
     )
-    .bind(email)
-    .fetch_optional(pool)
+    .bind(emails)
+    .fetch_all(pool)
     .await?;
-    Ok(row.map(info))
+    Ok(rows
+        .into_iter()
+        .map(|(email, request_id, user_id)| {
+            (
+                email,
+                LatestMail {
+                    request_id,
+                    user_id,
+                },
+            )
+        })
+        .collect())
 }
 
 /// Whether the link with this confirmation key was confirmed already.
@@ -71,9 +58,10 @@ pub async fn is_confirmed(pool: &PgPool, key: &str) -> Result<bool, sqlx::Error>
 /// A confirmation to record.
 #[derive(Debug)]
 pub struct NewConfirmation<'a> {
-    /// `r:{request_id}` or `e:{email}`.
+    /// `r:{request_id}` or `e:{email}`; unique within one call.
     pub key: &'a str,
-    /// The request id, when known.
+    /// The request id, when known; its `requests` row supplies the event's
+    /// `context` and the answer's `return_url`.
     pub request_id: Option<&'a str>,
     /// The user, when known.
     pub user_id: Option<&'a str>,
@@ -82,46 +70,102 @@ pub struct NewConfirmation<'a> {
     /// The purpose confirmed.
     pub purpose: &'a str,
     /// The verified event's id (UUIDv7).
-    pub event_id: &'a str,
+    pub event_id: String,
     /// When.
     pub verified_at: OffsetDateTime,
-    /// The routing key of the event (its type).
-    pub routing_key: &'a str,
-    /// The serialized CloudEvent.
-    pub body: &'a [u8],
+    /// The serialized CloudEvent up to its `context` value (type
+    /// `verimail.email.verified`, its routing key).
+    pub head: Vec<u8>,
+    /// The serialized CloudEvent after its `context` value (`None`: `head` is
+    /// the whole event, nothing to insert).
+    pub tail: Option<Vec<u8>>,
 }
 
-/// Records the confirmation and, only if it is the first for its key, its
-/// event in the outbox. One statement, so both rows commit together or not at
-/// all; a concurrent second click waits on the key's lock and inserts nothing.
-/// Returns whether this call confirmed (false: confirmed before).
-pub async fn record_confirmation(
+/// What [`record_confirmations`] found for one confirmation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordedRow {
+    /// The confirmation's key.
+    pub key: String,
+    /// This call confirmed it (false: it was confirmed before).
+    pub inserted: bool,
+    /// The `return_url` of its request, if any.
+    pub return_url: Option<String>,
+}
+
+/// Records the confirmations and, for each that is the first for its key,
+/// its event in the outbox, with the `context` of its `requests` row put
+/// between the event's `head` and `tail` (the request is read in the same
+/// statement: no lookup round trip). One statement, so every row commits
+/// together or none does (and one commit, one WAL flush, serves them all); a
+/// concurrent click on the same key waits on the key's lock and inserts
+/// nothing. Rows are inserted in key order, so two calls sharing keys take
+/// their locks in the same order and never deadlock.
+pub async fn record_confirmations(
     pool: &PgPool,
-    c: &NewConfirmation<'_>,
-) -> Result<bool, sqlx::Error> {
-    let inserted: Option<String> = sqlx::query_scalar(
-        "WITH confirmed AS ( \
+    rows: &[NewConfirmation<'_>],
+) -> Result<Vec<RecordedRow>, sqlx::Error> {
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let keys: Vec<&str> = rows.iter().map(|c| c.key).collect();
+    let request_ids: Vec<Option<&str>> = rows.iter().map(|c| c.request_id).collect();
+    let user_ids: Vec<Option<&str>> = rows.iter().map(|c| c.user_id).collect();
+    let emails: Vec<&str> = rows.iter().map(|c| c.email).collect();
+    let purposes: Vec<&str> = rows.iter().map(|c| c.purpose).collect();
+    let event_ids: Vec<&str> = rows.iter().map(|c| c.event_id.as_str()).collect();
+    let times: Vec<OffsetDateTime> = rows.iter().map(|c| c.verified_at).collect();
+    let heads: Vec<&[u8]> = rows.iter().map(|c| c.head.as_slice()).collect();
+    let tails: Vec<Option<&[u8]>> = rows.iter().map(|c| c.tail.as_deref()).collect();
+    // Data-modifying CTEs run exactly once whether or not the final SELECT
+    // reads them: the outbox row of each inserted confirmation is part of
+    // this statement. `jsonb::text` is valid JSON (its own spacing and key
+    // order, which JSON leaves free).
+    let found: Vec<(String, bool, Option<String>)> = sqlx::query_as(
+        "WITH input AS ( \
+             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
+                                  $6::text[], $7::timestamptz[], $8::bytea[], $9::bytea[]) \
+               AS i(key, request_id, user_id, email, purpose, event_id, verified_at, head, tail) \
+         ), found AS ( \
+             SELECT i.key, i.event_id, i.verified_at, i.head, i.tail, r.return_url, r.context \
+             FROM input i LEFT JOIN requests r ON r.id = i.request_id \
+         ), confirmed AS ( \
              INSERT INTO confirmations (key, request_id, user_id, email, purpose, event_id, verified_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7) \
+             SELECT key, request_id, user_id, email, purpose, event_id, verified_at \
+             FROM input ORDER BY key \
              ON CONFLICT (key) DO NOTHING \
-             RETURNING event_id, verified_at \
+             RETURNING key \
+         ), queued AS ( \
+             INSERT INTO outbox (id, routing_key, body, created_at) \
+             SELECT f.event_id, $10, \
+                    CASE WHEN f.tail IS NULL THEN f.head ELSE \
+                      f.head || convert_to(coalesce(f.context::text, 'null'), 'UTF8') || f.tail \
+                    END, \
+                    f.verified_at \
+             FROM found f JOIN confirmed c ON c.key = f.key \
          ) \
-         INSERT INTO outbox (id, routing_key, body, created_at) \
-         SELECT event_id, $8, $9, verified_at FROM confirmed \
-         RETURNING id",
+         SELECT f.key, c.key IS NOT NULL, f.return_url \
+         FROM found f LEFT JOIN confirmed c ON c.key = f.key",
     )
-    .bind(c.key)
-    .bind(c.request_id)
-    .bind(c.user_id)
-    .bind(c.email)
-    .bind(c.purpose)
-    .bind(c.event_id)
-    .bind(c.verified_at)
-    .bind(c.routing_key)
-    .bind(c.body)
-    .fetch_optional(pool)
+    .bind(&keys)
+    .bind(&request_ids)
+    .bind(&user_ids)
+    .bind(&emails)
+    .bind(&purposes)
+    .bind(&event_ids)
+    .bind(&times)
+    .bind(&heads)
+    .bind(&tails)
+    .bind(EMAIL_VERIFIED)
+    .fetch_all(pool)
     .await?;
-    Ok(inserted.is_some())
+    Ok(found
+        .into_iter()
+        .map(|(key, inserted, return_url)| RecordedRow {
+            key,
+            inserted,
+            return_url,
+        })
+        .collect())
 }
 
 /// Rows waiting in the outbox.

@@ -8,10 +8,12 @@
 //!
 //! - [`consume`]: the consumer loop, one task per delivery, reconnections.
 //! - [`process`]: one delivery's state machine, from bytes to acknowledgement.
-//! - [`store`]: every SQL statement; [`throttle`]: the throttle's rules.
+//! - [`store`]: every SQL statement; [`batch`]: group commit of concurrent
+//!   deliveries' statements; [`throttle`]: the throttle's rules.
 //! - [`retry`]: retry-queue routing and dead-letter headers.
 //! - [`mail`]: templates and delivery; [`health`], [`metrics`]: ops endpoints.
 
+pub mod batch;
 pub mod consume;
 pub mod health;
 pub mod mail;
@@ -40,7 +42,7 @@ use verimail_shared::token::Signer;
 use crate::health::Health;
 use crate::mail::{Mailer, MailerError, TemplateError, Templates};
 use crate::process::Ctx;
-use crate::store::{Marker, Store};
+use crate::store::{Batches, Marker, Store};
 
 /// How long a claim holds a request: longer than a send with its in-process
 /// retries, so only a crashed worker's lease ever runs out.
@@ -114,9 +116,13 @@ impl Worker {
         })?;
         let metrics = metrics::handle();
 
-        // Statements are short and a task holds a connection only while one
-        // runs, so a quarter of the concurrency is plenty.
-        let max_connections = u32::from(config.worker_concurrency / 4).clamp(2, 16);
+        // The common path (claim, conclusion, mark) runs batched on the
+        // batching tasks' own connections (`store::Batches`, at most
+        // `batch::IN_FLIGHT` per kind); the pool
+        // serves the rest (duplicates, throttled requests, retries, readiness)
+        // and the fallback when a batch fails, so an eighth of the
+        // concurrency is plenty.
+        let max_connections = u32::from(config.worker_concurrency / 8).clamp(2, 8);
         let settings = PoolSettings {
             max_connections,
             acquire_timeout: Duration::from_secs(3),
@@ -155,6 +161,7 @@ impl Worker {
         let store = Store::new(pool, LEASE);
         let ctx = Arc::new(Ctx {
             marker: Marker::spawn(store.clone()),
+            batches: Batches::spawn(store.clone()),
             store,
             publisher: Publisher::new(bus.clone()),
             topology,

@@ -26,6 +26,10 @@ pub const PROCESSING_SECONDS: &str = "verimail_worker_processing_seconds";
 pub const STEP_SECONDS: &str = "verimail_worker_step_seconds";
 /// Time of one SMTP send including in-process retries, seconds, by `result`.
 pub const SMTP_SECONDS: &str = "verimail_worker_smtp_seconds";
+/// Time of one batched statement, seconds, by `statement` (`claim`, `finish`, `mark`).
+pub const BATCH_SECONDS: &str = "verimail_worker_batch_seconds";
+/// Requests served by one batched statement, by `statement`.
+pub const BATCH_SIZE: &str = "verimail_worker_batch_size";
 
 const BUCKETS: [f64; 12] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
@@ -81,6 +85,15 @@ fn describe() {
         "Time of one processing step: claim, store, publish, mark."
     );
     metrics::describe_histogram!(
+        BATCH_SECONDS,
+        metrics::Unit::Seconds,
+        "Time of one batched statement (claims, conclusions, marks of many deliveries)."
+    );
+    metrics::describe_histogram!(
+        BATCH_SIZE,
+        "Requests served by one batched statement (one round trip, one commit)."
+    );
+    metrics::describe_histogram!(
         SMTP_SECONDS,
         metrics::Unit::Seconds,
         "Time of one send, in-process retries included."
@@ -125,4 +138,11 @@ pub fn step(step: &'static str, elapsed: Duration) {
 /// Records the time of one send.
 pub fn smtp(elapsed: Duration, result: &'static str) {
     histogram!(SMTP_SECONDS, "result" => result).record(elapsed.as_secs_f64());
+}
+
+/// Records one batched statement: its kind, how many requests it served, how long it took.
+pub fn batch(statement: &'static str, size: usize, elapsed: Duration) {
+    histogram!(BATCH_SECONDS, "statement" => statement).record(elapsed.as_secs_f64());
+    // Exact in f64: batches hold at most a few hundred requests.
+    histogram!(BATCH_SIZE, "statement" => statement).record(size as f64);
 }

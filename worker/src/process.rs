@@ -48,7 +48,7 @@ use crate::health::Health;
 use crate::mail::{Classification, Envelope, MailContext, Mailer, Templates};
 use crate::metrics;
 use crate::retry::{self, HEADER_FAILED_OUTCOME};
-use crate::store::{Claim, Claimed, Finish, Marker, RequestRow, Store, Stored};
+use crate::store::{Batches, Claim, Claimed, Finish, Marker, RequestRow, Store, Stored};
 use crate::throttle;
 
 /// CloudEvent `source` of every outcome.
@@ -73,6 +73,8 @@ pub struct Ctx {
     pub store: Store,
     /// Batched `outcome_published` updates.
     pub marker: Marker,
+    /// Batched claims and conclusions.
+    pub batches: Batches,
     /// Confirmed publishing.
     pub publisher: Publisher,
     /// Mail templates.
@@ -276,7 +278,8 @@ async fn valid(ctx: &Ctx, d: &Delivery, req: &ValidRequest) -> Result<(), Failur
             None => None,
         };
         let retry_after_seconds = throttle::retry_after_seconds(remaining);
-        info!(retry_after_seconds, "throttled");
+        // Per message, so debug: the outcome event and the metrics say it.
+        debug!(retry_after_seconds, "throttled");
         let data = ThrottledData {
             fields: req.echo().outcome_fields(),
             retry_after_seconds,
@@ -382,7 +385,9 @@ async fn send(
         Ok(()) => {
             metrics::smtp(took, "accepted");
             let sent_at = OffsetDateTime::now_utc();
-            info!(smtp_ms = took.as_millis(), "mail sent");
+            // Per message, so debug: at thousands of mails a second an info
+            // line each would cost more than the send (the metrics count them).
+            debug!(smtp_ms = took.as_millis(), "mail sent");
             let data = SentData {
                 fields: req.echo().outcome_fields(),
                 sent_at,
@@ -542,7 +547,7 @@ async fn conclude(
     // Retried in place for as long as it takes: a mail may already be out, and
     // handing the delivery back now could send it twice.
     let t = Instant::now();
-    let finished = persist(ctx, "storing the outcome", || ctx.store.finish(finish)).await?;
+    let finished = persist(ctx, "storing the outcome", || ctx.batches.finish(finish)).await?;
     metrics::step("store", t.elapsed());
     if !finished {
         // Our lease ran out and another delivery concluded first: its outcome stands.
@@ -621,7 +626,7 @@ async fn claim(
     interval: Option<Duration>,
 ) -> Result<Claim, Failure> {
     let t = Instant::now();
-    let claim = claim_with_budget(ctx, || ctx.store.claim(row, interval)).await;
+    let claim = claim_with_budget(ctx, || ctx.batches.claim(row, interval)).await;
     metrics::step("claim", t.elapsed());
     claim
 }

@@ -10,7 +10,9 @@
 //! The request row records `throttle_passed`, so a retried request is never
 //! throttled by itself. When no mail goes out in the end (refused, failed),
 //! the request gives the throttle back; when the mail is sent, `last_sent_at`
-//! becomes the time the SMTP server accepted it.
+//! becomes the time the SMTP server accepted it, unless that is within a
+//! second of the claim (then the claim's time stands: the window may open up
+//! to a second early, and a write per mail is saved).
 
 use std::time::Duration;
 

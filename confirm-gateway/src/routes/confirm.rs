@@ -13,35 +13,31 @@ use axum::http::{HeaderMap, Method};
 use axum::response::Response;
 use time::OffsetDateTime;
 use url::Url;
-use verimail_shared::events::{CloudEvent, EMAIL_VERIFIED, Purpose, VerifiedData};
+use verimail_shared::events::Purpose;
 use verimail_shared::token::{self, MAX_TOKEN_LEN, ProofPayload};
 
 use crate::AppState;
 use crate::answer::{ConfirmError, Reply, Status, View};
 use crate::client::{Decision, client_ip};
 use crate::pages::locale_from_accept_language;
-use crate::store::{self, NewConfirmation, RequestInfo};
+use crate::store;
+use crate::writer::{Confirmation, Recorded};
 
 /// The CloudEvents `source` of the verified event.
-pub const EVENT_SOURCE: &str = "/verimail/gateway";
+pub use crate::writer::EVENT_SOURCE;
 
-/// Every database step of one confirm together must finish within this, so a
+/// Every database step of one confirm together (the wait for its batch
+/// included) must finish within this, so a
 /// database outage answers 503 within the contract's 5 seconds.
 pub const DB_DEADLINE: Duration = Duration::from_secs(4);
 
 /// What a verified link says, whatever its format.
 #[derive(Debug)]
 struct Subject {
-    /// `r:{request_id}` (v1) or `e:{email}` (legacy).
-    key: String,
-    request_id: Option<String>,
-    user_id: Option<String>,
-    email: String,
-    purpose: Purpose,
+    /// What recording the click writes.
+    confirmation: Confirmation,
     /// From a `v1` token.
     locale: Option<String>,
-    /// An itsdangerous token (only the address inside).
-    legacy: bool,
 }
 
 /// The handler of every method on `/confirm/{token}`.
@@ -91,9 +87,12 @@ pub async fn confirm(
 /// The confirm logic proper, free of HTTP details.
 async fn handle(state: &AppState, method: &Method, token: &str) -> Result<Reply, ConfirmError> {
     let now = OffsetDateTime::now_utc();
-    let subject = verify(state, token, now)?;
+    let Subject {
+        confirmation: subject,
+        locale,
+    } = verify(state, token, now)?;
     let mut reply = Reply::new(Status::Verified);
-    reply.locale.clone_from(&subject.locale);
+    reply.locale = locale;
     reply.user_id.clone_from(&subject.user_id);
     reply.email = Some(subject.email.clone());
 
@@ -102,10 +101,9 @@ async fn handle(state: &AppState, method: &Method, token: &str) -> Result<Reply,
         reply.status = Status::ConfirmRequired;
         return Ok(reply);
     }
-    let pool = &state.inner.pool;
     // Single-use links: a GET only shows the button (scanners must not spend them).
     if subject.purpose.single_use() && *method != Method::POST {
-        let used = deadline(store::is_confirmed(pool, &subject.key)).await?;
+        let used = deadline(store::is_confirmed(&state.inner.pool, &subject.key)).await?;
         reply.status = if used {
             Status::Used
         } else {
@@ -114,12 +112,15 @@ async fn handle(state: &AppState, method: &Method, token: &str) -> Result<Reply,
         return Ok(reply);
     }
 
-    let (info, first) = deadline(record(state, &subject, now)).await?;
+    let Recorded {
+        first,
+        user_id,
+        return_url,
+    } = deadline(state.inner.writer.record(subject.clone())).await?;
     if subject.legacy {
-        reply.user_id.clone_from(&info.user_id);
+        reply.user_id = user_id;
     }
-    let return_url = info
-        .return_url
+    let return_url = return_url
         .as_deref()
         .and_then(|u| Url::parse(u).ok())
         .filter(|u| state.inner.config.return_url_allowed(u));
@@ -132,9 +133,9 @@ async fn handle(state: &AppState, method: &Method, token: &str) -> Result<Reply,
         if let Some(mut url) = return_url {
             let proof = state.inner.signer.mint_proof(
                 &ProofPayload {
-                    request_id: subject.request_id.clone(),
-                    user_id: subject.user_id.clone(),
-                    email: subject.email.clone(),
+                    request_id: subject.request_id,
+                    user_id: subject.user_id,
+                    email: subject.email,
                     purpose: subject.purpose.as_str().to_owned(),
                 },
                 now,
@@ -176,13 +177,16 @@ fn verify(state: &AppState, token: &str, now: OffsetDateTime) -> Result<Subject,
             usable(field)?;
         }
         return Ok(Subject {
-            key: format!("r:{}", claims.request_id),
-            request_id: Some(claims.request_id),
-            user_id: Some(claims.user_id),
-            email: claims.email,
-            purpose,
+            confirmation: Confirmation {
+                key: format!("r:{}", claims.request_id),
+                request_id: Some(claims.request_id),
+                user_id: Some(claims.user_id),
+                email: claims.email,
+                purpose,
+                legacy: false,
+                at: now,
+            },
             locale: claims.locale,
-            legacy: false,
         });
     }
     if !config.accept_itsdangerous {
@@ -194,13 +198,16 @@ fn verify(state: &AppState, token: &str, now: OffsetDateTime) -> Result<Subject,
         .ok_or_else(|| ConfirmError::Content("the payload is not a string".into()))?;
     usable(&email)?;
     Ok(Subject {
-        key: format!("e:{email}"),
-        request_id: None,
-        user_id: None,
-        email,
-        purpose: Purpose::VerifyEmail,
+        confirmation: Confirmation {
+            key: format!("e:{email}"),
+            request_id: None,
+            user_id: None,
+            email,
+            purpose: Purpose::VerifyEmail,
+            legacy: true,
+            at: now,
+        },
         locale: None,
-        legacy: true,
     })
 }
 
@@ -214,74 +221,12 @@ fn usable(value: &str) -> Result<(), ConfirmError> {
     Ok(())
 }
 
-/// Reads the request behind the link, then records the confirmation and its
-/// event (if first). Returns the request info and whether this was the first.
-async fn record(
-    state: &AppState,
-    subject: &Subject,
-    now: OffsetDateTime,
-) -> Result<(RequestInfo, bool), sqlx::Error> {
-    let pool = &state.inner.pool;
-    let info = if subject.legacy {
-        store::latest_request_for_email(pool, &subject.email).await?
-    } else {
-        match &subject.request_id {
-            Some(id) => store::request_by_id(pool, id).await?,
-            None => None,
-        }
-    }
-    .unwrap_or_default();
-
-    let (request_id, user_id) = if subject.legacy {
-        (info.request_id.clone(), info.user_id.clone())
-    } else {
-        (subject.request_id.clone(), subject.user_id.clone())
-    };
-    let event_id = uuid::Uuid::now_v7().to_string();
-    let mut event = CloudEvent::with_id(
-        event_id.clone(),
-        EMAIL_VERIFIED,
-        EVENT_SOURCE,
-        VerifiedData {
-            request_id: request_id.clone(),
-            user_id: user_id.clone(),
-            email: subject.email.clone(),
-            purpose: subject.purpose.as_str().to_owned(),
-            context: info.context.clone(),
-            verified_at: now,
-        },
-    );
-    event.time = Some(now);
-    let body = event.to_bytes();
-    let first = store::record_confirmation(
-        pool,
-        &NewConfirmation {
-            key: &subject.key,
-            request_id: request_id.as_deref(),
-            user_id: user_id.as_deref(),
-            email: &subject.email,
-            purpose: subject.purpose.as_str(),
-            event_id: &event_id,
-            verified_at: now,
-            routing_key: EMAIL_VERIFIED,
-            body: &body,
-        },
-    )
-    .await?;
-    if first {
-        tracing::info!(event_id = %event_id, request_id = ?request_id, "link confirmed");
-        // Wake the relay so the event leaves within milliseconds, not at the next poll.
-        state.inner.outbox_wake.notify_one();
-    }
-    Ok((info, first))
-}
-
 /// Bounds a database step by [`DB_DEADLINE`].
-async fn deadline<T>(
-    step: impl Future<Output = Result<T, sqlx::Error>>,
+async fn deadline<T, E: Into<ConfirmError>>(
+    step: impl Future<Output = Result<T, E>>,
 ) -> Result<T, ConfirmError> {
     match tokio::time::timeout(DB_DEADLINE, step).await {
-        Ok(result) => result.map_err(ConfirmError::from),
+        Ok(result) => result.map_err(Into::into),
         Err(_) => Err(ConfirmError::DatabaseTimeout),
     }
 }

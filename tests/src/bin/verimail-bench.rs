@@ -1737,6 +1737,17 @@ fn report(out: &Results) -> Result<()> {
         "≤ 100 MB",
         status(worker_hwm.map(|h| h / 1024.0 <= 100.0)),
     );
+    row(
+        "CPU of the process itself: worker ms per mail (1 process) / gateway ms per request",
+        format!(
+            "{} / {} ms",
+            r.get("worker_1_cpu_ms_per_mail")
+                .map_or("—", String::as_str),
+            r.get("gateway_cpu_ms_per_req").map_or("—", String::as_str)
+        ),
+        "",
+        "",
+    );
     let g = num("gateway_rps");
     let g99 = num("gateway_p99_ms");
     row(

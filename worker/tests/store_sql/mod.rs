@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use anyhow::Result;
-use verimail_worker::store::{Claim, Finish, RequestRow, Store};
+use verimail_worker::store::{Batches, Claim, ClaimInput, Finish, FinishInput, RequestRow, Store};
 
 use crate::support::{PG, user};
 
@@ -171,6 +171,139 @@ async fn an_expired_lease_is_taken_over_and_a_failed_request_gives_the_throttle_
     assert!(store.reopen("r1", "other").await?.is_none());
     let reopened = store.reopen("r1", "o1").await?;
     assert!(matches!(reopened, Some(c) if c.attempts == 0));
+    db.drop().await;
+    Ok(())
+}
+
+fn finish<'a>(id: &'a str, sent: bool, release_throttle: bool) -> Finish<'a> {
+    Finish {
+        id,
+        outcome_type: if sent {
+            "verimail.verification.sent"
+        } else {
+            "verimail.verification.failed"
+        },
+        outcome: br#"{"id":"o"}"#,
+        sent_at: sent.then(time::OffsetDateTime::now_utc),
+        attempted: true,
+        release_throttle,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_claims_let_exactly_one_request_per_user_through_and_claim_all_others() -> Result<()>
+{
+    let db = Db::new().await?;
+    // Three workers' batchers on one database, all claims at once: batches
+    // mix users, and one user's requests meet within and across batches.
+    let batches: Vec<Batches> = (0..3)
+        .map(|_| Batches::spawn(Store::new(db.pool.clone(), Duration::from_secs(60))))
+        .collect();
+    let one = user();
+    let mut requests: Vec<(String, String)> = Vec::new();
+    for i in 0..60 {
+        requests.push((format!("same-{i}"), one.clone()));
+        requests.push((format!("other-{i}"), user()));
+    }
+    let claims = requests
+        .iter()
+        .enumerate()
+        .map(|(i, (id, uid))| batches[i % 3].claim(row(id, uid), MINUTE));
+    let results = futures_util::future::join_all(claims).await;
+    let mut same_passed = 0;
+    for ((id, _), claim) in requests.iter().zip(results) {
+        match claim? {
+            Claim::Claimed(c) if id.starts_with("same-") => {
+                same_passed += usize::from(c.throttle_passed)
+            }
+            Claim::Claimed(c) => assert!(c.throttle_passed, "{id} has a user of its own"),
+            other => anyhow::bail!("{id}: unexpected {other:?}"),
+        }
+    }
+    assert_eq!(same_passed, 1);
+    // Claimed means leased: a duplicate is busy.
+    assert_eq!(
+        batches[1]
+            .claim(row("other-7", &requests[15].1), MINUTE)
+            .await?,
+        Claim::Busy
+    );
+
+    // Conclusions, batched too: each is stored once.
+    let finishes = requests
+        .iter()
+        .enumerate()
+        .map(|(i, (id, _))| batches[i % 3].finish(finish(id, id.starts_with("other-"), false)));
+    for done in futures_util::future::join_all(finishes).await {
+        assert!(done?, "every claimed request concludes");
+    }
+    assert!(
+        !batches[0].finish(finish("other-3", true, false)).await?,
+        "not twice"
+    );
+    db.drop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batched_conclusion_without_mail_gives_the_throttle_back() -> Result<()> {
+    let db = Db::new().await?;
+    let batches = Batches::spawn(Store::new(db.pool.clone(), Duration::from_secs(60)));
+    let (a, b) = (user(), user());
+    for (id, uid) in [("a1", &a), ("b1", &b)] {
+        assert!(
+            matches!(batches.claim(row(id, uid), MINUTE).await?, Claim::Claimed(c) if c.throttle_passed)
+        );
+    }
+    let (sent, refused) = futures_util::future::join(
+        batches.finish(finish("a1", true, false)),
+        batches.finish(finish("b1", false, true)),
+    )
+    .await;
+    assert!(sent? && refused?);
+    // a's mail went out: a's next request is throttled; b's did not: b's passes.
+    assert!(
+        matches!(batches.claim(row("a2", &a), MINUTE).await?, Claim::Claimed(c) if !c.throttle_passed)
+    );
+    assert!(
+        matches!(batches.claim(row("b2", &b), MINUTE).await?, Claim::Claimed(c) if c.throttle_passed)
+    );
+    // A finished, published request is done for a duplicate.
+    Store::new(db.pool.clone(), Duration::from_secs(60))
+        .mark_published("a1")
+        .await?;
+    assert!(matches!(batches.claim(row("a1", &a), MINUTE).await?, Claim::Done(s) if s.published));
+    db.drop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_claim_statement_answers_each_request_of_a_batch_in_order() -> Result<()> {
+    let db = Db::new().await?;
+    let store = Store::new(db.pool.clone(), Duration::from_secs(60));
+    let (a, b) = (user(), user());
+    // r2 is held (claimed before), r3 is new but its user is in its window.
+    store.claim(row("r2", &a), MINUTE).await?;
+    store.claim(row("held", &b), MINUTE).await?;
+    let inputs = [
+        ClaimInput::new(row("r1", &user()), MINUTE),
+        ClaimInput::new(row("r2", &a), MINUTE),
+        ClaimInput::new(row("r3", &b), MINUTE),
+        ClaimInput::new(row("r4", &user()), None),
+    ];
+    let got = store.claim_batch(&inputs).await?;
+    assert_eq!(got.len(), 4);
+    assert!(matches!(got[0], Some(c) if c.throttle_passed && c.attempts == 0));
+    assert_eq!(got[1], None, "a held request is not claimed again");
+    assert!(matches!(got[2], Some(c) if !c.throttle_passed));
+    assert!(
+        matches!(got[3], Some(c) if c.throttle_passed),
+        "no throttle asked"
+    );
+
+    let f = |id| FinishInput::new(&finish(id, true, false));
+    let done = store.finish_batch(&[f("r1"), f("nope"), f("r3")]).await?;
+    assert_eq!(done, [true, false, true]);
     db.drop().await;
     Ok(())
 }

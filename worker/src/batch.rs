@@ -1,0 +1,248 @@
+//! Group commit for the per-delivery SQL: deliveries running concurrently hand
+//! their statement's input to one task, which runs whatever has queued up as
+//! one statement (one round trip, one commit, one WAL flush) and answers each.
+//!
+//! There is no collection window: a batch is whatever queued while the
+//! running ones ran ([`IN_FLIGHT`] at most), so a lone delivery waits for
+//! nothing and a busy worker gets large batches. Jobs carry conflict keys
+//! (request id, throttle key); two jobs with a common key never share a batch
+//! (a statement may not touch one row twice, and the throttle must see them
+//! in turn): the later one goes to a later batch, keeping arrival order per key.
+
+use std::collections::{HashSet, VecDeque};
+use std::future::Future;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::time::Instant;
+
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::metrics;
+
+/// Most jobs in one statement.
+pub const MAX_BATCH: usize = 128;
+/// Batches of one kind running at once, each on its own connection: while
+/// one waits for its commit (the WAL flush), the next one runs, so a slow
+/// disk does not hold every delivery at one stage. Jobs with a common key may
+/// then be in two running batches; PostgreSQL's row locks order them, as they
+/// order two workers' statements.
+pub const IN_FLIGHT: usize = 2;
+
+/// A conflict key: jobs with an equal key never share a batch. `0` is "none".
+/// A hash: a collision only costs a job one batch of waiting.
+pub fn key(domain: &str, parts: &[&str]) -> u64 {
+    let mut h = DefaultHasher::new();
+    domain.hash(&mut h);
+    parts.hash(&mut h);
+    h.finish().max(1)
+}
+
+/// What a job says about its conflicts.
+pub trait Keyed {
+    /// Its conflict keys (`0` for an unused slot).
+    fn keys(&self) -> [u64; 2];
+}
+
+struct Job<I, O> {
+    input: I,
+    reply: oneshot::Sender<O>,
+}
+
+/// The handle deliveries call; the task stops when every handle is dropped.
+#[derive(Debug)]
+pub struct Batcher<I, O> {
+    tx: mpsc::Sender<Job<I, O>>,
+}
+
+impl<I, O> Clone for Batcher<I, O> {
+    fn clone(&self) -> Self {
+        Self {
+            tx: self.tx.clone(),
+        }
+    }
+}
+
+impl<I, O> std::fmt::Debug for Job<I, O> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Job")
+    }
+}
+
+impl<I, O> Batcher<I, O>
+where
+    I: Keyed + Send + 'static,
+    O: Send + 'static,
+{
+    /// Starts the task. `run` gets up to [`MAX_BATCH`] inputs with pairwise
+    /// distinct keys and answers them in order, or `None` when the statement
+    /// failed (each caller then runs its own statement, with its own retries
+    /// and error reporting).
+    ///
+    /// `statement` names the batches in the metrics.
+    pub fn spawn<F, Fut>(statement: &'static str, run: F) -> Self
+    where
+        F: Fn(Vec<I>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Option<Vec<O>>> + Send + 'static,
+    {
+        let (tx, rx) = mpsc::channel(MAX_BATCH * 4);
+        tokio::spawn(drive(statement, rx, run));
+        Self { tx }
+    }
+
+    /// Queues `input` and waits for its answer; `None` when the batch failed
+    /// (or the task is gone): the caller then does the work alone.
+    pub async fn call(&self, input: I) -> Option<O> {
+        let (reply, answer) = oneshot::channel();
+        self.tx.send(Job { input, reply }).await.ok()?;
+        answer.await.ok()
+    }
+}
+
+async fn drive<I, O, F, Fut>(statement: &'static str, mut rx: mpsc::Receiver<Job<I, O>>, run: F)
+where
+    I: Keyed,
+    F: Fn(Vec<I>) -> Fut,
+    Fut: Future<Output = Option<Vec<O>>>,
+{
+    let mut pending: VecDeque<Job<I, O>> = VecDeque::with_capacity(MAX_BATCH * 2);
+    let mut fresh = Vec::with_capacity(MAX_BATCH);
+    let mut running = FuturesUnordered::new();
+    let mut open = true;
+    loop {
+        while !pending.is_empty() && running.len() < IN_FLIGHT {
+            let batch = take_batch(&mut pending, MAX_BATCH);
+            running.push(execute(statement, batch, &run));
+        }
+        if !open && pending.is_empty() && running.is_empty() {
+            return;
+        }
+        tokio::select! {
+            Some(()) = running.next(), if !running.is_empty() => {}
+            // New work is taken only when a batch could start with it, so
+            // while every slot is busy it queues up into the next batch.
+            n = rx.recv_many(&mut fresh, MAX_BATCH), if open && running.len() < IN_FLIGHT => {
+                open = n > 0;
+                pending.extend(fresh.drain(..));
+            }
+        }
+    }
+}
+
+/// Runs one batch and answers its callers.
+async fn execute<I, O, F, Fut>(statement: &'static str, batch: Vec<Job<I, O>>, run: &F)
+where
+    F: Fn(Vec<I>) -> Fut,
+    Fut: Future<Output = Option<Vec<O>>>,
+{
+    let (inputs, replies): (Vec<I>, Vec<oneshot::Sender<O>>) =
+        batch.into_iter().map(|j| (j.input, j.reply)).unzip();
+    let (size, started) = (inputs.len(), Instant::now());
+    let outputs = run(inputs).await;
+    metrics::batch(statement, size, started.elapsed());
+    // On failure the replies are dropped: every caller falls back.
+    if let Some(outputs) = outputs {
+        for (reply, output) in replies.into_iter().zip(outputs) {
+            let _ = reply.send(output);
+        }
+    }
+}
+
+/// Takes, in arrival order, up to `max` jobs whose keys are pairwise distinct;
+/// the others stay queued, in order. The first job always goes, so every
+/// batch makes progress.
+fn take_batch<J: Keyed>(pending: &mut VecDeque<J>, max: usize) -> Vec<J> {
+    let mut seen: HashSet<u64> = HashSet::with_capacity(max * 2);
+    let mut batch = Vec::with_capacity(max.min(pending.len()));
+    let mut rest = VecDeque::new();
+    while let Some(job) = pending.pop_front() {
+        let keys = job.keys();
+        let free = keys.iter().all(|k| *k == 0 || !seen.contains(k));
+        if batch.len() < max && free {
+            seen.extend(keys.into_iter().filter(|k| *k != 0));
+            batch.push(job);
+        } else {
+            rest.push_back(job);
+        }
+    }
+    *pending = rest;
+    batch
+}
+
+impl<I: Keyed, O> Keyed for Job<I, O> {
+    fn keys(&self) -> [u64; 2] {
+        self.input.keys()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, PartialEq)]
+    struct J(&'static str, u64, u64);
+
+    impl Keyed for J {
+        fn keys(&self) -> [u64; 2] {
+            [self.1, self.2]
+        }
+    }
+
+    #[test]
+    fn jobs_sharing_a_key_go_to_later_batches_in_arrival_order() {
+        let mut q: VecDeque<J> = [
+            J("a", 1, 10),
+            J("b", 2, 10),
+            J("c", 3, 0),
+            J("d", 4, 10),
+            J("e", 1, 0),
+        ]
+        .into();
+        let first: Vec<&str> = take_batch(&mut q, 10).iter().map(|j| j.0).collect();
+        assert_eq!(first, ["a", "c"]);
+        let second: Vec<&str> = take_batch(&mut q, 10).iter().map(|j| j.0).collect();
+        assert_eq!(second, ["b", "e"]);
+        let third: Vec<&str> = take_batch(&mut q, 10).iter().map(|j| j.0).collect();
+        assert_eq!(third, ["d"]);
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn a_batch_holds_at_most_max_jobs() {
+        let mut q: VecDeque<J> = (0..5).map(|i| J("x", i + 1, 0)).collect();
+        assert_eq!(take_batch(&mut q, 3).len(), 3);
+        assert_eq!(q.len(), 2);
+    }
+
+    #[test]
+    fn keys_are_never_zero_and_depend_on_domain_and_parts() {
+        assert_ne!(key("id", &["a"]), 0);
+        assert_ne!(key("id", &["a"]), key("throttle", &["a"]));
+        assert_ne!(key("t", &["ab", "c"]), key("t", &["a", "bc"]));
+        assert_eq!(key("id", &["a"]), key("id", &["a"]));
+    }
+
+    #[tokio::test]
+    async fn concurrent_calls_are_answered_in_few_batches() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let runs = Arc::new(AtomicUsize::new(0));
+        let counted = runs.clone();
+        let b: Batcher<J, &'static str> = Batcher::spawn("test", move |inputs: Vec<J>| {
+            counted.fetch_add(1, Ordering::Relaxed);
+            async move { Some(inputs.into_iter().map(|j| j.0).collect()) }
+        });
+        let names = ["a", "b", "c", "d", "e", "f", "g", "h"];
+        let calls = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| b.call(J(n, i as u64 + 1, 0)));
+        let answers = futures_util::future::join_all(calls).await;
+        let got: Vec<&str> = answers.into_iter().flatten().collect();
+        assert_eq!(got, names);
+        assert!(runs.load(Ordering::Relaxed) <= names.len());
+
+        let failing: Batcher<J, ()> = Batcher::spawn("test", |_| async { None });
+        assert_eq!(failing.call(J("z", 1, 0)).await, None);
+    }
+}
