@@ -166,15 +166,16 @@ impl AppState {
     pub fn new(config: &Config, pool: PgPool, bus: BusSlot) -> Result<Self, ConfigError> {
         let keys = config.keys()?;
         let outbox_wake = Arc::new(Notify::new());
+        let metrics = metrics::Metrics::new();
         Ok(Self {
             inner: Arc::new(Inner {
                 signer: Signer::new(&keys, config.itsdangerous_digest),
                 limiter: client::RateLimiter::new(config.confirm_rate_limit_per_minute),
                 topology: Topology::new(config.namespace.clone()),
                 config: config.clone(),
-                writer: writer::Writer::new(pool.clone(), outbox_wake.clone()),
+                writer: writer::Writer::new(pool.clone(), outbox_wake.clone(), metrics.clone()),
                 pool,
-                metrics: metrics::Metrics::new(),
+                metrics,
                 bus,
                 outbox_wake,
                 pages: pages::Pages::new(),

@@ -14,6 +14,8 @@ const DURATION: &str = "verimail_gateway_confirm_duration_seconds";
 const BACKLOG: &str = "verimail_gateway_outbox_backlog";
 const PUBLISHED: &str = "verimail_gateway_events_published_total";
 const PUBLISH_FAILURES: &str = "verimail_gateway_publish_failures_total";
+const BATCH_SECONDS: &str = "verimail_gateway_batch_seconds";
+const BATCH_SIZE: &str = "verimail_gateway_batch_size";
 
 /// Latency buckets, in seconds: a confirm takes milliseconds; 5 s is the
 /// unavailable deadline.
@@ -28,6 +30,8 @@ pub struct Metrics {
     handle: PrometheusHandle,
     by_status: Arc<[(Status, Counter)]>,
     duration: Histogram,
+    batch_seconds: Histogram,
+    batch_size: Histogram,
     backlog: Gauge,
     published: Counter,
     publish_failures: Counter,
@@ -62,6 +66,14 @@ impl Metrics {
         describe(REQUESTS, "Answers of /confirm by outcome status.");
         describe(DURATION, "Time to answer /confirm, in seconds.");
         describe(
+            BATCH_SECONDS,
+            "Time to write one batch of confirmations (one statement, one commit), in seconds.",
+        );
+        describe(
+            BATCH_SIZE,
+            "Confirmations written by one batch (one statement, one commit).",
+        );
+        describe(
             BACKLOG,
             "Verified events waiting in the outbox for the broker.",
         );
@@ -81,6 +93,8 @@ impl Metrics {
             handle: recorder.handle(),
             by_status: by_status.into(),
             duration: recorder.register_histogram(&Key::from_name(DURATION), &META),
+            batch_seconds: recorder.register_histogram(&Key::from_name(BATCH_SECONDS), &META),
+            batch_size: recorder.register_histogram(&Key::from_name(BATCH_SIZE), &META),
             backlog: recorder.register_gauge(&Key::from_name(BACKLOG), &META),
             published: recorder.register_counter(&Key::from_name(PUBLISHED), &META),
             publish_failures: recorder.register_counter(&Key::from_name(PUBLISH_FAILURES), &META),
@@ -94,6 +108,13 @@ impl Metrics {
             counter.increment(1);
         }
         self.duration.record(took.as_secs_f64());
+    }
+
+    /// Records one written batch of confirmations.
+    pub fn batch(&self, size: usize, took: Duration) {
+        self.batch_seconds.record(took.as_secs_f64());
+        // Exact in f64: a batch holds at most a few hundred confirmations.
+        self.batch_size.record(size as f64);
     }
 
     /// Sets the outbox backlog.

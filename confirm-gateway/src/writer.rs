@@ -27,13 +27,14 @@ use time::OffsetDateTime;
 use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
 use verimail_shared::events::{CloudEvent, EMAIL_VERIFIED, Purpose, VerifiedData};
 
+use crate::metrics::Metrics;
 use crate::store::{self, NewConfirmation};
 
 /// Most confirmations written by one statement.
 pub const MAX_BATCH: usize = 256;
 /// Batches written at the same time (each holds a pool connection): a second
 /// one fills while the first waits for its commit.
-pub const IN_FLIGHT: usize = 3;
+pub const IN_FLIGHT: usize = 2;
 /// Confirmations queued for the writer at most; beyond it clicks wait (within
 /// their deadline) instead of growing memory.
 pub const QUEUE: usize = 8192;
@@ -111,15 +112,18 @@ pub struct Writer {
     pool: PgPool,
     /// Wakes the outbox relay after a batch confirmed something.
     wake: Arc<Notify>,
+    metrics: Metrics,
     queue: OnceLock<mpsc::Sender<Pending>>,
 }
 
 impl Writer {
-    /// A writer on `pool` that wakes the relay through `wake`.
-    pub fn new(pool: PgPool, wake: Arc<Notify>) -> Self {
+    /// A writer on `pool` that wakes the relay through `wake` and times its
+    /// batches in `metrics`.
+    pub fn new(pool: PgPool, wake: Arc<Notify>, metrics: Metrics) -> Self {
         Self {
             pool,
             wake,
+            metrics,
             queue: OnceLock::new(),
         }
     }
@@ -131,7 +135,12 @@ impl Writer {
     pub async fn record(&self, confirmation: Confirmation) -> Answer {
         let queue = self.queue.get_or_init(|| {
             let (tx, rx) = mpsc::channel(QUEUE);
-            tokio::spawn(run(self.pool.clone(), self.wake.clone(), rx));
+            tokio::spawn(run(
+                self.pool.clone(),
+                self.wake.clone(),
+                self.metrics.clone(),
+                rx,
+            ));
             tx
         });
         let (reply, answer) = oneshot::channel();
@@ -148,7 +157,12 @@ impl Writer {
 
 /// The writer loop: waits for a free slot, takes everything queued (up to
 /// [`MAX_BATCH`]) and writes it in the background.
-async fn run(pool: PgPool, wake: Arc<Notify>, mut queue: mpsc::Receiver<Pending>) {
+async fn run(
+    pool: PgPool,
+    wake: Arc<Notify>,
+    metrics: Metrics,
+    mut queue: mpsc::Receiver<Pending>,
+) {
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
     let mut batch = Vec::with_capacity(MAX_BATCH);
     loop {
@@ -160,23 +174,26 @@ async fn run(pool: PgPool, wake: Arc<Notify>, mut queue: mpsc::Receiver<Pending>
             return;
         }
         let taken = std::mem::replace(&mut batch, Vec::with_capacity(MAX_BATCH));
-        let (pool, wake) = (pool.clone(), wake.clone());
+        let (pool, wake, metrics) = (pool.clone(), wake.clone(), metrics.clone());
         tokio::spawn(async move {
-            commit(&pool, &wake, taken).await;
+            commit(&pool, &wake, &metrics, taken).await;
             drop(slot);
         });
     }
 }
 
 /// Writes one batch and answers its clicks.
-async fn commit(pool: &PgPool, wake: &Notify, batch: Vec<Pending>) {
+async fn commit(pool: &PgPool, wake: &Notify, metrics: &Metrics, batch: Vec<Pending>) {
     // Clicks that gave up (deadline passed) are not confirmed behind their back.
     let batch: Vec<Pending> = batch.into_iter().filter(|p| !p.reply.is_closed()).collect();
     if batch.is_empty() {
         return;
     }
     let confirmations: Vec<&Confirmation> = batch.iter().map(|p| &p.confirmation).collect();
-    match write(pool, &confirmations).await {
+    let started = std::time::Instant::now();
+    let written = write(pool, &confirmations).await;
+    metrics.batch(confirmations.len(), started.elapsed());
+    match written {
         Ok(recorded) => answer(wake, batch, recorded),
         Err(e) if is_data_exception(&e) && batch.len() > 1 => {
             tracing::warn!(error = %e, rows = batch.len(), "a batch was refused for its data; writing its rows one by one");

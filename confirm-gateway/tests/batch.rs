@@ -137,7 +137,7 @@ fn confirmation(key: &str, email: &str) -> Confirmation {
 #[tokio::test]
 async fn a_row_the_database_refuses_does_not_fail_the_rest_of_its_batch() {
     let app = TestApp::new(&[]).await;
-    let writer = Writer::new(app.pool().clone(), Default::default());
+    let writer = Writer::new(app.pool().clone(), Default::default(), Default::default());
     // PostgreSQL text cannot hold NUL (the handler refuses it before this;
     // the writer must not let it sink its neighbours).
     let batch = [
