@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use futures_util::future::join_all;
 
 use sqlx::PgPool;
+use time::OffsetDateTime;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use verimail_shared::bus::{Bus, BusError, Outgoing, Publisher, Topology};
@@ -22,7 +23,7 @@ use crate::metrics::Metrics;
 use crate::{BusSlot, store};
 
 /// Rows taken per transaction.
-pub const BATCH: i64 = 100;
+pub const BATCH: i64 = 500;
 /// Poll period when nothing wakes the relay (another gateway's rows, retries).
 pub const POLL: Duration = Duration::from_secs(1);
 /// After a wake-up, how long the relay lets events accumulate before a pass:
@@ -180,9 +181,13 @@ impl Relay {
             _ => return Err(RelayError::NoBroker),
         }
         let mut tx = self.pool.begin().await?;
-        let rows: Vec<(String, String, Vec<u8>)> = sqlx::query_as(
-            "SELECT id, routing_key, body FROM outbox ORDER BY created_at, id \
-             LIMIT $1 FOR UPDATE SKIP LOCKED",
+        // Taken and deleted in one statement (the rows stay locked, and come
+        // back if the transaction rolls back): a separate `FOR UPDATE` would
+        // write a lock into every row first, then the delete again.
+        let rows: Vec<(String, String, Vec<u8>, OffsetDateTime)> = sqlx::query_as(
+            "DELETE FROM outbox WHERE id IN ( \
+                 SELECT id FROM outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) \
+             RETURNING id, routing_key, body, created_at",
         )
         .bind(BATCH)
         .fetch_all(&mut *tx)
@@ -191,9 +196,10 @@ impl Relay {
             tx.commit().await?;
             return Ok(BatchOutcome::default());
         }
-        let publishes = rows.iter().map(|(id, routing_key, body)| async move {
+        let publishes = rows.iter().map(|row| async move {
+            let (id, routing_key, body, _) = row;
             let msg = Outgoing::event(&self.topology, routing_key, id, body);
-            (id, publisher.publish(&msg).await)
+            (row, publisher.publish(&msg).await)
         });
         let results = match tokio::time::timeout(BATCH_TIMEOUT, join_all(publishes)).await {
             Ok(results) => results,
@@ -203,19 +209,24 @@ impl Relay {
                 return Err(RelayError::Timeout);
             }
         };
-        let mut confirmed: Vec<String> = Vec::with_capacity(results.len());
+        let mut confirmed = 0;
+        let mut kept = Vec::new();
         let mut unroutable = 0;
         let mut first_error = None;
-        for (id, result) in results {
+        for (row, result) in results {
             match result {
-                Ok(()) => confirmed.push(id.clone()),
-                Err(BusError::Unroutable(_)) => unroutable += 1,
+                Ok(()) => confirmed += 1,
+                Err(BusError::Unroutable(_)) => {
+                    unroutable += 1;
+                    kept.push(row);
+                }
                 Err(e) => {
-                    first_error.get_or_insert((id, e));
+                    first_error.get_or_insert((&row.0, e));
+                    kept.push(row);
                 }
             }
         }
-        let failed = rows.len() - confirmed.len();
+        let failed = kept.len();
         if unroutable > 0 {
             // Nobody bound a queue to `verimail.email.verified`: the events wait
             // in the outbox for a subscriber instead of being dropped.
@@ -227,17 +238,25 @@ impl Relay {
         if let Some((id, e)) = first_error {
             tracing::warn!(event_id = %id, error = %e, failed, "publishing verified events failed; kept in the outbox");
         }
-        if !confirmed.is_empty() {
-            sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
-                .bind(&confirmed)
-                .execute(&mut *tx)
-                .await?;
+        if !kept.is_empty() {
+            // What the broker did not confirm goes back, as it was, in the
+            // same transaction: it leaves the outbox only once confirmed.
+            sqlx::query(
+                "INSERT INTO outbox (id, routing_key, body, created_at) \
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::timestamptz[])",
+            )
+            .bind(kept.iter().map(|r| r.0.as_str()).collect::<Vec<_>>())
+            .bind(kept.iter().map(|r| r.1.as_str()).collect::<Vec<_>>())
+            .bind(kept.iter().map(|r| r.2.as_slice()).collect::<Vec<_>>())
+            .bind(kept.iter().map(|r| r.3).collect::<Vec<_>>())
+            .execute(&mut *tx)
+            .await?;
         }
         tx.commit().await?;
-        self.metrics.published(confirmed.len() as u64);
+        self.metrics.published(confirmed as u64);
         self.metrics.publish_failed(failed as u64);
         Ok(BatchOutcome {
-            published: confirmed.len(),
+            published: confirmed,
             failed,
             unroutable,
         })
