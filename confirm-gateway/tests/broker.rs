@@ -374,3 +374,62 @@ async fn two_relays_never_publish_one_row_twice() {
     sub.cleanup().await;
     app.cleanup().await;
 }
+
+#[tokio::test]
+async fn events_nobody_is_subscribed_to_stay_in_the_outbox_until_a_queue_is_bound() {
+    let (_, _, namespace) = config(&[]);
+    let app = TestApp::new(&[("VERIMAIL_NAMESPACE", &namespace)]).await;
+    const N: usize = 3;
+    for i in 0..N {
+        let answer = app
+            .get(&format!(
+                "/confirm/{}",
+                app.token(&format!("u{i}"), "verify_email")
+            ))
+            .await;
+        assert_eq!(answer.status, 200);
+    }
+    let before = app.outbox().await;
+    assert_eq!(before.len(), N);
+
+    // The exchange exists, but no queue is bound to it yet.
+    let bus = Bus::connect_once(
+        &[verimail_shared::config::defaults::AMQP_URL.to_owned()],
+        "relay-unroutable",
+    )
+    .await
+    .expect("RabbitMQ");
+    let topology = Topology::new(namespace.clone());
+    let channel = bus.channel().await.expect("a channel");
+    verimail_shared::bus::declare_exchange(&channel, &topology)
+        .await
+        .expect("declare the exchange");
+    let mut relay = app.state.relay();
+    relay.bus = BusSlot::with(bus.clone());
+    let publisher = verimail_shared::bus::Publisher::new(bus.clone());
+
+    let first = relay.batch(&publisher).await.expect("a batch");
+    assert_eq!(first.published, 0, "{first:?}");
+    assert_eq!(first.unroutable, N, "{first:?}");
+    // Put back as they were: same ids, same bodies.
+    assert_eq!(app.outbox().await, before);
+
+    // A subscriber binds: the very same events go out, once, and leave the outbox.
+    let sub = Subscriber::new(&namespace).await;
+    let second = relay.batch(&publisher).await.expect("a batch");
+    assert_eq!(second.published, N, "{second:?}");
+    assert_eq!(second.failed, 0, "{second:?}");
+    let mut got = HashSet::new();
+    while let Some(r) = sub.next(Duration::from_secs(2)).await {
+        assert!(got.insert(r.message_id), "published twice");
+    }
+    let want: HashSet<String> = before.into_iter().map(|(id, _)| id).collect();
+    assert_eq!(got, want);
+    assert!(app.outbox().await.is_empty());
+    let third = relay.batch(&publisher).await.expect("a batch");
+    assert_eq!(third.published, 0, "{third:?}");
+
+    let _ = channel.close(200, "done".into()).await;
+    sub.cleanup().await;
+    app.cleanup().await;
+}

@@ -134,7 +134,7 @@ impl TestApp {
 
     pub async fn outbox(&self) -> Vec<(String, serde_json::Value)> {
         let rows: Vec<(String, Vec<u8>)> =
-            sqlx::query_as("SELECT id, body FROM outbox ORDER BY created_at, id")
+            sqlx::query_as("SELECT id, body FROM outbox ORDER BY id")
                 .fetch_all(self.pool())
                 .await
                 .expect("read outbox");
