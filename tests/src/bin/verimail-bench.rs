@@ -20,15 +20,14 @@ use clap::{Parser, Subcommand};
 use futures_util::StreamExt;
 use lapin::options::{
     BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
-    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
-    QueueDeleteOptions,
+    ExchangeDeleteOptions, QueueDeleteOptions,
 };
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
-use verimail_shared::bus::{DELIVERY_LIMIT, RETRY_DELAYS, Topology};
+use verimail_shared::bus::Topology;
 use verimail_shared::events::{
     CONTENT_TYPE, EMAIL_VERIFIED, VERIFICATION_FAILED, VERIFICATION_REQUESTED, VERIFICATION_SENT,
     VERIFICATION_THROTTLED,
@@ -250,7 +249,7 @@ async fn main() -> Result<()> {
         Cmd::Preload { ns, n } => {
             let conn = amqp(&default_amqp_url()).await?;
             let topology = Topology::new(ns);
-            declare(&conn.create_channel().await?, &topology).await?;
+            verimail_shared::bus::declare(&conn.create_channel().await?, &topology).await?;
             let stats = preload(&conn, &topology, n, &unique_prefix()).await?;
             println!(
                 "preload: {n} requests in {:.2} s ({:.0}/s)",
@@ -261,7 +260,7 @@ async fn main() -> Result<()> {
         Cmd::DrainWait { ns, n } => {
             let conn = amqp(&default_amqp_url()).await?;
             let topology = Topology::new(ns);
-            declare(&conn.create_channel().await?, &topology).await?;
+            verimail_shared::bus::declare(&conn.create_channel().await?, &topology).await?;
             let tap = Tap::start(&conn, topology.exchange(), OUTCOMES, false).await?;
             println!("ready");
             let t0 = Instant::now();
@@ -368,90 +367,6 @@ async fn amqp(url: &str) -> Result<Connection> {
 fn unique_prefix() -> String {
     let id = uuid::Uuid::new_v4().simple().to_string();
     format!("b{}", &id[..8])
-}
-
-fn long(v: &str) -> AMQPValue {
-    AMQPValue::LongString(LongString::from(v))
-}
-
-fn table(entries: &[(&str, AMQPValue)]) -> FieldTable {
-    let mut t = FieldTable::default();
-    for (k, v) in entries {
-        t.insert(ShortString::from(*k), v.clone());
-    }
-    t
-}
-
-/// The contract's topology, as `verimail_shared::bus::declare` declares it, but
-/// with long-string arguments: the shared crate's short-string values are
-/// refused by RabbitMQ 3.10 (the worker carries the same stand-in, worker/src/declare.rs).
-async fn declare(channel: &Channel, topology: &Topology) -> Result<()> {
-    let durable = QueueDeclareOptions {
-        durable: true,
-        ..QueueDeclareOptions::default()
-    };
-    channel
-        .exchange_declare(
-            topology.exchange().into(),
-            ExchangeKind::Topic,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..ExchangeDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-    let dead = topology.dead_queue();
-    channel
-        .queue_declare(
-            dead.as_str().into(),
-            durable,
-            table(&[("x-queue-type", long("quorum"))]),
-        )
-        .await?;
-    let worker = topology.worker_queue();
-    channel
-        .queue_declare(
-            worker.as_str().into(),
-            durable,
-            table(&[
-                ("x-queue-type", long("quorum")),
-                ("x-delivery-limit", AMQPValue::LongLongInt(DELIVERY_LIMIT)),
-                ("x-dead-letter-exchange", long("")),
-                ("x-dead-letter-routing-key", long(&dead)),
-                ("x-dead-letter-strategy", long("at-least-once")),
-                ("x-overflow", long("reject-publish")),
-            ]),
-        )
-        .await?;
-    channel
-        .queue_bind(
-            worker.as_str().into(),
-            topology.exchange().into(),
-            VERIFICATION_REQUESTED.into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    for delay in RETRY_DELAYS {
-        let name = topology.retry_queue(delay);
-        let millis = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
-        channel
-            .queue_declare(
-                name.as_str().into(),
-                durable,
-                table(&[
-                    ("x-queue-type", long("quorum")),
-                    ("x-message-ttl", AMQPValue::LongLongInt(millis)),
-                    ("x-dead-letter-exchange", long("")),
-                    ("x-dead-letter-routing-key", long(&worker)),
-                    ("x-dead-letter-strategy", long("at-least-once")),
-                    ("x-overflow", long("reject-publish")),
-                ]),
-            )
-            .await?;
-    }
-    Ok(())
 }
 
 fn now_rfc3339() -> String {
@@ -593,30 +508,10 @@ impl Tap {
         parse: bool,
     ) -> Result<Self> {
         let ch = conn.create_channel().await?;
-        let queue = ch
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        for p in patterns {
-            ch.queue_bind(
-                queue.name().clone(),
-                exchange.into(),
-                (*p).into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        }
+        let queue = verimail_tests::tap::bind_exclusive_queue(&ch, exchange, patterns).await?;
         let mut consumer = ch
             .basic_consume(
-                queue.name().clone(),
+                queue,
                 "bench-tap".into(),
                 BasicConsumeOptions {
                     no_ack: true,
@@ -968,7 +863,7 @@ async fn ceiling_in(env: &TestEnv, out: &Results, n: usize, prefetch: u16) -> Re
     let url = env.get("AMQP_URL").context("AMQP_URL")?.to_owned();
     let topology = Topology::new(env.namespace.clone());
     let setup = amqp(&url).await?;
-    declare(&setup.create_channel().await?, &topology).await?;
+    verimail_shared::bus::declare(&setup.create_channel().await?, &topology).await?;
     let tap = Tap::start(&setup, topology.exchange(), OUTCOMES, false).await?;
     let (secs, per_s) = preload(&setup, &topology, n, &unique_prefix()).await?;
     println!("  preloaded {n} requests in {secs:.2} s ({per_s:.0}/s)");
@@ -1086,7 +981,7 @@ async fn worker_run_in(env: &TestEnv, out: &Results, n: usize, processes: usize)
     let topology = Topology::new(env.namespace.clone());
     prepare_db(env).await?;
     let conn = amqp(&url).await?;
-    declare(&conn.create_channel().await?, &topology).await?;
+    verimail_shared::bus::declare(&conn.create_channel().await?, &topology).await?;
     let tap = Tap::start(&conn, topology.exchange(), OUTCOMES, false).await?;
     let (secs, per_s) = preload(&conn, &topology, n, &unique_prefix()).await?;
     println!("  preloaded in {secs:.2} s ({per_s:.0}/s)");
@@ -1213,7 +1108,7 @@ async fn latency_in(env: &TestEnv, out: &Results, rates: &[u32], seconds: u64) -
     let topology = Topology::new(env.namespace.clone());
     prepare_db(env).await?;
     let conn = amqp(&url).await?;
-    declare(&conn.create_channel().await?, &topology).await?;
+    verimail_shared::bus::declare(&conn.create_channel().await?, &topology).await?;
     let tap = Tap::start(&conn, topology.exchange(), OUTCOMES, true).await?;
     let publisher = conn.create_channel().await?;
     publisher
@@ -1389,7 +1284,7 @@ async fn gateway_in(
     let topology = Topology::new(env.namespace.clone());
     prepare_db(env).await?;
     let conn = amqp(&url).await?;
-    declare(&conn.create_channel().await?, &topology).await?;
+    verimail_shared::bus::declare(&conn.create_channel().await?, &topology).await?;
     // A subscriber, so the outbox relay's mandatory publishes are routable (and counted).
     let tap = Tap::start(&conn, topology.exchange(), &[EMAIL_VERIFIED], false).await?;
     let secs = mint_tokens(env, tokens + 1, file)?;
