@@ -172,8 +172,9 @@ impl Relay {
         }
     }
 
-    /// Takes up to [`BATCH`] rows, publishes them concurrently, deletes those
-    /// the broker confirmed, in one short transaction.
+    /// In one short transaction: takes (deletes) up to [`BATCH`] rows,
+    /// publishes them concurrently, and puts back those the broker did not
+    /// confirm, so a row leaves the outbox only once confirmed.
     pub async fn batch(&self, publisher: &Publisher) -> Result<BatchOutcome, RelayError> {
         // Never hold row locks while waiting for a reconnection.
         match tokio::time::timeout(CONNECT_WAIT, publisher.bus().connection()).await {
