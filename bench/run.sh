@@ -10,8 +10,9 @@
 #   bench/run.sh                 # everything (about 6-8 minutes after the build)
 #   BENCH_N=5000 bench/run.sh    # fewer requests per throughput run
 #
-# Environment: BENCH_N (20000: requests per worker/ceiling run), BENCH_REF_N (2000: the
-# reference worker is ~100x slower, so it drains fewer), BENCH_TOKENS (150000: gateway tokens,
+# Environment: BENCH_N (20000: requests per worker/ceiling run), BENCH_CONCURRENCY (256: the
+# workers' WORKER_CONCURRENCY and the ceiling's prefetch; the contract default 64 is run too),
+# BENCH_REF_N (2000: the reference worker is ~100x slower, so it drains fewer), BENCH_TOKENS (150000: gateway tokens,
 # each used once while they last), BENCH_RATES (200,500,1000), BENCH_RATE_SECONDS (10),
 # BENCH_PROCESSES (1,2,4), BENCH_SKIP_BUILD=1, BENCH_ONLY (space-separated subset of:
 # ceiling worker latency gateway reference). Needs RabbitMQ and PostgreSQL running
@@ -26,6 +27,9 @@ REF_N=${BENCH_REF_N:-2000}
 RATES=${BENCH_RATES:-200,500,1000}
 RATE_SECONDS=${BENCH_RATE_SECONDS:-10}
 PROCESSES=${BENCH_PROCESSES:-1,2,4}
+# WORKER_CONCURRENCY of the worker runs and the ceiling's prefetch (one setting for both).
+export BENCH_CONCURRENCY=${BENCH_CONCURRENCY:-256}
+CONCURRENCY=$BENCH_CONCURRENCY
 ONLY=${BENCH_ONLY:-ceiling worker latency gateway reference}
 SMTP_PORT=${BENCH_SMTP_PORT:-2525}
 REF_PORT=${BENCH_REF_PORT:-8081}
@@ -123,12 +127,14 @@ export BENCH_MAIL_URL=smtp+plain://127.0.0.1:$SMTP_PORT
 
 # --- 1-4: verimail ---------------------------------------------------------------------------
 if wants ceiling; then
-  say "1. broker-only ceiling: $N messages, quorum queue, prefetch 64, one confirmed publish per message"
+  say "1. broker-only ceiling: $N messages, quorum queue, prefetch $CONCURRENCY, one confirmed publish per message"
   step ceiling "$BENCH" ceiling --n "$N"
 fi
 if wants worker; then
-  say "2. verimail-worker throughput: $N requests preloaded, $PROCESSES process(es)"
+  say "2. verimail-worker throughput: $N requests preloaded, $PROCESSES process(es), WORKER_CONCURRENCY $CONCURRENCY"
   step worker "$BENCH" worker --n "$N" --processes "$PROCESSES"
+  say "2b. the same, 1 process at the contract's default WORKER_CONCURRENCY (64)"
+  step worker_default "$BENCH" worker --n "$N" --processes 1 --concurrency 64 --label worker_default
 fi
 if wants latency; then
   say "3. latency, one worker: offered $RATES requests/s for $RATE_SECONDS s each (publish→data.sent_at)"

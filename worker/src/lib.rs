@@ -224,14 +224,21 @@ impl Worker {
         ));
 
         let tracker = TaskTracker::new();
-        let channel = consume::consume(
+        // The consumer loop runs as a task, on the runtime's worker threads:
+        // awaited here it would run on the main thread (`block_on`), and every
+        // delivery would wake that thread, one more context switch per message.
+        let channel = tokio::spawn(consume::consume(
             ctx.clone(),
             bus.clone(),
             ctx.config.worker_concurrency,
             shutdown,
             tracker.clone(),
-        )
-        .await;
+        ))
+        .await
+        .unwrap_or_else(|e| {
+            warn!(error = %e, "the consumer task failed");
+            None
+        });
         tracker.close();
         info!(in_flight = tracker.len(), "draining in-flight requests");
         if tokio::time::timeout(DRAIN_TIMEOUT, tracker.wait())

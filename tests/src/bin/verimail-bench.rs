@@ -49,14 +49,14 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Broker-only ceiling: consume a preloaded quorum queue (prefetch 64), publish one
+    /// Broker-only ceiling: consume a preloaded quorum queue (prefetch 256), publish one
     /// small outcome per message with confirms (persistent, mandatory), ack after the confirm.
     Ceiling {
         /// Messages preloaded and drained.
         #[arg(long, env = "BENCH_N", default_value_t = 20_000)]
         n: usize,
-        /// Prefetch (the worker's WORKER_CONCURRENCY).
-        #[arg(long, default_value_t = 64)]
+        /// Prefetch: the worker's WORKER_CONCURRENCY, so both are compared at one setting.
+        #[arg(long, env = "BENCH_CONCURRENCY", default_value_t = TUNED_CONCURRENCY)]
         prefetch: u16,
     },
     /// verimail-worker throughput: preload N requests, start P worker processes, time
@@ -76,8 +76,11 @@ enum Cmd {
         )]
         mail_url: String,
         /// WORKER_CONCURRENCY.
-        #[arg(long, default_value_t = 64)]
+        #[arg(long, env = "BENCH_CONCURRENCY", default_value_t = TUNED_CONCURRENCY)]
         concurrency: u16,
+        /// Prefix of the figures' keys in the results (`worker_1_mps`, ...).
+        #[arg(long, default_value = "worker")]
+        label: String,
     },
     /// Publish→SMTP-acceptance latency (data.sent_at − publish time) at fixed offered rates,
     /// one worker process.
@@ -96,7 +99,7 @@ enum Cmd {
         )]
         mail_url: String,
         /// WORKER_CONCURRENCY.
-        #[arg(long, default_value_t = 64)]
+        #[arg(long, env = "BENCH_CONCURRENCY", default_value_t = TUNED_CONCURRENCY)]
         concurrency: u16,
     },
     /// verimail-gateway confirms/s under wrk with fresh v1 tokens (unknown request ids).
@@ -207,9 +210,10 @@ async fn main() -> Result<()> {
             processes,
             mail_url,
             concurrency,
+            label,
         } => {
             for p in processes {
-                worker_run(&out, n, p, &mail_url, concurrency).await?;
+                worker_run(&out, &label, n, p, &mail_url, concurrency).await?;
             }
             Ok(())
         }
@@ -406,6 +410,13 @@ fn event_props(id: &str, ty: &str) -> BasicProperties {
 }
 
 /// The outcome types (a `verimail.verification.*` binding would also catch the requests).
+/// WORKER_CONCURRENCY of the throughput and latency runs, and the ceiling's
+/// prefetch. The contract's default (64) keeps a worker latency-bound on this
+/// machine (about 17 ms per mail in flight, so at most ~3,800 mails/s by
+/// Little's law, with the CPU not saturated); at 256 the database batches grow and the
+/// machine's CPU becomes the limit. The default is measured too (`worker_default`).
+const TUNED_CONCURRENCY: u16 = 256;
+
 const OUTCOMES: &[&str] = &[
     VERIFICATION_SENT,
     VERIFICATION_THROTTLED,
@@ -954,6 +965,7 @@ async fn ceiling_in(env: &TestEnv, out: &Results, n: usize, prefetch: u16) -> Re
         busy_percent(machine0, machine_ticks())
     );
     out.put("ceiling_n", n)?;
+    out.put("ceiling_prefetch", prefetch)?;
     out.put("ceiling_mps", format!("{per_s:.0}"))?;
     Ok(())
 }
@@ -964,19 +976,29 @@ async fn ceiling_in(env: &TestEnv, out: &Results, n: usize, prefetch: u16) -> Re
 
 async fn worker_run(
     out: &Results,
+    label: &str,
     n: usize,
     processes: usize,
     mail_url: &str,
     concurrency: u16,
 ) -> Result<()> {
     let env = bench_env(&format!("bw{processes}"), mail_url, concurrency);
-    let result = worker_run_in(&env, out, n, processes).await;
+    let result = worker_run_in(&env, out, label, n, processes, concurrency).await;
     env.cleanup().await;
     result
 }
 
-async fn worker_run_in(env: &TestEnv, out: &Results, n: usize, processes: usize) -> Result<()> {
-    println!("== worker throughput: {processes} process(es), {n} requests preloaded");
+async fn worker_run_in(
+    env: &TestEnv,
+    out: &Results,
+    label: &str,
+    n: usize,
+    processes: usize,
+    concurrency: u16,
+) -> Result<()> {
+    println!(
+        "== worker throughput: {processes} process(es), WORKER_CONCURRENCY {concurrency}, {n} requests preloaded"
+    );
     let url = env.get("AMQP_URL").context("AMQP_URL")?.to_owned();
     let topology = Topology::new(env.namespace.clone());
     prepare_db(env).await?;
@@ -1071,8 +1093,9 @@ async fn worker_run_in(env: &TestEnv, out: &Results, n: usize, processes: usize)
             }
         }
     }
-    let k = format!("worker_{processes}");
+    let k = format!("{label}_{processes}");
     out.put(&format!("{k}_n"), n)?;
+    out.put(&format!("{k}_concurrency"), concurrency)?;
     out.put(&format!("{k}_mps"), format!("{per_s:.0}"))?;
     out.put(&format!("{k}_steady_mps"), format!("{steady:.0}"))?;
     out.put(&format!("{k}_sent"), tap.sent())?;
@@ -1098,6 +1121,7 @@ async fn latency(
     concurrency: u16,
 ) -> Result<()> {
     let env = bench_env("blat", mail_url, concurrency);
+    out.put("latency_concurrency", concurrency)?;
     let result = latency_in(&env, out, rates, seconds).await;
     env.cleanup().await;
     result
@@ -1526,10 +1550,12 @@ fn report(out: &Results) -> Result<()> {
     let ceiling = num("ceiling_mps");
     let w1 = num("worker_1_mps");
     let ref_w = num("ref_worker_mps");
+    let get = |k: &str| r.get(k).map_or("?", String::as_str);
     row(
         &format!(
-            "broker-only ceiling (N={}, prefetch 64, confirms)",
-            r.get("ceiling_n").map_or("?", String::as_str)
+            "broker-only ceiling (N={}, prefetch {}, confirms)",
+            get("ceiling_n"),
+            get("ceiling_prefetch")
         ),
         fmt_num(ceiling, "msg/s"),
         "",
@@ -1541,9 +1567,10 @@ fn report(out: &Results) -> Result<()> {
             let target = if p == 1 { "≥ 5,000 mails/s" } else { "" };
             row(
                 &format!(
-                    "verimail worker, {p} process{} (N={})",
+                    "verimail worker, {p} process{} (N={}, WORKER_CONCURRENCY {})",
                     if p == 1 { "" } else { "es" },
-                    r.get(&format!("{k}_n")).map_or("?", String::as_str)
+                    get(&format!("{k}_n")),
+                    get(&format!("{k}_concurrency"))
                 ),
                 format!(
                     "{} (steady {})",
@@ -1554,6 +1581,22 @@ fn report(out: &Results) -> Result<()> {
                 status((p == 1).then_some(v >= 5000.0)),
             );
         }
+    }
+    if let Some(v) = num("worker_default_1_mps") {
+        row(
+            &format!(
+                "verimail worker, 1 process, contract default WORKER_CONCURRENCY {} (N={})",
+                get("worker_default_1_concurrency"),
+                get("worker_default_1_n")
+            ),
+            format!(
+                "{} (steady {})",
+                fmt_num(Some(v), "mails/s"),
+                fmt_num(num("worker_default_1_steady_mps"), "/s")
+            ),
+            "",
+            "",
+        );
     }
     if w1.is_none() {
         row(
@@ -1616,6 +1659,7 @@ fn report(out: &Results) -> Result<()> {
         "worker_1_hwm_kib",
         "worker_2_hwm_kib",
         "worker_4_hwm_kib",
+        "worker_default_1_hwm_kib",
         "latency_worker_hwm_kib",
     ]
     .iter()
