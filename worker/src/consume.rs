@@ -34,8 +34,10 @@ pub async fn consume(
     let tag = format!("verimail-worker-{}", uuid::Uuid::now_v7());
     // The broker never has more than `prefetch` unacknowledged deliveries on a
     // channel, but tasks from a lost channel may still run: the semaphore keeps
-    // the total bounded across reconnections too.
-    let permits = Arc::new(Semaphore::new(usize::from(prefetch)));
+    // the total bounded across reconnections too. Twice the prefetch: a task
+    // keeps its permit while it marks its outcome published after the ack,
+    // and the delivery the broker sends for that ack must not wait for it.
+    let permits = Arc::new(Semaphore::new(usize::from(prefetch) * 2));
     let mut wait = Duration::from_millis(200);
     while !shutdown.is_cancelled() {
         let started = tokio::select! {

@@ -42,7 +42,7 @@ use verimail_shared::token::Signer;
 use crate::health::Health;
 use crate::mail::{Mailer, MailerError, TemplateError, Templates};
 use crate::process::Ctx;
-use crate::store::{Batches, Marker, Store};
+use crate::store::{Batches, Store};
 
 /// How long a claim holds a request: longer than a send with its in-process
 /// retries, so only a crashed worker's lease ever runs out.
@@ -160,7 +160,6 @@ impl Worker {
         health.set_bus(true);
         let store = Store::new(pool, LEASE);
         let ctx = Arc::new(Ctx {
-            marker: Marker::spawn(store.clone()),
             batches: Batches::spawn(store.clone()),
             store,
             publisher: Publisher::new(bus.clone()),

@@ -13,12 +13,15 @@
 //!                                                 ├ 4xx, window left ─► retry queue ─► release ─► ack
 //!                                                 └ 4xx, window spent ─► dead letter + failed/delivery_failed ┤
 //!                                                                                    ▼
-//!                                      store outcome (state = done) ─► publish (confirmed) ─► mark published ─► ack
+//!                                      store outcome (state = done) ─► publish (confirmed) ─► ack ─► mark published
 //! ```
 //!
 //! Every outcome is built once and stored before it is published, so a
 //! redelivery re-publishes the very same event (same id) instead of deciding
-//! again. Nothing is acknowledged before what it produced is safe.
+//! again. Nothing is acknowledged before what it produced is safe. The mark
+//! comes after the ack: it only spares a later duplicate of the request a
+//! re-publication, so the delivery need not wait for it (see ARCHITECTURE.md,
+//! crash window 3).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -48,7 +51,7 @@ use crate::health::Health;
 use crate::mail::{Classification, Envelope, MailContext, Mailer, Templates};
 use crate::metrics;
 use crate::retry::{self, HEADER_FAILED_OUTCOME};
-use crate::store::{Batches, Claim, Claimed, Finish, Marker, RequestRow, Store, Stored};
+use crate::store::{Batches, Claim, Claimed, Finish, RequestRow, Store, Stored};
 use crate::throttle;
 
 /// CloudEvent `source` of every outcome.
@@ -71,9 +74,7 @@ pub struct Ctx {
     pub topology: Topology,
     /// The worker's tables.
     pub store: Store,
-    /// Batched `outcome_published` updates.
-    pub marker: Marker,
-    /// Batched claims and conclusions.
+    /// Batched claims, conclusions and `outcome_published` marks.
     pub batches: Batches,
     /// Confirmed publishing.
     pub publisher: Publisher,
@@ -92,6 +93,10 @@ pub struct Ctx {
     pub db_failures: AtomicU32,
 }
 
+/// What is left to do once the delivery is acknowledged: the request whose
+/// published outcome to mark, if any.
+type AfterAck = Option<String>;
+
 /// Why a delivery is not acknowledged.
 #[derive(Debug)]
 enum Failure {
@@ -106,7 +111,7 @@ enum Failure {
 pub async fn handle(ctx: Arc<Ctx>, delivery: Delivery) {
     let started = Instant::now();
     match process(&ctx, &delivery).await {
-        Ok(()) => {
+        Ok(after_ack) => {
             ctx.db_failures.store(0, Ordering::Relaxed);
             let t = Instant::now();
             if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
@@ -116,6 +121,13 @@ pub async fn handle(ctx: Arc<Ctx>, delivery: Delivery) {
             }
             metrics::step("ack", t.elapsed());
             metrics::processing(started.elapsed());
+            if let Some(id) = after_ack {
+                let t = Instant::now();
+                // Only the shutdown deadline stops it (persist retries); then
+                // a later duplicate re-publishes the same event (window 3).
+                let _ = mark_published(&ctx, &id).await;
+                metrics::step("mark", t.elapsed());
+            }
         }
         Err(Failure::Database(e)) => {
             metrics::db_error();
@@ -151,7 +163,7 @@ fn backoff(n: u32) -> Duration {
     capped.mul_f64(jitter)
 }
 
-async fn process(ctx: &Ctx, d: &Delivery) -> Result<(), Failure> {
+async fn process(ctx: &Ctx, d: &Delivery) -> Result<AfterAck, Failure> {
     let policy = Policy {
         return_url_allowlist: &ctx.config.return_url_allowlist,
         single_use_links: ctx.config.token_format == TokenFormat::V1,
@@ -178,7 +190,7 @@ fn record_ids(request_id: &str, user_id: Option<&str>) {
 }
 
 /// Not a CloudEvent: nobody to answer, so the body goes, intact, to `{ns}.dead`.
-async fn undecodable(ctx: &Ctx, d: &Delivery, detail: &str) -> Result<(), Failure> {
+async fn undecodable(ctx: &Ctx, d: &Delivery, detail: &str) -> Result<AfterAck, Failure> {
     let message_id = d
         .properties
         .message_id()
@@ -205,7 +217,7 @@ async fn undecodable(ctx: &Ctx, d: &Delivery, detail: &str) -> Result<(), Failur
     };
     publish(ctx, &msg, false).await?;
     metrics::dead_letter("undecodable");
-    Ok(())
+    Ok(None)
 }
 
 /// A CloudEvent that breaks a rule: answered `failed`, recorded like any
@@ -215,7 +227,7 @@ async fn invalid(
     d: &Delivery,
     echo: &Echo,
     failure: &RuleBroken,
-) -> Result<(), Failure> {
+) -> Result<AfterAck, Failure> {
     let id = echo.request_id.as_str();
     let row = RequestRow {
         id,
@@ -243,7 +255,7 @@ async fn invalid(
     }
 }
 
-async fn valid(ctx: &Ctx, d: &Delivery, req: &ValidRequest) -> Result<(), Failure> {
+async fn valid(ctx: &Ctx, d: &Delivery, req: &ValidRequest) -> Result<AfterAck, Failure> {
     let row = RequestRow {
         id: &req.id,
         user_id: Some(&req.data.user_id),
@@ -327,7 +339,7 @@ async fn send(
     req: &ValidRequest,
     claimed: Claimed,
     claimed_at: Instant,
-) -> Result<(), Failure> {
+) -> Result<AfterAck, Failure> {
     let config = &ctx.config;
     let now = OffsetDateTime::now_utc();
     // Tokens carry whole seconds: the outcome's expires_at says what the token says.
@@ -426,14 +438,19 @@ async fn send(
             })
             .await?;
             metrics::retry();
-            Ok(())
+            Ok(None)
         }
     }
 }
 
 /// Transient failures outlasted the retry window: `failed`/`delivery_failed`,
 /// and a copy of the request in `{ns}.dead` for `verimail dead replay`.
-async fn give_up(ctx: &Ctx, d: &Delivery, req: &ValidRequest, detail: &str) -> Result<(), Failure> {
+async fn give_up(
+    ctx: &Ctx,
+    d: &Delivery,
+    req: &ValidRequest,
+    detail: &str,
+) -> Result<AfterAck, Failure> {
     let data = FailedData {
         fields: req.echo().outcome_fields(),
         reason: FailureReason::DeliveryFailed,
@@ -464,39 +481,38 @@ async fn give_up(ctx: &Ctx, d: &Delivery, req: &ValidRequest, detail: &str) -> R
 
 /// Another delivery of the same id holds a live lease: look again later.
 /// Never a second mail: the holder finishes it, or its lease runs out.
-async fn defer_busy(ctx: &Ctx, d: &Delivery, id: &str) -> Result<(), Failure> {
+async fn defer_busy(ctx: &Ctx, d: &Delivery, id: &str) -> Result<AfterAck, Failure> {
     metrics::duplicate("in_hand");
     info!("request in hand elsewhere; looking again later");
     let retry = retry::retry_count(d.properties.headers().as_ref());
-    to_retry_queue(ctx, d, id, RETRY_DELAYS[0], retry).await
+    to_retry_queue(ctx, d, id, RETRY_DELAYS[0], retry).await?;
+    Ok(None)
 }
 
 /// The request already has an outcome: publish it again only if the broker
 /// never confirmed it (same event id, so subscribers see one outcome).
-async fn duplicate(ctx: &Ctx, id: &str, stored: Stored) -> Result<(), Failure> {
+async fn duplicate(ctx: &Ctx, id: &str, stored: Stored) -> Result<AfterAck, Failure> {
     metrics::duplicate("done");
     if stored.published {
         info!("duplicate of a finished request; nothing to do");
-        return Ok(());
+        return Ok(None);
     }
     let (Some(ty), Some(bytes)) = (stored.outcome_type, stored.outcome) else {
         warn!("finished request without a stored outcome");
-        return Ok(());
+        return Ok(None);
     };
     let outcome_id = peek_id(&bytes).unwrap_or_default();
     info!(outcome_id, "re-publishing the stored outcome");
     let msg = Outgoing::event(&ctx.topology, &ty, &outcome_id, &bytes);
     publish(ctx, &msg, true).await?;
-    mark_published(ctx, id).await
+    Ok(Some(id.to_owned()))
 }
 
-/// Records that the broker confirmed the outcome (batched with other deliveries).
+/// Records that the broker confirmed the outcome (batched with other
+/// deliveries' conclusions; alone, with retries, when that batch failed).
 async fn mark_published(ctx: &Ctx, id: &str) -> Result<(), Failure> {
-    if ctx.marker.mark(id).await {
-        return Ok(());
-    }
     persist(ctx, "marking the outcome published", || {
-        ctx.store.mark_published(id)
+        ctx.batches.mark_published(id)
     })
     .await
 }
@@ -527,7 +543,7 @@ impl Outcome {
     }
 }
 
-/// Stores the outcome (`done`), publishes it, marks it published.
+/// Stores the outcome (`done`) and publishes it; the mark follows the ack.
 async fn conclude(
     ctx: &Ctx,
     id: &str,
@@ -535,7 +551,7 @@ async fn conclude(
     sent_at: Option<OffsetDateTime>,
     attempted: bool,
     release_throttle: bool,
-) -> Result<(), Failure> {
+) -> Result<AfterAck, Failure> {
     let finish = Finish {
         id,
         outcome_type: outcome.ty,
@@ -554,18 +570,15 @@ async fn conclude(
         warn!("request concluded by another delivery meanwhile");
         return match persist(ctx, "reading the request", || ctx.store.lookup(id)).await? {
             Claim::Done(stored) => duplicate(ctx, id, stored).await,
-            Claim::Claimed(_) | Claim::Busy => Ok(()),
+            Claim::Claimed(_) | Claim::Busy => Ok(None),
         };
     }
     let msg = Outgoing::event(&ctx.topology, outcome.ty, &outcome.id, &outcome.bytes);
     let t = Instant::now();
     publish(ctx, &msg, true).await?;
     metrics::step("publish", t.elapsed());
-    let t = Instant::now();
-    mark_published(ctx, id).await?;
-    metrics::step("mark", t.elapsed());
     metrics::outcome(outcome.label.0, outcome.label.1);
-    Ok(())
+    Ok(Some(id.to_owned()))
 }
 
 /// Publishes a copy of the delivery to the retry queue of `delay`, through the

@@ -6,10 +6,11 @@
 //! lease has run out (the previous holder crashed). The common path costs three
 //! statements: [`Store::claim`] (claim and throttle in one round trip),
 //! [`Store::finish`] (outcome stored with `state = 'done'`) and
-//! [`Store::mark_published`]. Under load, [`Batches`] runs the claims and the
-//! conclusions of concurrent deliveries as one statement each
-//! ([`Store::claim_batch`], [`Store::finish_batch`]) and [`Marker`] the marks:
-//! one round trip and one commit for many deliveries.
+//! [`Store::mark_published`]. Under load, [`Batches`] runs the claims of
+//! concurrent deliveries as one statement ([`Store::claim_batch`]), and their
+//! conclusions together with the marks of outcomes published meanwhile as
+//! another ([`Store::finish_batch`]): one round trip and one commit for many
+//! deliveries.
 //!
 //! # Batches run on connections of their own
 //!
@@ -302,22 +303,6 @@ SELECT count(*) FROM r";
         Ok(())
     }
 
-    /// Records that the broker confirmed the stored outcomes of `ids`, in one
-    /// statement (duplicates are harmless).
-    async fn mark_batch_on(
-        &self,
-        conn: &mut PgConnection,
-        ids: &[&str],
-    ) -> Result<(), sqlx::Error> {
-        sqlx::query(
-            "UPDATE requests SET outcome_published = true, lease_until = NULL WHERE id = ANY($1)",
-        )
-        .bind(ids)
-        .execute(conn)
-        .await?;
-        Ok(())
-    }
-
     /// Gives the request back after a transient failure (its copy waits in a
     /// retry queue): the lease ends, the attempt is counted, the row stays
     /// `processing`.
@@ -451,9 +436,10 @@ RETURNING r.id, r.throttle_passed, r.attempts,
         Ok(inputs.iter().map(|i| claimed.remove(&i.id)).collect())
     }
 
-    /// [`Store::finish`] for many requests in one statement (one commit);
-    /// answers in input order. The inputs must not share a request id.
-    pub async fn finish_batch(&self, inputs: &[FinishInput]) -> Result<Vec<bool>, sqlx::Error> {
+    /// [`Store::finish`] and [`Store::mark_published`] for many requests in
+    /// one statement (one commit); answers in input order (a mark answers
+    /// `true`). The inputs must not share a request id.
+    pub async fn finish_batch(&self, inputs: &[Conclusion]) -> Result<Vec<bool>, sqlx::Error> {
         let mut conn = self.pool.acquire().await?;
         self.finish_batch_on(&mut conn, inputs).await
     }
@@ -462,10 +448,19 @@ RETURNING r.id, r.throttle_passed, r.attempts,
     async fn finish_batch_on(
         &self,
         conn: &mut PgConnection,
-        inputs: &[FinishInput],
+        inputs: &[Conclusion],
     ) -> Result<Vec<bool>, sqlx::Error> {
+        // The marks of outcomes published since the previous batch ride along
+        // (`marked`, the statement of `mark_published`): under load that saves
+        // a statement, a round trip and a commit per batch. A statement runs
+        // every data-modifying CTE, read or not.
         const FINISH_BATCH: &str = r"
-WITH input AS (
+WITH marked AS (
+    UPDATE requests SET outcome_published = true, lease_until = NULL
+    WHERE id = ANY($8)
+    RETURNING 1
+),
+input AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::timestamptz[],
                          $5::int4[], $6::bool[])
         AS i(id, outcome_type, outcome, sent_at, attempted, release_throttle)
@@ -495,8 +490,22 @@ released AS (
 )
 SELECT id FROM r";
         // Rows locked in id order (see claim_batch).
-        let mut order: Vec<&FinishInput> = inputs.iter().collect();
+        let mut order: Vec<&FinishInput> = inputs
+            .iter()
+            .filter_map(|c| match c {
+                Conclusion::Finish(f) => Some(f),
+                Conclusion::Mark(_) => None,
+            })
+            .collect();
         order.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+        let mut marks: Vec<&str> = inputs
+            .iter()
+            .filter_map(|c| match c {
+                Conclusion::Mark(id) => Some(id.as_str()),
+                Conclusion::Finish(_) => None,
+            })
+            .collect();
+        marks.sort_unstable();
         let rows: Vec<String> = sqlx::query_scalar(FINISH_BATCH)
             .bind(order.iter().map(|i| i.id.as_str()).collect::<Vec<_>>())
             .bind(
@@ -520,12 +529,16 @@ SELECT id FROM r";
             )
             .bind(order.iter().map(|i| i.release_throttle).collect::<Vec<_>>())
             .bind(self.lease.as_secs_f64())
+            .bind(marks)
             .fetch_all(conn)
             .await?;
         let done: std::collections::HashSet<&str> = rows.iter().map(String::as_str).collect();
         Ok(inputs
             .iter()
-            .map(|i| done.contains(i.id.as_str()))
+            .map(|c| match c {
+                Conclusion::Finish(f) => done.contains(f.id.as_str()),
+                Conclusion::Mark(_) => true,
+            })
             .collect())
     }
 }
@@ -597,9 +610,23 @@ impl FinishInput {
     }
 }
 
-impl Keyed for FinishInput {
+/// A job of the conclusions' batch: store an outcome, or record that the
+/// broker confirmed one.
+#[derive(Debug, Clone)]
+pub enum Conclusion {
+    /// [`Store::finish`].
+    Finish(FinishInput),
+    /// [`Store::mark_published`] of this request id.
+    Mark(String),
+}
+
+impl Keyed for Conclusion {
     fn keys(&self) -> [u64; 2] {
-        [batch::key("id", &[&self.id]), 0]
+        let id = match self {
+            Conclusion::Finish(f) => &f.id,
+            Conclusion::Mark(id) => id,
+        };
+        [batch::key("id", &[id]), 0]
     }
 }
 
@@ -611,7 +638,7 @@ impl Keyed for FinishInput {
 pub struct Batches {
     store: Store,
     claims: Batcher<ClaimInput, Option<Claimed>>,
-    finishes: Batcher<FinishInput, bool>,
+    conclusions: Batcher<Conclusion, bool>,
 }
 
 impl Batches {
@@ -631,9 +658,9 @@ impl Batches {
                 }
             })
         };
-        let finishes = {
+        let conclusions = {
             let (s, sessions) = (store.clone(), Sessions::new(&store));
-            Batcher::spawn("finish", move |inputs: Vec<FinishInput>| {
+            Batcher::spawn("finish", move |inputs: Vec<Conclusion>| {
                 let (s, sessions) = (s.clone(), sessions.clone());
                 async move {
                     sessions
@@ -647,7 +674,7 @@ impl Batches {
         Self {
             store,
             claims,
-            finishes,
+            conclusions,
         }
     }
 
@@ -666,9 +693,18 @@ impl Batches {
 
     /// [`Store::finish`], batched with other deliveries' conclusions.
     pub async fn finish(&self, f: Finish<'_>) -> Result<bool, sqlx::Error> {
-        match self.finishes.call(FinishInput::new(&f)).await {
+        let job = Conclusion::Finish(FinishInput::new(&f));
+        match self.conclusions.call(job).await {
             Some(done) => Ok(done),
             None => self.store.finish(f).await,
+        }
+    }
+
+    /// [`Store::mark_published`], batched with other deliveries' conclusions.
+    pub async fn mark_published(&self, id: &str) -> Result<(), sqlx::Error> {
+        match self.conclusions.call(Conclusion::Mark(id.to_owned())).await {
+            Some(_) => Ok(()),
+            None => self.store.mark_published(id).await,
         }
     }
 }
@@ -762,49 +798,4 @@ fn claimed_from(r: &sqlx::postgres::PgRow) -> Result<Claimed, sqlx::Error> {
         attempts: r.try_get("attempts")?,
         elapsed: Duration::try_from_secs_f64(elapsed.unwrap_or(0.0).max(0.0)).unwrap_or_default(),
     })
-}
-
-/// Marks outcomes published in batches: under load, many deliveries finish at
-/// once and one `UPDATE ... WHERE id = ANY(...)` (one commit) serves them all,
-/// instead of a commit each. A lone delivery is marked at once, as before.
-#[derive(Debug, Clone)]
-pub struct Marker {
-    marks: Batcher<MarkInput, ()>,
-}
-
-/// An id to mark published (duplicates in one batch are harmless: no keys).
-#[derive(Debug)]
-struct MarkInput(String);
-
-impl Keyed for MarkInput {
-    fn keys(&self) -> [u64; 2] {
-        [0, 0]
-    }
-}
-
-impl Marker {
-    /// Starts the batching task on `store`, with a connection of its own; it
-    /// ends when every `Marker` clone is dropped.
-    pub fn spawn(store: Store) -> Self {
-        let sessions = Sessions::new(&store);
-        let marks = Batcher::spawn("mark", move |inputs: Vec<MarkInput>| {
-            let (s, sessions) = (store.clone(), sessions.clone());
-            async move {
-                let ids: Vec<&str> = inputs.iter().map(|i| i.0.as_str()).collect();
-                sessions
-                    .run("mark", ids.len(), async |conn| {
-                        s.mark_batch_on(conn, &ids).await
-                    })
-                    .await
-                    .map(|()| vec![(); ids.len()])
-            }
-        });
-        Self { marks }
-    }
-
-    /// Marks `id` published; `false` when the batch failed (the caller then
-    /// marks it alone, with its own retries and error reporting).
-    pub async fn mark(&self, id: &str) -> bool {
-        self.marks.call(MarkInput(id.to_owned())).await.is_some()
-    }
 }

@@ -3,7 +3,9 @@
 use std::time::Duration;
 
 use anyhow::Result;
-use verimail_worker::store::{Batches, Claim, ClaimInput, Finish, FinishInput, RequestRow, Store};
+use verimail_worker::store::{
+    Batches, Claim, ClaimInput, Conclusion, Finish, FinishInput, RequestRow, Store,
+};
 
 use crate::support::{PG, user};
 
@@ -269,9 +271,7 @@ async fn a_batched_conclusion_without_mail_gives_the_throttle_back() -> Result<(
         matches!(batches.claim(row("b2", &b), MINUTE).await?, Claim::Claimed(c) if c.throttle_passed)
     );
     // A finished, published request is done for a duplicate.
-    Store::new(db.pool.clone(), Duration::from_secs(60))
-        .mark_published("a1")
-        .await?;
+    batches.mark_published("a1").await?;
     assert!(matches!(batches.claim(row("a1", &a), MINUTE).await?, Claim::Done(s) if s.published));
     db.drop().await;
     Ok(())
@@ -301,9 +301,28 @@ async fn one_claim_statement_answers_each_request_of_a_batch_in_order() -> Resul
         "no throttle asked"
     );
 
-    let f = |id| FinishInput::new(&finish(id, true, false));
+    let f = |id| Conclusion::Finish(FinishInput::new(&finish(id, true, false)));
     let done = store.finish_batch(&[f("r1"), f("nope"), f("r3")]).await?;
     assert_eq!(done, [true, false, true]);
+
+    // Marks ride in the same statement as other requests' conclusions.
+    let mark = |id: &str| Conclusion::Mark(id.to_owned());
+    let done = store
+        .finish_batch(&[mark("r1"), f("r4"), mark("r3")])
+        .await?;
+    assert_eq!(done, [true, true, true]);
+    let published = |id: &'static str| {
+        sqlx::query_scalar::<_, bool>(
+            "SELECT outcome_published AND lease_until IS NULL FROM requests WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_one(&db.pool)
+    };
+    assert!(published("r1").await? && published("r3").await?);
+    assert!(
+        !published("r4").await?,
+        "a request just concluded is not published yet"
+    );
     db.drop().await;
     Ok(())
 }
