@@ -232,6 +232,24 @@ async fn a_duplicate_event_id_yields_one_mail_and_one_outcome() -> Result<()> {
         .fetch_one(&pool)
         .await?;
     assert_eq!(remaining, 0);
+    // The mark follows the ack: both requests are recorded as published (so a
+    // later duplicate is a no-op at once) and their leases released, soon after.
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let unmarked: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM requests WHERE NOT outcome_published OR lease_until IS NOT NULL",
+        )
+        .fetch_one(&pool)
+        .await?;
+        if unmarked == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{unmarked} requests never marked published"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     pool.close().await;
 
     worker.stop().await?;
