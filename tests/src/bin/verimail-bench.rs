@@ -412,7 +412,7 @@ fn event_props(id: &str, ty: &str) -> BasicProperties {
 /// The outcome types (a `verimail.verification.*` binding would also catch the requests).
 /// WORKER_CONCURRENCY of the throughput and latency runs, and the ceiling's
 /// prefetch. The contract's default (64) keeps a worker latency-bound on this
-/// machine (about 17 ms per mail in flight, so at most ~3,800 mails/s by
+/// machine (about 15 ms per mail in flight, so at most ~4,000 mails/s by
 /// Little's law, with the CPU not saturated); at 256 the database batches grow and the
 /// machine's CPU becomes the limit. The default is measured too (`worker_default`).
 const TUNED_CONCURRENCY: u16 = 256;
