@@ -586,13 +586,35 @@ async fn send_pipelined(
         conn.abort().await;
         return Err(e);
     }
-    match conn.message(email).await {
+    // An ASCII message (lettre's MIME output unless 8BITMIME is used) goes out
+    // dot-stuffed with its terminator in one write; lettre's `message` writes
+    // the two apart and stuffs byte by byte.
+    let sent = match std::str::from_utf8(email) {
+        Ok(text) if email.is_ascii() => conn.command(Verbatim(&data_payload(text))).await,
+        _ => conn.message(email).await,
+    };
+    match sent {
         Ok(_) => Ok(()),
         Err(e) => {
             conn.abort().await;
             Err(e)
         }
     }
+}
+
+/// The DATA payload exactly as lettre's `message` sends it: a line starting
+/// with `.` gets a second one (RFC 5321, 4.5.2), a line being what follows
+/// the start or a CRLF; then the terminating `CRLF.CRLF`.
+fn data_payload(email: &str) -> String {
+    let mut out = String::with_capacity(email.len() + 64);
+    for line in email.split_inclusive("\r\n") {
+        if line.starts_with('.') {
+            out.push('.');
+        }
+        out.push_str(line);
+    }
+    out.push_str("\r\n.\r\n");
+    out
 }
 
 /// Commands already formatted (each ends with CRLF), written as one.
@@ -700,6 +722,18 @@ mod tests {
         assert!(id.starts_with("5f1c-req_1."), "{id}");
         assert!(id.ends_with("@verimail.test"), "{id}");
         Ok(())
+    }
+
+    #[test]
+    fn the_data_payload_is_dot_stuffed_and_terminated_as_lettre_does() {
+        assert_eq!(data_payload("a\r\nb"), "a\r\nb\r\n.\r\n");
+        assert_eq!(
+            data_payload(".x\r\n.\r\nmid.dle\r\n..y\r\n"),
+            "..x\r\n..\r\nmid.dle\r\n...y\r\n\r\n.\r\n"
+        );
+        // Only CRLF ends a line (a bare LF or CR does not, as in lettre's codec).
+        assert_eq!(data_payload("a\n.b\r.c"), "a\n.b\r.c\r\n.\r\n");
+        assert_eq!(data_payload(""), "\r\n.\r\n");
     }
 
     #[test]
@@ -954,6 +988,8 @@ mod tests {
         connections: Arc<std::sync::atomic::AtomicUsize>,
         mails: Arc<std::sync::atomic::AtomicUsize>,
         pipelined: Arc<std::sync::atomic::AtomicBool>,
+        /// Each accepted mail's DATA, as it came over the wire (terminator included).
+        bodies: Arc<Mutex<Vec<String>>>,
     }
 
     impl Pipeliner {
@@ -965,11 +1001,17 @@ mod tests {
             let connections = Arc::new(AtomicUsize::new(0));
             let mails = Arc::new(AtomicUsize::new(0));
             let pipelined = Arc::new(AtomicBool::new(false));
-            let (c, m, p) = (connections.clone(), mails.clone(), pipelined.clone());
+            let bodies = Arc::new(Mutex::new(Vec::new()));
+            let (c, m, p, b) = (
+                connections.clone(),
+                mails.clone(),
+                pipelined.clone(),
+                bodies.clone(),
+            );
             tokio::spawn(async move {
                 while let Ok((socket, _)) = listener.accept().await {
                     c.fetch_add(1, Ordering::SeqCst);
-                    let (m, p) = (m.clone(), p.clone());
+                    let (m, p, b) = (m.clone(), p.clone(), b.clone());
                     tokio::spawn(async move {
                         let (read, mut write) = socket.into_split();
                         let mut read = BufReader::new(read);
@@ -1003,6 +1045,7 @@ mod tests {
                                         }
                                     }
                                     m.fetch_add(1, Ordering::SeqCst);
+                                    lock(&b).push(body);
                                     "250 queued\r\n"
                                 }
                                 "DATA" => "554 no valid recipients\r\n",
@@ -1022,6 +1065,7 @@ mod tests {
                 connections,
                 mails,
                 pipelined,
+                bodies,
             })
         }
 
@@ -1044,6 +1088,37 @@ mod tests {
         assert!(
             server.pipelined.load(std::sync::atomic::Ordering::SeqCst),
             "RCPT and DATA were sent before MAIL's reply"
+        );
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_line_starting_with_a_dot_arrives_intact_over_the_pipelined_path() -> TestResult {
+        let server = Pipeliner::start("250 ok\r\n").await?;
+        let m = mailer(&format!("smtp+plain://127.0.0.1:{}", server.port))?;
+        let mut dotted = mail();
+        dotted.subject = "Confirm".into();
+        dotted.text = "Hello,\n.hidden unless stuffed\n.\nend\n".into();
+        m.send(&envelope(None, "dot@example.com"), &dotted).await?;
+        let bodies = lock(&server.bodies).clone();
+        let [body] = bodies.as_slice() else {
+            return Err(format!("one mail expected, got {}", bodies.len()).into());
+        };
+        // On the wire each such line carries one more dot, and the data ends
+        // with the terminator; the receiver removes the dots (RFC 5321, 4.5.2).
+        assert!(body.ends_with("\r\n.\r\n"), "{body}");
+        assert!(body.contains("\r\n..hidden unless stuffed\r\n"), "{body}");
+        let received = body
+            .trim_end_matches(".\r\n")
+            .split_inclusive("\r\n")
+            .map(|line| line.strip_prefix('.').unwrap_or(line))
+            .collect::<String>();
+        let parsed = mail_parser::MessageParser::default()
+            .parse(received.as_bytes())
+            .ok_or("unparsable")?;
+        assert_eq!(
+            parsed.body_text(0).as_deref(),
+            Some("Hello,\r\n.hidden unless stuffed\r\n.\r\nend\r\n")
         );
         Ok(())
     }
