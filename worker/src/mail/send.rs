@@ -20,9 +20,9 @@
 //!
 //! When the server offers `PIPELINING` (RFC 2920; Postfix and most MTAs do),
 //! `MAIL FROM`, `RCPT TO` and `DATA` go out in one write and their replies
-//! are read in order, then the message: two round trips per mail instead of
-//! four, which halves the time a mail holds its connection and the system
-//! calls on both ends. Replies are read and judged exactly as lettre's own
+//! are read in order, then the message, dot-stuffed and terminated in one
+//! write of its own: two round trips per mail instead of four, which halves
+//! the time a mail holds its connection and the system calls on both ends. Replies are read and judged exactly as lettre's own
 //! `send` does (its `read_response`: a negative reply is an error with the
 //! same classification, and the connection is aborted, never reused), so a
 //! refusal at any step means what it meant before. Servers without it get
