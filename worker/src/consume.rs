@@ -34,10 +34,10 @@ pub async fn consume(
     let tag = format!("verimail-worker-{}", uuid::Uuid::now_v7());
     // The broker never has more than `prefetch` unacknowledged deliveries on a
     // channel, but tasks from a lost channel may still run: the semaphore keeps
-    // the total bounded across reconnections too. Twice the prefetch: a task
-    // keeps its permit while it marks its outcome published after the ack,
-    // and the delivery the broker sends for that ack must not wait for it.
-    let permits = Arc::new(Semaphore::new(usize::from(prefetch) * 2));
+    // the total bounded across reconnections too. A task gives its permit
+    // back at the ack, before it marks its outcome published, so the delivery
+    // the broker sends for that ack does not wait for the mark.
+    let permits = Arc::new(Semaphore::new(usize::from(prefetch)));
     let mut wait = Duration::from_millis(200);
     while !shutdown.is_cancelled() {
         let started = tokio::select! {
@@ -80,24 +80,31 @@ pub async fn consume(
                     // Boxed: the state machine of one delivery is about 11 KB,
                     // and unboxed it was copied whole on each move into the
                     // task (perf: memmove took 7 % of the worker's CPU).
-                    let handling = Box::pin(process::handle(ctx, delivery));
+                    let handling = Box::pin(process::handle(ctx.clone(), delivery));
                     tracker.spawn(async move {
-                        let handled = AssertUnwindSafe(handling).catch_unwind().await;
-                        if handled.is_err() {
-                            // A bug, not an outage: hand the message back after a
-                            // pause; if it keeps failing, the queue's delivery limit
-                            // moves it to the dead-letter queue. Without the nack it
-                            // would stay unacknowledged until the channel closes.
-                            error!("processing panicked; handing the message back");
-                            tokio::time::sleep(Duration::from_secs(1)).await;
-                            let _ = acker
-                                .nack(BasicNackOptions {
-                                    requeue: true,
-                                    multiple: false,
-                                })
-                                .await;
+                        match AssertUnwindSafe(handling).catch_unwind().await {
+                            Ok(after_ack) => {
+                                drop(permit);
+                                if let Some(id) = after_ack {
+                                    process::mark_after_ack(&ctx, &id).await;
+                                }
+                            }
+                            Err(_) => {
+                                // A bug, not an outage: hand the message back after a
+                                // pause; if it keeps failing, the queue's delivery limit
+                                // moves it to the dead-letter queue. Without the nack it
+                                // would stay unacknowledged until the channel closes.
+                                error!("processing panicked; handing the message back");
+                                tokio::time::sleep(Duration::from_secs(1)).await;
+                                let _ = acker
+                                    .nack(BasicNackOptions {
+                                        requeue: true,
+                                        multiple: false,
+                                    })
+                                    .await;
+                                drop(permit);
+                            }
                         }
-                        drop(permit);
                     });
                 }
                 Some(Err(e)) => {

@@ -234,9 +234,13 @@ impl Worker {
             tracker.clone(),
         ))
         .await
-        .unwrap_or_else(|e| {
-            warn!(error = %e, "the consumer task failed");
-            None
+        .unwrap_or_else(|e| match e.try_into_panic() {
+            // A bug in the loop: fail as loudly as when it ran inline.
+            Ok(panic) => std::panic::resume_unwind(panic),
+            Err(e) => {
+                warn!(error = %e, "the consumer task was cancelled");
+                None
+            }
         });
         tracker.close();
         info!(in_flight = tracker.len(), "draining in-flight requests");

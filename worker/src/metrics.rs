@@ -26,7 +26,8 @@ pub const PROCESSING_SECONDS: &str = "verimail_worker_processing_seconds";
 pub const STEP_SECONDS: &str = "verimail_worker_step_seconds";
 /// Time of one SMTP send including in-process retries, seconds, by `result`.
 pub const SMTP_SECONDS: &str = "verimail_worker_smtp_seconds";
-/// Time of one batched statement, seconds, by `statement` (`claim`, `finish`, `mark`).
+/// Time of one batched statement, seconds, by `statement` (`claim`, `finish`:
+/// the conclusions with the marks).
 pub const BATCH_SECONDS: &str = "verimail_worker_batch_seconds";
 /// Requests served by one batched statement, by `statement`.
 pub const BATCH_SIZE: &str = "verimail_worker_batch_size";

@@ -95,7 +95,7 @@ pub struct Ctx {
 
 /// What is left to do once the delivery is acknowledged: the request whose
 /// published outcome to mark, if any.
-type AfterAck = Option<String>;
+pub type AfterAck = Option<String>;
 
 /// Why a delivery is not acknowledged.
 #[derive(Debug)]
@@ -106,9 +106,11 @@ enum Failure {
     Stopped,
 }
 
-/// Processes one delivery and acknowledges it, or hands it back.
+/// Processes one delivery and acknowledges it, or hands it back. Returns
+/// the request whose outcome is to be marked published once the delivery is
+/// acknowledged ([`mark_after_ack`]), if any.
 #[instrument(name = "delivery", skip_all, fields(request_id, user_id, redelivered = delivery.redelivered))]
-pub async fn handle(ctx: Arc<Ctx>, delivery: Delivery) {
+pub async fn handle(ctx: Arc<Ctx>, delivery: Delivery) -> AfterAck {
     let started = Instant::now();
     match process(&ctx, &delivery).await {
         Ok(after_ack) => {
@@ -121,13 +123,7 @@ pub async fn handle(ctx: Arc<Ctx>, delivery: Delivery) {
             }
             metrics::step("ack", t.elapsed());
             metrics::processing(started.elapsed());
-            if let Some(id) = after_ack {
-                let t = Instant::now();
-                // Only the shutdown deadline stops it (persist retries); then
-                // a later duplicate re-publishes the same event (window 3).
-                let _ = mark_published(&ctx, &id).await;
-                metrics::step("mark", t.elapsed());
-            }
+            return after_ack;
         }
         Err(Failure::Database(e)) => {
             metrics::db_error();
@@ -139,7 +135,7 @@ pub async fn handle(ctx: Arc<Ctx>, delivery: Delivery) {
             // queue into a hot loop.
             tokio::select! {
                 () = tokio::time::sleep(wait) => {}
-                () = ctx.hard_stop.cancelled() => return,
+                () = ctx.hard_stop.cancelled() => return None,
             }
             let requeue = BasicNackOptions {
                 requeue: true,
@@ -153,6 +149,18 @@ pub async fn handle(ctx: Arc<Ctx>, delivery: Delivery) {
             debug!("shutdown deadline passed; leaving the delivery for the broker");
         }
     }
+    None
+}
+
+/// Records that the outcome of request `id` was confirmed, after its delivery
+/// was acknowledged: the delivery's prefetch slot is free by then. Only the
+/// shutdown deadline stops it (the write is retried); then a later duplicate
+/// re-publishes the same event (ARCHITECTURE.md, crash window 3).
+#[instrument(name = "mark", skip_all, fields(request_id = id))]
+pub async fn mark_after_ack(ctx: &Ctx, id: &str) {
+    let t = Instant::now();
+    let _ = mark_published(ctx, id).await;
+    metrics::step("mark", t.elapsed());
 }
 
 /// Exponential backoff with jitter after `n` earlier failures, at most 5 s.

@@ -295,7 +295,8 @@ SELECT count(*) FROM r";
     /// Records that the broker confirmed the stored outcome.
     pub async fn mark_published(&self, id: &str) -> Result<(), sqlx::Error> {
         sqlx::query(
-            "UPDATE requests SET outcome_published = true, lease_until = NULL WHERE id = $1",
+            "UPDATE requests SET outcome_published = true, lease_until = NULL
+             WHERE id = $1 AND state = 'done'",
         )
         .bind(id)
         .execute(&self.pool)
@@ -457,7 +458,7 @@ RETURNING r.id, r.throttle_passed, r.attempts,
         const FINISH_BATCH: &str = r"
 WITH marked AS (
     UPDATE requests SET outcome_published = true, lease_until = NULL
-    WHERE id = ANY($8)
+    WHERE id = ANY($8) AND state = 'done'
     RETURNING 1
 ),
 input AS (
@@ -489,7 +490,10 @@ released AS (
     RETURNING 1
 )
 SELECT id FROM r";
-        // Rows locked in id order (see claim_batch).
+        // The finished rows go in id order (see claim_batch), the marked ones
+        // too, in a sub-statement of their own. A mark never meets another
+        // worker's finish of its row (it follows that row's own, committed,
+        // finish); a deadlock anyway fails the batch, and its jobs run alone.
         let mut order: Vec<&FinishInput> = inputs
             .iter()
             .filter_map(|c| match c {
