@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{Context as _, bail};
 use futures_util::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions};
 use lapin::types::FieldTable;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -223,29 +223,10 @@ async fn tap(config: &Config) -> anyhow::Result<mpsc::UnboundedReceiver<Value>> 
     let channel = bus.channel().await?;
     let topology = Topology::new(config.namespace.clone());
     bus::declare(&channel, &topology).await?;
-    let queue = channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-    channel
-        .queue_bind(
-            queue.name().clone(),
-            topology.exchange().into(),
-            "verimail.#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let queue = bus::bind_temporary_queue(&channel, topology.exchange(), &["verimail.#"]).await?;
     let mut consumer = channel
         .basic_consume(
-            queue.name().clone(),
+            queue,
             "".into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),

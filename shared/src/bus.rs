@@ -274,6 +274,40 @@ pub async fn declare_subscriber(
     Ok(queue)
 }
 
+/// Declares a server-named queue on `channel`, exclusive and auto-deleted (it
+/// lives as long as the connection), bound to the exchange `exchange` with each
+/// of `patterns`; returns its name. For listeners that must not leave a
+/// backlog behind (`verimail listen`, the demo, the tests' and bench's taps).
+pub async fn bind_temporary_queue(
+    channel: &Channel,
+    exchange: &str,
+    patterns: &[&str],
+) -> Result<ShortString, lapin::Error> {
+    let queue = channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    for pattern in patterns {
+        channel
+            .queue_bind(
+                queue.name().clone(),
+                exchange.into(),
+                (*pattern).into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+    }
+    Ok(queue.name().clone())
+}
+
 /// A connection to one node of the cluster named by `AMQP_URL`, re-made on
 /// another node when it is lost.
 #[derive(Debug)]

@@ -5,40 +5,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
-use lapin::types::{FieldTable, ShortString};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions};
+use lapin::types::FieldTable;
 use serde_json::Value;
-
-/// Declares a server-named, exclusive queue on `ch` (gone with the
-/// connection) bound to `exchange` for each of `patterns`; returns its name.
-pub async fn bind_exclusive_queue(
-    ch: &lapin::Channel,
-    exchange: &str,
-    patterns: &[&str],
-) -> Result<ShortString, lapin::Error> {
-    let queue = ch
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-    for p in patterns {
-        ch.queue_bind(
-            queue.name().clone(),
-            exchange.into(),
-            (*p).into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    }
-    Ok(queue.name().clone())
-}
 
 /// Events seen on the bus, in arrival order.
 #[derive(Debug, Clone)]
@@ -55,7 +24,7 @@ impl EventTap {
             lapin::Connection::connect(amqp_url, lapin::ConnectionProperties::default()).await?;
         let ch = conn.create_channel().await?;
         verimail_shared::bus::declare(&ch, &verimail_shared::bus::Topology::new(namespace)).await?;
-        let queue = bind_exclusive_queue(&ch, namespace, patterns).await?;
+        let queue = verimail_shared::bus::bind_temporary_queue(&ch, namespace, patterns).await?;
         let mut consumer = ch
             .basic_consume(
                 queue,

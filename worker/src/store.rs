@@ -494,21 +494,14 @@ SELECT id FROM r";
         // too, in a sub-statement of their own. A mark never meets another
         // worker's finish of its row (it follows that row's own, committed,
         // finish); a deadlock anyway fails the batch, and its jobs run alone.
-        let mut order: Vec<&FinishInput> = inputs
-            .iter()
-            .filter_map(|c| match c {
-                Conclusion::Finish(f) => Some(f),
-                Conclusion::Mark(_) => None,
-            })
-            .collect();
+        let (mut order, mut marks) = (Vec::new(), Vec::new());
+        for c in inputs {
+            match c {
+                Conclusion::Finish(f) => order.push(f),
+                Conclusion::Mark(id) => marks.push(id.as_str()),
+            }
+        }
         order.sort_unstable_by(|a, b| a.id.cmp(&b.id));
-        let mut marks: Vec<&str> = inputs
-            .iter()
-            .filter_map(|c| match c {
-                Conclusion::Mark(id) => Some(id.as_str()),
-                Conclusion::Finish(_) => None,
-            })
-            .collect();
         marks.sort_unstable();
         let rows: Vec<String> = sqlx::query_scalar(FINISH_BATCH)
             .bind(order.iter().map(|i| i.id.as_str()).collect::<Vec<_>>())

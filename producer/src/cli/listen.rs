@@ -4,7 +4,7 @@
 use anyhow::Context as _;
 use clap::Args;
 use futures_util::StreamExt;
-use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::BasicConsumeOptions;
 use lapin::types::FieldTable;
 use serde_json::Value;
 use tokio::signal::unix::{SignalKind, signal};
@@ -52,31 +52,13 @@ pub async fn run(config: &Config, args: ListenArgs) -> Outcome {
         .await
         .context("declaring the topology failed")?;
     // Server-named, exclusive and auto-deleted: it lives as long as we do.
-    let queue = channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-    for pattern in &args.patterns {
-        channel
-            .queue_bind(
-                queue.name().clone(),
-                topology.exchange().into(),
-                pattern.as_str().into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
+    let patterns: Vec<&str> = args.patterns.iter().map(String::as_str).collect();
+    let queue =
+        verimail_shared::bus::bind_temporary_queue(&channel, topology.exchange(), &patterns)
             .await?;
-    }
     let mut consumer = channel
         .basic_consume(
-            queue.name().clone(),
+            queue,
             "".into(),
             // Printing is all we do with an event: nothing to acknowledge.
             BasicConsumeOptions {

@@ -521,7 +521,7 @@ impl Tap {
         parse: bool,
     ) -> Result<Self> {
         let ch = conn.create_channel().await?;
-        let queue = verimail_tests::tap::bind_exclusive_queue(&ch, exchange, patterns).await?;
+        let queue = verimail_shared::bus::bind_temporary_queue(&ch, exchange, patterns).await?;
         let mut consumer = ch
             .basic_consume(
                 queue,

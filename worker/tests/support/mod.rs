@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use futures_util::StreamExt;
 use lapin::options::{
-    BasicConsumeOptions, BasicGetOptions, ExchangeDeleteOptions, QueueBindOptions,
-    QueueDeclareOptions, QueueDeleteOptions,
+    BasicConsumeOptions, BasicGetOptions, ExchangeDeleteOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, message::Delivery};
@@ -127,36 +127,20 @@ impl TestEnv {
     /// Binds a capture queue for every outcome (bind before publishing).
     pub async fn capture(&self) -> Result<Capture> {
         let channel = self.channel().await?;
-        let queue = channel
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
         // `verimail.verification.*` would match the requests too: bind the outcomes.
-        for ty in [
-            VERIFICATION_SENT,
-            VERIFICATION_THROTTLED,
-            VERIFICATION_FAILED,
-        ] {
-            channel
-                .queue_bind(
-                    queue.name().clone(),
-                    self.topology.exchange().into(),
-                    ty.into(),
-                    QueueBindOptions::default(),
-                    FieldTable::default(),
-                )
-                .await?;
-        }
+        let queue = verimail_shared::bus::bind_temporary_queue(
+            &channel,
+            self.topology.exchange(),
+            &[
+                VERIFICATION_SENT,
+                VERIFICATION_THROTTLED,
+                VERIFICATION_FAILED,
+            ],
+        )
+        .await?;
         let mut consumer = channel
             .basic_consume(
-                queue.name().clone(),
+                queue,
                 "".into(),
                 BasicConsumeOptions {
                     no_ack: true,
