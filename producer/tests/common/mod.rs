@@ -150,8 +150,23 @@ impl Broker {
         }
     }
 
-    /// How many messages `queue` holds (ready).
+    /// How many messages `queue` holds (ready), once the figure holds still:
+    /// a CLI process that just exited may still be handing its unacknowledged
+    /// messages back while the broker notices its closed connection.
     pub async fn count(&self, queue: &str) -> u32 {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut last = self.count_now(queue).await;
+        let mut steady = 0;
+        while steady < 4 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let now = self.count_now(queue).await;
+            steady = if now == last { steady + 1 } else { 0 };
+            last = now;
+        }
+        last
+    }
+
+    async fn count_now(&self, queue: &str) -> u32 {
         self.channel
             .queue_declare(
                 queue.into(),
