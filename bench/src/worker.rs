@@ -1,0 +1,149 @@
+//! `verimail-bench worker`: verimail-worker throughput with 1, 2, 4 processes
+//! over a preloaded queue, with CPU and memory per process.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+use verimail_shared::bus::Topology;
+use verimail_tests::env::{TestEnv, free_port};
+use verimail_tests::procs::Proc;
+
+use crate::broker::*;
+use crate::results::*;
+use crate::system::*;
+use crate::tap::*;
+
+pub(crate) async fn worker_run(
+    out: &Results,
+    label: &str,
+    n: usize,
+    processes: usize,
+    mail_url: &str,
+    concurrency: u16,
+) -> Result<()> {
+    let env = bench_env(&format!("bw{processes}"), mail_url, concurrency);
+    let result = worker_run_in(&env, out, label, n, processes, concurrency).await;
+    env.cleanup().await;
+    result
+}
+
+pub(crate) async fn worker_run_in(
+    env: &TestEnv,
+    out: &Results,
+    label: &str,
+    n: usize,
+    processes: usize,
+    concurrency: u16,
+) -> Result<()> {
+    println!(
+        "== worker throughput: {processes} process(es), WORKER_CONCURRENCY {concurrency}, {n} requests preloaded"
+    );
+    let url = env.get("AMQP_URL").context("AMQP_URL")?.to_owned();
+    let topology = Topology::new(env.namespace.clone());
+    prepare_db(env).await?;
+    let conn = amqp(&url).await?;
+    verimail_shared::bus::declare(&conn.create_channel().await?, &topology).await?;
+    let tap = Tap::start(&conn, topology.exchange(), OUTCOMES, false).await?;
+    let (secs, per_s) = preload(&conn, &topology, n, &unique_prefix()).await?;
+    println!("  preloaded in {secs:.2} s ({per_s:.0}/s)");
+
+    let t0 = Instant::now();
+    let machine0 = machine_ticks();
+    let mut metrics_addrs = Vec::new();
+    let mut procs: Vec<Proc> = (0..processes)
+        .map(|_| {
+            let mut e = env.clone();
+            let addr = format!("127.0.0.1:{}", free_port());
+            e.set("METRICS_ADDR", addr.clone());
+            metrics_addrs.push(addr);
+            Proc::start("verimail-worker", &[], &e)
+        })
+        .collect();
+    let seen = tap
+        .wait_with(n, Duration::from_secs(30), || {
+            procs.iter_mut().all(Proc::is_running)
+        })
+        .await;
+    let end = tap.last_at().unwrap_or_else(Instant::now);
+    let machine1 = machine_ticks();
+    let cpu: u64 = procs.iter().filter_map(|p| cpu_ticks(p.pid()?)).sum();
+    let cpu_ms = cpu as f64 * tick_ms();
+    let mut rss = 0;
+    let mut hwm = 0;
+    for (i, p) in procs.iter().enumerate() {
+        let pid = p.pid().unwrap_or(0);
+        let r = status_kib(pid, "VmRSS").unwrap_or(0);
+        let h = status_kib(pid, "VmHWM").unwrap_or(0);
+        println!(
+            "  worker {i} (pid {pid}): VmRSS {}, peak VmHWM {}",
+            mib(r),
+            mib(h)
+        );
+        rss = rss.max(r);
+        hwm = hwm.max(h);
+    }
+    if let Some(addr) = metrics_addrs.first() {
+        print_step_means("worker 0", &format!("http://{addr}/metrics")).await;
+    }
+    let logs: Vec<String> = procs.iter().map(|p| log_tail(p, 15)).collect();
+    for p in procs {
+        p.stop(Duration::from_secs(15)).await;
+    }
+    let failures = tap.failures();
+    if !failures.is_empty() {
+        println!("  first failed outcomes:");
+        for f in &failures {
+            println!("    {f}");
+        }
+    }
+    if seen < n {
+        for (i, log) in logs.iter().enumerate() {
+            println!("  --- worker {i} log (tail) ---\n{log}");
+        }
+        bail!(
+            "worker: only {seen} of {n} outcomes arrived ({}); stopped waiting",
+            tap.breakdown()
+        );
+    }
+    let secs = (end - t0).as_secs_f64();
+    let per_s = rate(n, secs);
+    let steady = match tap.first_at() {
+        Some(first) if end > first => rate(n.saturating_sub(1), (end - first).as_secs_f64()),
+        _ => 0.0,
+    };
+    println!(
+        "  {processes} worker(s): {n} outcomes ({}) in {secs:.2} s from process start: {per_s:.0} mails/s \
+         (first→last outcome: {steady:.0}/s)",
+        tap.breakdown()
+    );
+    println!(
+        "  CPU: workers used {:.0} ms in all, {:.3} ms per outcome; machine CPU busy {:.0} % \
+         (2 cores shared with RabbitMQ, PostgreSQL, the sink and this tap)",
+        cpu_ms,
+        cpu_ms / n as f64,
+        busy_percent(machine0, machine1)
+    );
+    let warn_lines = logs.iter().map(|l| l.lines().count()).sum::<usize>();
+    if warn_lines > 0 {
+        println!("  (workers logged {warn_lines} warning/error lines; tail of the first:)");
+        if let Some(first) = logs.iter().find(|l| !l.is_empty()) {
+            for l in first.lines().take(5) {
+                println!("    {l}");
+            }
+        }
+    }
+    let k = format!("{label}_{processes}");
+    out.put(&format!("{k}_n"), n)?;
+    out.put(&format!("{k}_concurrency"), concurrency)?;
+    out.put(&format!("{k}_mps"), format!("{per_s:.0}"))?;
+    out.put(&format!("{k}_steady_mps"), format!("{steady:.0}"))?;
+    out.put(&format!("{k}_sent"), tap.sent())?;
+    out.put(&format!("{k}_rss_kib"), rss)?;
+    out.put(&format!("{k}_hwm_kib"), hwm)?;
+    out.put(
+        &format!("{k}_cpu_ms_per_mail"),
+        format!("{:.3}", cpu_ms / n as f64),
+    )?;
+    let _ = conn.close(200, "done".into()).await;
+    Ok(())
+}
