@@ -1,6 +1,9 @@
 //! The `verimail` binary against the real RabbitMQ and PostgreSQL, each test
 //! in a namespace of its own.
 
+// The broker helpers of the client library's tests (a namespace per test,
+// direct access to queues), shared rather than copied.
+#[path = "../../producer/tests/common/mod.rs"]
 mod common;
 
 use std::process::{Output, Stdio};
