@@ -3,7 +3,7 @@
 mod dead;
 mod listen;
 mod migrate;
-mod outbox;
+pub(crate) mod outbox;
 mod publish;
 mod token;
 
