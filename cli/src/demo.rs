@@ -392,14 +392,15 @@ fn try_it(config: &Config, outbox: &Path, logs: &Path) -> String {
     }
     format!(
         "\nThe pipeline keeps running. Try it yourself, in another terminal, in this folder\n\
-         (the commands read ./{DOTENV} too; the two with `$(…)` need curl and jq):\n\
+         (the commands read ./{DOTENV} too; jq and curl are needed for the link):\n\
          \n{exports}\
          \x20   {verimail} listen verimail.email.verified &\n\
-         \x20   {verimail} publish --user-id 7 --email you@example.com --name You\n\
-         \x20   {verimail} outbox\n\
-         \x20   curl -s -H 'Accept: application/json' \"$({verimail} outbox | jq -r .link)\"\n\
-         \x20   {verimail} token inspect \"$({verimail} outbox | jq -r .link)\"\n\
-         \x20   kill %1    # ends the listen\n\
+         \x20   id=$({verimail} publish --user-id 7 --email you@example.com --name You)\n\
+         \x20   {verimail} outbox \"$id\" --wait 10\n\
+         \x20   link=$({verimail} outbox \"$id\" | jq -r .link)\n\
+         \x20   curl -s -H 'Accept: application/json' \"$link\"; echo\n\
+         \x20   {verimail} token inspect \"$link\"\n\
+         \x20   kill %1\n\
          \nMails land in {} ; links point at {} ; logs are in {}\n\
          Press Ctrl-C to stop everything.",
         outbox.display(),

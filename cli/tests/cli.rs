@@ -895,6 +895,17 @@ async fn outbox_prints_the_mail_of_a_request_or_the_latest_and_exit_1_without_on
     let out = run(&ns, &env, &["outbox", "signup/2"]).await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
 
+    // --wait: the mail written while the command waits for it.
+    let waiting = command(&ns, &env, &["outbox", "late-1", "--wait", "20"]).output();
+    let writer = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        std::fs::write(dir.join("late-1.eml"), eml("ada@example.com", link)).expect("write");
+    };
+    let (out, ()) = tokio::join!(waiting, writer);
+    let out = out.expect("the binary runs");
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stdout(&out).contains("\"request_id\":\"late-1\""));
+
     let out = run(&ns, &env, &["outbox", "no-such-request"]).await;
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("no-such-request"), "{}", stderr(&out));

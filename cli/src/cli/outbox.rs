@@ -2,7 +2,7 @@
 //! its link already decoded, for trying verimail locally without a mail server.
 
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context as _, anyhow};
 use clap::Args;
@@ -27,6 +27,7 @@ pub const EXAMPLES: &str = "\
 Examples:
   verimail outbox                                   # the latest mail
   verimail outbox 01a21640-4fb6-70fa-914f-d9ee93bee104
+  id=$(verimail publish --user-id 7 --email you@example.com) && verimail outbox \"$id\" --wait 10
   curl -s \"$(verimail outbox | jq -r .link)\" -H 'Accept: application/json'";
 
 /// Arguments of `verimail outbox`.
@@ -36,6 +37,15 @@ pub struct OutboxArgs {
     /// the latest mail when left out.
     #[arg(value_name = "REQUEST_ID")]
     request_id: Option<String>,
+    /// Wait up to SECONDS for the mail of REQUEST_ID to be written (the worker
+    /// writes it moments after `verimail publish` returns).
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        requires = "request_id",
+        default_value_t = 0
+    )]
+    wait: u64,
 }
 
 /// One mail of the outbox, as `verimail outbox` prints it.
@@ -58,6 +68,10 @@ pub fn run(config: &Config, args: OutboxArgs) -> Outcome {
     let path = match &args.request_id {
         Some(id) => {
             let path = dir.join(outbox_file_name(id));
+            let deadline = Instant::now() + Duration::from_secs(args.wait);
+            while !path.is_file() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(100));
+            }
             if !path.is_file() {
                 return Err(Exit::Failed(anyhow!(
                     "no mail for request {id} in {} (yet?)",
