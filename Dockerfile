@@ -11,21 +11,22 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY shared/Cargo.toml shared/
 COPY producer/Cargo.toml producer/
+COPY cli/Cargo.toml cli/
 COPY worker/Cargo.toml worker/
 COPY confirm-gateway/Cargo.toml confirm-gateway/
 COPY tests/Cargo.toml tests/
-RUN for crate in shared producer worker confirm-gateway tests; do \
+RUN for crate in shared producer cli worker confirm-gateway tests; do \
         mkdir -p $crate/src $crate/benches && echo "" > $crate/src/lib.rs; \
     done \
- && for crate in producer worker confirm-gateway; do echo "fn main() {}" > $crate/src/main.rs; done \
+ && for crate in cli worker confirm-gateway; do echo "fn main() {}" > $crate/src/main.rs; done \
  && sed -i '/^\[\[bench\]\]/,/^$/d' shared/Cargo.toml worker/Cargo.toml confirm-gateway/Cargo.toml producer/Cargo.toml \
- && cargo build --release --locked -p verimail-producer -p verimail-worker -p verimail-gateway \
- && rm -rf shared producer worker confirm-gateway tests
+ && cargo build --release --locked -p verimail-cli -p verimail-worker -p verimail-gateway \
+ && rm -rf shared producer cli worker confirm-gateway tests
 
 # Now the real sources.
 COPY . .
-RUN touch shared/src/lib.rs producer/src/*.rs worker/src/*.rs confirm-gateway/src/*.rs \
- && cargo build --release --locked -p verimail-producer -p verimail-worker -p verimail-gateway
+RUN touch shared/src/lib.rs producer/src/*.rs cli/src/*.rs worker/src/*.rs confirm-gateway/src/*.rs \
+ && cargo build --release --locked -p verimail-cli -p verimail-worker -p verimail-gateway
 
 # --- runtime -----------------------------------------------------------------
 FROM debian:bookworm-slim AS runtime

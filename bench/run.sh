@@ -97,9 +97,9 @@ PY=$REF/.venv/bin/python
 # --- build -----------------------------------------------------------------------------------
 if [[ ${BENCH_SKIP_BUILD:-0} != 1 ]]; then
   say "building release binaries (several minutes on 2 cores the first time)"
-  if ! (cd "$ROOT" && cargo build --release -p verimail-worker -p verimail-gateway -p verimail-producer \
+  if ! (cd "$ROOT" && cargo build --release -p verimail-worker -p verimail-gateway -p verimail-cli \
     -p verimail-bench --bins); then
-    # The bench does not run the CLI: a producer that does not build must not stop it.
+    # The bench does not run the CLI: a CLI that does not build must not stop it.
     echo "WARNING: the full release build failed; building worker, gateway and bench only" >&2
     (cd "$ROOT" && cargo build --release -p verimail-worker -p verimail-gateway -p verimail-bench --bins)
   fi

@@ -123,6 +123,8 @@ impl Relay {
             {
                 tracing::info!(published = outcome.published, "outbox flushed at shutdown");
             }
+            // Before the gateway closes the connection (see `Publisher::close`).
+            publisher.close().await;
         }
     }
 

@@ -14,6 +14,10 @@
 //! Everything reads the same environment as the services ([`Config::from_env`]):
 //! `AMQP_URL`, `VERIMAIL_NAMESPACE`, and for proofs `VERIMAIL_SECRET_KEY`.
 //!
+//! This crate is only the client: the `verimail` command line is the
+//! `verimail-cli` crate (`cli/`), so a service depending on this one compiles
+//! no argument parser, database driver or mail parser.
+//!
 //! ```no_run
 //! use verimail_producer::{Config, Event, Producer, Subscriber, VerificationRequest};
 //!

@@ -511,6 +511,17 @@ impl Publisher {
         Ok(ch)
     }
 
+    /// Closes the channel and waits for the broker's answer. Call it before
+    /// closing the connection: a channel left to close itself on drop races
+    /// the connection's close, and lapin logs that race as an ERROR.
+    pub async fn close(&self) {
+        if let Some(channel) = self.channel.lock().await.take()
+            && channel.status().connected()
+        {
+            let _ = channel.close(200, "shutdown".into()).await;
+        }
+    }
+
     async fn drop_channel(&self, failed: &Channel) {
         let mut slot = self.channel.lock().await;
         if slot.as_ref().is_some_and(|c| c.id() == failed.id()) {

@@ -127,6 +127,39 @@ impl FromStr for MailUrl {
     }
 }
 
+/// The name of a request's mail in a `file://` outbox: `{request_id}.eml`.
+///
+/// What a file name cannot hold is percent-encoded (`/`, `\\`, `%`, control
+/// characters, a leading `.`), so every id gets a file of its own inside the
+/// folder and the worker and `verimail outbox` agree on it. An id too long for
+/// a file name keeps its first 200 bytes and gains a hash of the whole.
+pub fn outbox_file_name(request_id: &str) -> String {
+    let mut name = String::with_capacity(request_id.len() + 4);
+    for (i, c) in request_id.char_indices() {
+        if matches!(c, '/' | '\\' | '%') || c.is_control() || (i == 0 && c == '.') {
+            let mut buf = [0u8; 4];
+            for b in c.encode_utf8(&mut buf).bytes() {
+                name.push_str(&format!("%{b:02X}"));
+            }
+        } else {
+            name.push(c);
+        }
+    }
+    if name.len() > 240 {
+        let mut cut = 200;
+        while !name.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        // FNV-1a: stable across Rust versions, unlike std's hasher.
+        let hash = request_id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+        name = format!("{}~{hash:016x}", &name[..cut]);
+    }
+    name.push_str(".eml");
+    name
+}
+
 fn percent_decode(s: &str) -> Result<String, String> {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
@@ -781,5 +814,16 @@ mod tests {
         assert!(!c.return_url_allowed(&Url::parse("https://app.example.com.evil.io/")?));
         assert!(!c.return_url_allowed(&Url::parse("http://app.example.com/")?));
         Ok(())
+    }
+
+    #[test]
+    fn outbox_file_names_are_the_request_id_kept_inside_the_folder() {
+        assert_eq!(outbox_file_name("01a2-b_c.d"), "01a2-b_c.d.eml");
+        assert_eq!(outbox_file_name("signup/42%"), "signup%2F42%25.eml");
+        assert_eq!(outbox_file_name(".."), "%2E..eml");
+        assert_eq!(outbox_file_name("邮件"), "邮件.eml");
+        let long = outbox_file_name(&"é".repeat(128));
+        assert!(long.len() <= 255 && long.ends_with(".eml"), "{long}");
+        assert_ne!(long, outbox_file_name(&format!("{}x", "é".repeat(127))));
     }
 }

@@ -24,6 +24,8 @@ use verimail_shared::bus::Bus;
 pub struct Health {
     db: AtomicBool,
     bus: AtomicBool,
+    /// The database has answered once: only then is an answer "again".
+    db_seen: AtomicBool,
 }
 
 impl Health {
@@ -37,7 +39,9 @@ impl Health {
         let was = self.db.swap(up, Ordering::Relaxed);
         if was != up {
             if up {
-                tracing::info!("database reachable again");
+                if self.db_seen.swap(true, Ordering::Relaxed) {
+                    tracing::info!("database reachable again");
+                }
             } else {
                 tracing::warn!("database unreachable");
             }

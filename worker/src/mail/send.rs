@@ -47,12 +47,12 @@ use lettre::transport::smtp::authentication::{Credentials, DEFAULT_MECHANISMS};
 use lettre::transport::smtp::client::{AsyncSmtpConnection, TlsParameters};
 use lettre::transport::smtp::commands::{Data, Ehlo, Mail, Rcpt};
 use lettre::transport::smtp::extension::{ClientId, Extension, MailBodyParameter, MailParameter};
-use lettre::{Address, AsyncFileTransport, AsyncTransport, Message, Tokio1Executor};
+use lettre::{Address, Message};
 use secrecy::ExposeSecret;
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tracing::{debug, warn};
-use verimail_shared::config::{Config, MailUrl, SmtpSecurity};
+use verimail_shared::config::{Config, MailUrl, SmtpSecurity, outbox_file_name};
 
 use super::{Classification, Envelope, RenderedMail};
 
@@ -102,7 +102,7 @@ pub enum SendError {
     Timeout(Duration),
     /// Writing to the `file://` outbox failed.
     #[error("writing the mail file failed: {0}")]
-    File(#[source] lettre::transport::file::Error),
+    File(#[source] std::io::Error),
     /// The recipient address is not one lettre can send to.
     #[error("the recipient address is unusable: {0}")]
     Address(#[source] AddressError),
@@ -184,7 +184,8 @@ pub struct Mailer {
 #[derive(Debug)]
 enum Transport {
     Smtp(SmtpPool),
-    File(AsyncFileTransport<Tokio1Executor>),
+    /// The outbox folder: one `{request_id}.eml` per mail.
+    File(std::path::PathBuf),
 }
 
 impl Mailer {
@@ -213,7 +214,7 @@ impl Mailer {
                 } else {
                     warn!(dir = %dir.display(), "MAIL_URL is file://: mails are written as .eml files, not sent");
                 }
-                Transport::File(AsyncFileTransport::new(dir))
+                Transport::File(dir.clone())
             }
             MailUrl::Smtp {
                 security,
@@ -265,7 +266,7 @@ impl Mailer {
     /// Sends once.
     pub async fn send(&self, to: &Envelope<'_>, mail: &RenderedMail) -> Result<(), SendError> {
         let message = self.build(to, mail)?;
-        self.attempt(&message).await
+        self.attempt(&message, to.request_id).await
     }
 
     /// Sends, retrying transient failures in-process with exponential backoff
@@ -288,7 +289,7 @@ impl Mailer {
             .with_max_delay(BACKOFF_MAX)
             .with_jitter()
             .without_max_times();
-        (|| self.attempt(&message))
+        (|| self.attempt(&message, to.request_id))
             .retry(backoff)
             .sleep(tokio::time::sleep)
             .when(|e| classify(e) == Classification::Transient)
@@ -321,12 +322,15 @@ impl Mailer {
     }
 
     /// One attempt under the deadline, measured.
-    async fn attempt(&self, message: &Message) -> Result<(), SendError> {
+    async fn attempt(&self, message: &Message, request_id: &str) -> Result<(), SendError> {
         let started = Instant::now();
-        let result = match tokio::time::timeout(self.attempt_timeout, self.deliver(message)).await {
-            Ok(result) => result,
-            Err(_) => Err(SendError::Timeout(self.attempt_timeout)),
-        };
+        let result =
+            match tokio::time::timeout(self.attempt_timeout, self.deliver(message, request_id))
+                .await
+            {
+                Ok(result) => result,
+                Err(_) => Err(SendError::Timeout(self.attempt_timeout)),
+            };
         let label = match &result {
             Ok(()) => "sent",
             Err(e) => match classify(e) {
@@ -340,18 +344,34 @@ impl Mailer {
         result
     }
 
-    async fn deliver(&self, message: &Message) -> Result<(), SendError> {
+    async fn deliver(&self, message: &Message, request_id: &str) -> Result<(), SendError> {
         let bytes = message.formatted();
         let envelope = message.envelope();
         match &*self.transport {
             Transport::Smtp(pool) => pool.send(envelope, &bytes).await,
-            Transport::File(file) => file
-                .send_raw(envelope, &bytes)
+            Transport::File(dir) => write_outbox(dir, request_id, &bytes)
                 .await
-                .map(drop)
                 .map_err(SendError::File),
         }
     }
+}
+
+/// Writes `{request_id}.eml` (see `outbox_file_name`) into the outbox: to a
+/// hidden temporary file first, renamed into place, so a reader never sees half
+/// a mail and a redelivered request replaces its own file instead of adding one.
+async fn write_outbox(
+    dir: &std::path::Path,
+    request_id: &str,
+    bytes: &[u8],
+) -> std::io::Result<()> {
+    let name = outbox_file_name(request_id);
+    let temporary = dir.join(format!(".{name}.{}.tmp", uuid::Uuid::new_v4().simple()));
+    tokio::fs::write(&temporary, bytes).await?;
+    let renamed = tokio::fs::rename(&temporary, dir.join(name)).await;
+    if renamed.is_err() {
+        let _ = tokio::fs::remove_file(&temporary).await;
+    }
+    renamed
 }
 
 /// `<{request id, sanitized}.{hash of the raw id}@{domain}>`: the same request
@@ -846,8 +866,13 @@ mod tests {
         let m = mailer(&format!("file://{}", dir.display()))?;
         m.send(&envelope(Some("Alice"), "alice@example.com"), &mail())
             .await?;
+        // A redelivered request replaces its own file.
+        m.send(&envelope(Some("Alice"), "alice@example.com"), &mail())
+            .await?;
         let files: Vec<_> = std::fs::read_dir(&dir)?.collect::<Result<_, _>>()?;
         assert_eq!(files.len(), 1);
+        // `{request_id}.eml`, the `/` of the id "5f1c-req/1" encoded.
+        assert_eq!(files[0].file_name(), "5f1c-req%2F1.eml");
         let eml = std::fs::read(files[0].path())?;
         let parsed = mail_parser::MessageParser::default()
             .parse(&eml)

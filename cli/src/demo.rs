@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use futures_util::StreamExt;
@@ -18,7 +18,7 @@ use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 use verimail_shared::Config;
 use verimail_shared::bus::{self, Bus, Topology};
-use verimail_shared::config::MailUrl;
+use verimail_shared::config::{MailUrl, outbox_file_name};
 
 use verimail_producer::{Producer, VerificationRequest};
 
@@ -37,12 +37,31 @@ pub async fn run(config: &Config) -> anyhow::Result<()> {
     let logs = std::env::temp_dir().join(format!("verimail-demo-{}", std::process::id()));
     std::fs::create_dir_all(&logs).context("cannot create the log folder")?;
 
-    // The services need a secret; a demo without one gets a throwaway key.
+    // The services need a secret. A demo without one makes one and keeps it
+    // in ./.env, so the commands of a second terminal in this folder (token
+    // inspect, a later run of the services) use the key of the demo's links.
     let mut extra_env = Vec::new();
     if config.keys().is_err() {
-        let secret = format!("demo-{}", uuid::Uuid::new_v4().simple());
+        let secret = format!(
+            "demo-{}{}",
+            uuid::Uuid::new_v4().simple(),
+            uuid::Uuid::new_v4().simple()
+        );
+        match save_secret(Path::new(DOTENV), &secret) {
+            Ok(Saved::Written) => println!(
+                "  (no VERIMAIL_SECRET_KEY was set: made one and wrote it to ./{DOTENV}, mode 0600;\n   \
+                 verimail commands run in this folder use it)"
+            ),
+            Ok(Saved::EntryExists) => println!(
+                "  (VERIMAIL_SECRET_KEY is empty in ./{DOTENV}, which is left as it is: \
+                 using a throwaway key for this demo)"
+            ),
+            Err(e) => println!(
+                "  (no VERIMAIL_SECRET_KEY set, and ./{DOTENV} could not be written ({e}): \
+                 using a throwaway key for this demo)"
+            ),
+        }
         extra_env.push(("VERIMAIL_SECRET_KEY".to_owned(), secret));
-        println!("  (no VERIMAIL_SECRET_KEY set: using a throwaway key for this demo)");
     }
 
     step(0, "starting verimail-worker and verimail-gateway");
@@ -54,15 +73,7 @@ pub async fn run(config: &Config) -> anyhow::Result<()> {
     if let Err(e) = &outcome {
         println!("\n✗ {e:#}\n  logs: {}", logs.display());
     } else {
-        println!(
-            "\nThe pipeline keeps running. Try it yourself, in another terminal:\n\
-             \n    target/debug/verimail publish --user-id 7 --email you@example.com --name You\n\
-             \nMails land in {} ; links point at {} ; logs are in {}\n\
-             Press Ctrl-C to stop everything.",
-            outbox.display(),
-            config.public_base_url,
-            logs.display()
-        );
+        println!("{}", try_it(config, &outbox, &logs));
         tokio::select! {
             () = shutdown.cancelled() => {}
             name = first_exit(&mut children) => println!("\n{name} stopped unexpectedly; see {}", logs.display()),
@@ -95,7 +106,6 @@ async fn walk_through(
     println!("    worker ready (metrics on {metrics}), gateway ready on {gateway}");
 
     let mut events = tap(config).await?;
-    let started = SystemTime::now();
     let producer = Producer::connect_once(config)
         .await
         .context("cannot publish")?;
@@ -129,7 +139,7 @@ async fn walk_through(
         sent["data"]["sent_at"], sent["data"]["expires_at"]
     );
 
-    let (path, link) = find_mail(outbox, started).await?;
+    let (path, link) = find_mail(outbox, &id).await?;
     step(3, "the mail is in the outbox");
     println!("    {}", path.display());
     println!("    link: {link}");
@@ -267,46 +277,23 @@ async fn wait_event(
     }
 }
 
-/// The newest `.eml` written since `since`, and the confirm link inside it.
-async fn find_mail(outbox: &Path, since: SystemTime) -> anyhow::Result<(PathBuf, String)> {
+/// The mail of request `id` in the outbox (`{id}.eml`) and its confirm link.
+async fn find_mail(outbox: &Path, id: &str) -> anyhow::Result<(PathBuf, String)> {
+    let path = outbox.join(outbox_file_name(id));
     let deadline = tokio::time::Instant::now() + STEP;
     loop {
-        if let Some(found) = scan_outbox(outbox, since) {
-            return Ok(found);
+        if path.is_file() {
+            let mail = crate::cli::outbox::read(&path)?;
+            let link = mail
+                .link
+                .with_context(|| format!("no confirm link in {}", path.display()))?;
+            return Ok((path, link));
         }
         if tokio::time::Instant::now() >= deadline {
-            bail!(
-                "no new mail in {} within {} s",
-                outbox.display(),
-                STEP.as_secs()
-            );
+            bail!("no mail {} within {} s", path.display(), STEP.as_secs());
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-}
-
-fn scan_outbox(outbox: &Path, since: SystemTime) -> Option<(PathBuf, String)> {
-    let mut newest: Option<(SystemTime, PathBuf)> = None;
-    for entry in std::fs::read_dir(outbox).ok()?.flatten() {
-        let path = entry.path();
-        let modified = entry.metadata().and_then(|m| m.modified()).ok()?;
-        if path.extension().is_some_and(|e| e == "eml")
-            && modified >= since
-            && newest.as_ref().is_none_or(|(t, _)| modified > *t)
-        {
-            newest = Some((modified, path));
-        }
-    }
-    let (_, path) = newest?;
-    let raw = std::fs::read(&path).ok()?;
-    let message = mail_parser::MessageParser::default().parse(&raw)?;
-    let text = message.body_text(0)?;
-    let start = text.find("http")?;
-    let link: String = text[start..]
-        .chars()
-        .take_while(|c| !c.is_whitespace() && *c != '>' && *c != '"')
-        .collect();
-    link.contains("/confirm/").then_some((path, link))
 }
 
 /// `GET url` over a plain socket; returns the status code. Enough for the
@@ -329,4 +316,158 @@ async fn http_get_status(url: &str) -> anyhow::Result<u16> {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .context("not an HTTP answer")
+}
+
+/// Where the demo keeps the key it made: the file every command reads.
+const DOTENV: &str = ".env";
+
+/// What [`save_secret`] did.
+#[derive(Debug, PartialEq, Eq)]
+enum Saved {
+    /// `VERIMAIL_SECRET_KEY=…` was added (the file created if missing).
+    Written,
+    /// The file already names `VERIMAIL_SECRET_KEY` (empty, since no key was
+    /// configured): it is never overwritten.
+    EntryExists,
+}
+
+/// Adds `VERIMAIL_SECRET_KEY=secret` to the dotenv file at `path`, readable
+/// by its owner only (mode 0600, also when the file existed: it now holds a
+/// secret), unless the file already has an entry for the variable.
+fn save_secret(path: &Path, secret: &str) -> std::io::Result<Saved> {
+    use std::io::Write as _;
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+
+    let existing = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e),
+    };
+    let has_entry = existing.lines().any(|line| {
+        let line = line.trim_start();
+        let line = line.strip_prefix("export ").unwrap_or(line).trim_start();
+        line.strip_prefix("VERIMAIL_SECRET_KEY")
+            .is_some_and(|rest| rest.trim_start().starts_with('='))
+    });
+    if has_entry {
+        return Ok(Saved::EntryExists);
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    let separator = if existing.is_empty() || existing.ends_with('\n') {
+        ""
+    } else {
+        "\n"
+    };
+    writeln!(
+        file,
+        "{separator}# Made by `verimail demo`: the key that signs the links.\nVERIMAIL_SECRET_KEY={secret}"
+    )?;
+    Ok(Saved::Written)
+}
+
+/// What to try in a second terminal, with commands that run as printed: the
+/// `verimail` on PATH if it is this one, else this binary's path; the
+/// namespace named, since it may come from this terminal's environment.
+fn try_it(config: &Config, outbox: &Path, logs: &Path) -> String {
+    let exe = std::env::current_exe().ok();
+    let on_path = std::env::var_os("PATH").is_some_and(|paths| {
+        std::env::split_paths(&paths).any(|dir| {
+            let candidate = dir.join("verimail");
+            candidate.is_file()
+                && candidate.canonicalize().ok() == exe.as_ref().and_then(|e| e.canonicalize().ok())
+        })
+    });
+    let verimail = match (&exe, on_path) {
+        (Some(exe), false) => exe.display().to_string(),
+        _ => "verimail".to_owned(),
+    };
+    let mut exports = format!("    export VERIMAIL_NAMESPACE={}\n", config.namespace);
+    if let Ok(mail_url) = std::env::var("MAIL_URL") {
+        exports.push_str(&format!("    export MAIL_URL={mail_url}\n"));
+    }
+    format!(
+        "\nThe pipeline keeps running. Try it yourself, in another terminal, in this folder\n\
+         (the commands read ./{DOTENV} too; jq and curl are needed for the link):\n\
+         \n{exports}\
+         \x20   {verimail} listen verimail.email.verified &\n\
+         \x20   id=$({verimail} publish --user-id 7 --email you@example.com --name You)\n\
+         \x20   {verimail} outbox \"$id\" --wait 10\n\
+         \x20   link=$({verimail} outbox \"$id\" | jq -r .link)\n\
+         \x20   curl -s -H 'Accept: application/json' \"$link\"; echo\n\
+         \x20   {verimail} token inspect \"$link\"\n\
+         \x20   kill %1\n\
+         \nMails land in {} ; links point at {} ; logs are in {}\n\
+         Press Ctrl-C to stop everything.",
+        outbox.display(),
+        config.public_base_url,
+        logs.display()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use super::*;
+
+    fn folder() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("verimail-demo-env-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).expect("a folder");
+        dir
+    }
+
+    fn mode(path: &Path) -> u32 {
+        std::fs::metadata(path)
+            .expect("the file exists")
+            .permissions()
+            .mode()
+            & 0o777
+    }
+
+    #[test]
+    fn a_new_dotenv_holds_the_key_and_only_its_owner_reads_it() {
+        let dir = folder();
+        let path = dir.join(".env");
+        assert_eq!(save_secret(&path, "k1").ok(), Some(Saved::Written));
+        let text = std::fs::read_to_string(&path).expect("written");
+        assert!(
+            text.lines().any(|l| l == "VERIMAIL_SECRET_KEY=k1"),
+            "{text}"
+        );
+        assert_eq!(mode(&path), 0o600);
+        // What the commands of a second terminal read back.
+        let read: Vec<(String, String)> = dotenvy::from_path_iter(&path)
+            .expect("a dotenv file")
+            .collect::<Result<_, _>>()
+            .expect("valid entries");
+        assert_eq!(read, vec![("VERIMAIL_SECRET_KEY".into(), "k1".into())]);
+        std::fs::remove_dir_all(&dir).expect("clean up");
+    }
+
+    #[test]
+    fn an_existing_dotenv_keeps_its_lines_and_an_existing_entry_is_never_replaced() {
+        let dir = folder();
+        let path = dir.join(".env");
+        std::fs::write(&path, "VERIMAIL_NAMESPACE=mine").expect("write");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        assert_eq!(save_secret(&path, "k1").ok(), Some(Saved::Written));
+        let text = std::fs::read_to_string(&path).expect("written");
+        assert!(text.starts_with("VERIMAIL_NAMESPACE=mine\n"), "{text}");
+        assert!(text.ends_with("VERIMAIL_SECRET_KEY=k1\n"), "{text}");
+        assert_eq!(mode(&path), 0o600, "it holds a secret now");
+
+        assert_eq!(save_secret(&path, "k2").ok(), Some(Saved::EntryExists));
+        std::fs::write(&path, "export VERIMAIL_SECRET_KEY =\n").expect("write");
+        assert_eq!(save_secret(&path, "k3").ok(), Some(Saved::EntryExists));
+        assert_eq!(
+            std::fs::read_to_string(&path).expect("read"),
+            "export VERIMAIL_SECRET_KEY =\n"
+        );
+        std::fs::remove_dir_all(&dir).expect("clean up");
+    }
 }

@@ -1,6 +1,9 @@
 //! The `verimail` binary against the real RabbitMQ and PostgreSQL, each test
 //! in a namespace of its own.
 
+// The broker helpers of the client library's tests (a namespace per test,
+// direct access to queues), shared rather than copied.
+#[path = "../../producer/tests/common/mod.rs"]
 mod common;
 
 use std::process::{Output, Stdio};
@@ -255,7 +258,15 @@ async fn an_unreachable_broker_fails_fast_with_exit_1() {
 #[tokio::test]
 async fn a_wrong_variable_fails_with_exit_1_and_a_wrong_flag_with_exit_2() {
     let ns = namespace();
-    let out = run(&ns, &[("TOKEN_TTL_SECONDS", "soon")], &["dead", "list"]).await;
+    let out = run(
+        &ns,
+        &[
+            ("TOKEN_TTL_SECONDS", "soon"),
+            ("VERIMAIL_SECRET_KEY", SECRET),
+        ],
+        &["token", "mint", "--email", "alice@example.com"],
+    )
+    .await;
     assert_eq!(out.status.code(), Some(1));
     assert!(
         stderr(&out).starts_with("error: TOKEN_TTL_SECONDS: "),
@@ -795,4 +806,188 @@ async fn help_and_version_exit_0_and_demo_is_a_subcommand() {
     assert_eq!(out.status.code(), Some(0));
     let out = run(&ns, &[], &["no-such-command"]).await;
     assert_eq!(out.status.code(), Some(2));
+}
+
+/// A mail as the worker writes it: a base64 text part and a quoted-printable
+/// HTML part whose link is cut by soft line breaks.
+fn eml(to: &str, link: &str) -> String {
+    use std::fmt::Write as _;
+    let text = format!(
+        "Please confirm your address:\r\n\r\n{link}\r\n\r\nSee https://example.com/help\r\n"
+    );
+    let b64 = base64_lines(text.as_bytes());
+    let html = format!("<p><a href=3D\"{link}\">Confirm</a></p>");
+    let mut qp = String::new();
+    for (i, c) in html.chars().enumerate() {
+        if i > 0 && i % 60 == 0 {
+            qp.push_str("=\r\n");
+        }
+        let _ = write!(qp, "{c}");
+    }
+    format!(
+        "From: verimail <no-reply@localhost>\r\nTo: \"Ada\" <{to}>\r\nSubject: Confirm your email address\r\n\
+         MIME-Version: 1.0\r\nContent-Type: multipart/alternative; boundary=\"b1\"\r\n\r\n\
+         --b1\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: base64\r\n\r\n{b64}\r\n\
+         --b1\r\nContent-Type: text/html; charset=utf-8\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n{qp}\r\n\
+         --b1--\r\n"
+    )
+}
+
+fn base64_lines(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+        if out.len() % 78 == 76 {
+            out.push_str("\r\n");
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn outbox_prints_the_mail_of_a_request_or_the_latest_and_exit_1_without_one() {
+    let ns = namespace();
+    let dir = std::env::temp_dir().join(format!("verimail-cli-outbox-{ns}"));
+    std::fs::create_dir_all(&dir).expect("an outbox");
+    let mail_url = format!("file://{}", dir.display());
+    let env = [("MAIL_URL", mail_url.as_str())];
+    let link = "http://127.0.0.1:8080/confirm/v1.KxYKljBC.AJb6vbANAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA.cxf1GJe0FyriWp9N7zb1Bp2jufi2UsEzbSER3H6-Nus";
+
+    let out = run(&ns, &env, &["outbox"]).await;
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "an empty outbox has no latest mail"
+    );
+
+    std::fs::write(dir.join("req-1.eml"), eml("ada@example.com", link)).expect("write");
+    // Written later, so the latest; its id has a `/`, encoded in the file name.
+    std::thread::sleep(Duration::from_millis(20));
+    let other = link.replace("v1.", "v1.other");
+    std::fs::write(dir.join("signup%2F2.eml"), eml("bob@example.com", &other)).expect("write");
+
+    let out = run(&ns, &env, &["outbox", "req-1"]).await;
+    assert_eq!(out.status.code(), Some(0));
+    let mail: Value = serde_json::from_str(stdout(&out).trim()).expect("one JSON object");
+    assert_eq!(mail["request_id"], "req-1");
+    assert_eq!(mail["to"], "ada@example.com");
+    assert_eq!(mail["subject"], "Confirm your email address");
+    assert_eq!(mail["link"], link, "decoded from the base64 part");
+    assert_eq!(mail["code"], Value::Null);
+    assert_eq!(mail["file"], dir.join("req-1.eml").display().to_string());
+
+    let out = run(&ns, &env, &["outbox"]).await;
+    assert_eq!(out.status.code(), Some(0));
+    let latest: Value = serde_json::from_str(stdout(&out).trim()).expect("one JSON object");
+    assert_eq!(latest["request_id"], "signup/2");
+    assert_eq!(latest["link"], other.as_str());
+    let out = run(&ns, &env, &["outbox", "signup/2"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+
+    // --wait: the mail written while the command waits for it.
+    let waiting = command(&ns, &env, &["outbox", "late-1", "--wait", "20"]).output();
+    let writer = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        std::fs::write(dir.join("late-1.eml"), eml("ada@example.com", link)).expect("write");
+    };
+    let (out, ()) = tokio::join!(waiting, writer);
+    let out = out.expect("the binary runs");
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stdout(&out).contains("\"request_id\":\"late-1\""));
+
+    let out = run(&ns, &env, &["outbox", "no-such-request"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("no-such-request"), "{}", stderr(&out));
+    assert!(stdout(&out).is_empty());
+    std::fs::remove_dir_all(&dir).expect("clean up");
+}
+
+#[tokio::test]
+async fn a_command_ignores_variables_it_does_not_use_even_from_dotenv() {
+    let ns = namespace();
+    let broker = Broker::new(&ns).await;
+    let mine = format!("{ns}.sub.check");
+    broker.bind(&mine, "verimail.verification.requested").await;
+    // The worker's and the gateway's variables, wrong, in the environment and in ./.env.
+    let wrong = [
+        ("THROTTLE_SECONDS", "soon"),
+        ("WORKER_CONCURRENCY", "0"),
+        ("GATEWAY_ADDR", "nowhere"),
+        ("MAIL_URL", "pigeon://coop"),
+    ];
+    let folder = std::env::temp_dir().join(format!("verimail-cli-dotenv-{ns}"));
+    std::fs::create_dir_all(&folder).expect("a folder");
+    std::fs::write(
+        folder.join(".env"),
+        "THROTTLE_SECONDS=later\nCONFIRM_RATE_LIMIT_PER_MINUTE=none\nPUBLIC_BASE_URL=ftp://x\n",
+    )
+    .expect("write .env");
+    let publish = ["publish", "--user-id", "42", "--email", "alice@example.com"];
+    let out = command(&ns, &wrong, &publish)
+        .current_dir(&folder)
+        .output()
+        .await
+        .expect("the binary runs");
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(broker.take(&mine).await.is_some(), "the request landed");
+
+    let out = command(&ns, &wrong, &["token", "inspect", "v1.a.b.c"])
+        .env("VERIMAIL_SECRET_KEY", SECRET)
+        .env("AMQP_URL", "not a url")
+        .current_dir(&folder)
+        .output()
+        .await
+        .expect("the binary runs");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "invalid, not a configuration error"
+    );
+    let answer: Value = serde_json::from_slice(&out.stdout).expect("the inspection");
+    assert_eq!(answer["status"], "invalid");
+
+    // A variable the command does use is still checked.
+    let out = command(&ns, &[("AMQP_URL", "not a url")], &publish)
+        .output()
+        .await
+        .expect("the binary runs");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).starts_with("error: AMQP_URL: "),
+        "{}",
+        stderr(&out)
+    );
+    std::fs::remove_dir_all(&folder).expect("clean up");
+    broker.cleanup(&[&mine]).await;
+}
+
+#[tokio::test]
+async fn help_does_not_show_an_unset_namespace_as_empty() {
+    let ns = namespace();
+    let out = command(&ns, &[], &["--help"])
+        .env_remove("VERIMAIL_NAMESPACE")
+        .output()
+        .await
+        .expect("the binary runs");
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        !stdout(&out).contains("VERIMAIL_NAMESPACE="),
+        "{}",
+        stdout(&out)
+    );
+    assert!(
+        stdout(&out).contains("verimail outbox"),
+        "the outbox is taught"
+    );
 }

@@ -3,6 +3,7 @@
 mod dead;
 mod listen;
 mod migrate;
+pub(crate) mod outbox;
 mod publish;
 mod token;
 
@@ -22,7 +23,7 @@ const LONG_ABOUT: &str = "\
 verimail: operate the email-verification pipeline from a shell.
 
 Ask for a verification mail, watch the events, inspect and replay dead letters,
-mint and inspect link tokens, migrate the database.
+mint and inspect link tokens, read the local outbox, migrate the database.
 
 Results go to stdout (an id, a token, one JSON object or one JSON line per item);
 logs and errors go to stderr, so `verimail listen | jq` and `id=$(verimail publish ...)`
@@ -31,7 +32,9 @@ just work.
 Configuration comes from the environment, as for the services (a .env file in the
 working directory is read too): AMQP_URL, VERIMAIL_NAMESPACE, DATABASE_URL,
 VERIMAIL_SECRET_KEY, VERIMAIL_SALT, TOKEN_FORMAT, TOKEN_TTL_SECONDS,
-ITSDANGEROUS_DIGEST, RETURN_URL_ALLOWLIST, LOG_FORMAT, RUST_LOG.
+ITSDANGEROUS_DIGEST, RETURN_URL_ALLOWLIST, MAIL_URL, LOG_FORMAT, RUST_LOG.
+Each command reads and checks only the variables it uses (a wrong THROTTLE_SECONDS,
+which only the worker reads, never stops `verimail publish`).
 --amqp-url and --namespace override the first two.
 
 Exit status:
@@ -60,6 +63,9 @@ Examples:
   # Why was this link refused?
   verimail token inspect 'v1.AbCdEfGh.....'
 
+  # The link and code of the latest mail in a file:// outbox (MAIL_URL's default)
+  verimail outbox
+
   # Apply database migrations
   verimail migrate";
 
@@ -68,7 +74,7 @@ Examples:
 #[command(
     name = "verimail",
     version,
-    about = "Operate verimail: publish requests, watch events, replay dead letters, inspect tokens.",
+    about = "Operate verimail: publish requests, watch events, replay dead letters, inspect tokens, read the outbox.",
     long_about = LONG_ABOUT,
     after_long_help = AFTER_LONG_HELP,
     propagate_version = true
@@ -84,8 +90,15 @@ pub struct Cli {
     )]
     amqp_url: Option<String>,
 
-    /// Prefix of the exchange and every queue.
-    #[arg(long, global = true, env = "VERIMAIL_NAMESPACE", value_name = "NS")]
+    /// Prefix of the exchange and every queue [default: verimail].
+    // The value is hidden so an unset variable does not show as `VERIMAIL_NAMESPACE=`.
+    #[arg(
+        long,
+        global = true,
+        env = "VERIMAIL_NAMESPACE",
+        hide_env_values = true,
+        value_name = "NS"
+    )]
     namespace: Option<String>,
 
     /// More logs on stderr (-v info, -vv debug); RUST_LOG overrides.
@@ -116,6 +129,9 @@ enum Command {
                       is created if missing) and exit. What was applied is written to stderr."
     )]
     Migrate(migrate::MigrateArgs),
+    /// Print the mail of a request from the file:// outbox (link, code, file).
+    #[command(long_about = outbox::LONG_ABOUT, after_long_help = outbox::EXAMPLES)]
+    Outbox(outbox::OutboxArgs),
     /// The quickstart walk-through.
     Demo(DemoArgs),
 }
@@ -212,13 +228,47 @@ async fn run(command: Command, config: &Config) -> Outcome {
         Command::Dead(command) => dead::run(config, command).await,
         Command::Token(command) => token::run(config, command),
         Command::Migrate(args) => migrate::run(config, args).await,
+        Command::Outbox(args) => outbox::run(config, args),
         Command::Demo(DemoArgs {}) => crate::demo::run(config).await.map_err(Exit::Failed),
     }
 }
 
-/// Reads the configuration, with the values of `--amqp-url`, `--namespace`
-/// and `--database-url` in place of their variables. A wrong value given as a
-/// flag is a usage error; one from the environment makes the command fail.
+/// The variables each command reads: every other one keeps its default, so a
+/// wrong `THROTTLE_SECONDS` (the worker's) never stops `verimail publish`.
+/// `None`: all of them (the demo starts the services, which read everything).
+fn variables(command: &Command) -> Option<&'static [&'static str]> {
+    const BUS: &[&str] = &["AMQP_URL", "VERIMAIL_NAMESPACE", "LOG_FORMAT"];
+    // RETENTION_HOURS is checked against TOKEN_TTL_SECONDS, so it is read with it.
+    const TOKENS: &[&str] = &[
+        "VERIMAIL_SECRET_KEY",
+        "VERIMAIL_SECRET_KEY_FILE",
+        "VERIMAIL_OLD_SECRET_KEYS",
+        "VERIMAIL_SALT",
+        "TOKEN_FORMAT",
+        "TOKEN_TTL_SECONDS",
+        "RETENTION_HOURS",
+        "ITSDANGEROUS_DIGEST",
+        "LOG_FORMAT",
+    ];
+    match command {
+        Command::Publish(_) => Some(&[
+            "AMQP_URL",
+            "VERIMAIL_NAMESPACE",
+            "RETURN_URL_ALLOWLIST",
+            "LOG_FORMAT",
+        ]),
+        Command::Listen(_) | Command::Dead(_) => Some(BUS),
+        Command::Token(_) => Some(TOKENS),
+        Command::Migrate(_) => Some(&["DATABASE_URL", "LOG_FORMAT"]),
+        Command::Outbox(_) => Some(&["MAIL_URL", "LOG_FORMAT"]),
+        Command::Demo(_) => None,
+    }
+}
+
+/// Reads the variables the command uses (see [`variables`]), with the values
+/// of `--amqp-url`, `--namespace` and `--database-url` in place of theirs. A
+/// wrong value given as a flag is a usage error; one from the environment
+/// makes the command fail.
 fn load_config(cli: &Cli) -> Result<Config, Exit> {
     let database_url = match &cli.command {
         Command::Migrate(args) => args.database_url.clone(),
@@ -229,7 +279,11 @@ fn load_config(cli: &Cli) -> Result<Config, Exit> {
         ("VERIMAIL_NAMESPACE", "--namespace", cli.namespace.clone()),
         ("DATABASE_URL", "--database-url", database_url),
     ];
+    let used = variables(&cli.command);
     let lookup = |name: &str| {
+        if used.is_some_and(|used| !used.contains(&name)) {
+            return None;
+        }
         overrides
             .iter()
             .find(|(var, _, value)| *var == name && value.is_some())
