@@ -9,7 +9,8 @@
 //!                            │         (a replay of its delivery_failed letter reopens it)
 //!                            └ claimed ─┬ throttle refused ─► throttled outcome ─┐
 //!                                       └ sign, render, send ─┬ accepted ─► sent ┤
-//!                                                 ├ 5xx ─► failed/recipient_rejected ┤
+//!                                                 ├ recipient refused ─► failed/recipient_rejected ┤
+//!                                                 ├ sender/auth/policy refused ─► dead letter + failed/delivery_failed ┤
 //!                                                 ├ 4xx, window left ─► retry queue ─► release ─► ack
 //!                                                 └ 4xx, window spent ─► dead letter + failed/delivery_failed ┤
 //!                                                                                    ▼
@@ -417,7 +418,7 @@ async fn send(
                 Outcome::new(VERIFICATION_SENT, data, req.traceparent.clone()).counted("sent", "");
             conclude(ctx, &req.id, &outcome, Some(sent_at), true, false).await
         }
-        Err(e) if e.classification() == Classification::Permanent => {
+        Err(e) if e.classification() == Classification::RecipientRejected => {
             metrics::smtp(took, "rejected");
             warn!(error = %e, "recipient rejected");
             let data = FailedData {
@@ -428,6 +429,14 @@ async fn send(
             let outcome = Outcome::new(VERIFICATION_FAILED, data, req.traceparent.clone())
                 .counted("failed", FailureReason::RecipientRejected.as_str());
             conclude(ctx, &req.id, &outcome, None, true, true).await
+        }
+        Err(e) if matches!(e.classification(), Classification::Refused(_)) => {
+            // The server refuses us (sender, credentials, policy), not the
+            // recipient: no retry can pass before an operator acts, so the
+            // request is dead-lettered for replay at once.
+            metrics::smtp(took, "refused");
+            warn!(error = %e, "delivery refused by the SMTP server");
+            give_up(ctx, d, req, &e.detail()).await
         }
         Err(e) => {
             metrics::smtp(took, "transient");
