@@ -3,7 +3,9 @@
 //! Readiness is kept by a background probe ([`probe`]) that asks the database
 //! and the broker every second with a 2-second bound, so `/readyz` answers at
 //! once and notices an outage within about 3 seconds; processing code also
-//! reports database failures the moment it sees them.
+//! reports database failures the moment it sees them, and the batching tasks
+//! report a batch that ran out of time (stuck on a lock, or on a socket that
+//! stopped answering) until one completes again.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,17 +21,35 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use verimail_shared::bus::Bus;
 
-/// What `/readyz` reports: both must hold.
+/// What `/readyz` reports: database and broker reachable, batches completing.
 #[derive(Debug, Default)]
 pub struct Health {
     db: AtomicBool,
     bus: AtomicBool,
+    /// The last batch of some kind ran out of time (a lock, a statement
+    /// timeout, a socket that stopped answering) and none completed since.
+    stalled: AtomicBool,
 }
 
 impl Health {
-    /// Ready: database and broker reachable.
+    /// Ready: database and broker reachable, and batches complete.
     pub fn ready(&self) -> bool {
-        self.db.load(Ordering::Relaxed) && self.bus.load(Ordering::Relaxed)
+        self.db.load(Ordering::Relaxed)
+            && self.bus.load(Ordering::Relaxed)
+            && !self.stalled.load(Ordering::Relaxed)
+    }
+
+    /// Records whether batches stopped completing (a batch ran out of time)
+    /// or complete again.
+    pub fn set_batches_stalled(&self, stalled: bool) {
+        let was = self.stalled.swap(stalled, Ordering::Relaxed);
+        if was != stalled {
+            if stalled {
+                tracing::warn!("a batch ran out of time; its requests run alone");
+            } else {
+                tracing::info!("batches complete again");
+            }
+        }
     }
 
     /// Records whether the database answered.

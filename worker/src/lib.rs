@@ -132,7 +132,9 @@ impl Worker {
         // URL, refused credentials or a failed migration stop it at once.
         let mut wait = Duration::from_millis(500);
         let pool = loop {
-            match db::connect(&config.database_url, config.auto_migrate, settings).await {
+            let url = &config.database_url;
+            let deadlines = store::deadlines();
+            match db::connect_with_deadlines(url, config.auto_migrate, settings, deadlines).await {
                 Ok(pool) => break pool,
                 Err(DbError::Connect(e @ (sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut))) => {
                     warn!(error = %e, retry_in = ?wait, "PostgreSQL unreachable, retrying");
@@ -160,7 +162,7 @@ impl Worker {
         health.set_bus(true);
         let store = Store::new(pool, LEASE);
         let ctx = Arc::new(Ctx {
-            batches: Batches::spawn(store.clone()),
+            batches: Batches::spawn(store.clone(), health.clone()),
             store,
             publisher: Publisher::new(bus.clone()),
             topology,

@@ -580,7 +580,13 @@ async fn conclude(
     // Retried in place for as long as it takes: a mail may already be out, and
     // handing the delivery back now could send it twice.
     let t = Instant::now();
-    let finished = persist(ctx, "storing the outcome", || ctx.batches.finish(finish)).await?;
+    let mut finished = persist(ctx, "storing the outcome", || ctx.batches.finish(finish)).await?;
+    if !finished {
+        // A batch this delivery gave up on (its deadline passed) may have
+        // committed our outcome meanwhile: the statement alone, on a fresh
+        // snapshot, recognises our own bytes.
+        finished = persist(ctx, "storing the outcome", || ctx.store.finish(finish)).await?;
+    }
     metrics::step("store", t.elapsed());
     if !finished {
         // Our lease ran out and another delivery concluded first: its outcome stands.

@@ -40,6 +40,7 @@
 //! cost more than running it: about 0.7 ms against 0.45 ms for ten claims.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Map, Value};
@@ -49,6 +50,7 @@ use time::OffsetDateTime;
 use tracing::debug;
 
 use crate::batch::{self, Batcher, Keyed};
+use crate::health::Health;
 
 /// The fields of a request stored on its row (the gateway reads `return_url`,
 /// `context`, `email` and `sent_at` from there).
@@ -453,8 +455,17 @@ marked AS (
     UPDATE requests SET outcome_published = true, lease_until = NULL
     WHERE id = ANY($8) AND state = 'done'
     RETURNING 1
+),
+-- Already stored with these very bytes (an outcome id is unique): a batch
+-- whose caller gave up on it committed after all, and the caller's own
+-- statement must hear `true` to publish it.
+same AS (
+    SELECT r.id FROM requests r JOIN input i ON r.id = i.id
+    WHERE r.state = 'done' AND r.outcome = i.outcome
 )
-SELECT id FROM r WHERE (SELECT count(*) FROM held) >= 0";
+SELECT id FROM r WHERE (SELECT count(*) FROM held) >= 0
+UNION ALL
+SELECT id FROM same";
         let (mut order, mut marks) = (Vec::new(), Vec::new());
         for c in inputs {
             match c {
@@ -599,11 +610,12 @@ pub struct Batches {
 
 impl Batches {
     /// Starts the batching tasks on `store`, each with a connection of its
-    /// own; they end (and close it) when every clone is dropped.
-    pub fn spawn(store: Store) -> Self {
+    /// own; they end (and close it) when every clone is dropped. A batch that
+    /// runs out of time is reported to `health` until one completes again.
+    pub fn spawn(store: Store, health: Arc<Health>) -> Self {
         let claims = {
-            let (s, sessions) = (store.clone(), Sessions::new(&store));
-            Batcher::spawn("claim", move |inputs: Vec<ClaimInput>| {
+            let (s, sessions) = (store.clone(), Sessions::new(&store, &health));
+            Batcher::spawn("claim", CALL_DEADLINE, move |inputs: Vec<ClaimInput>| {
                 let (s, sessions) = (s.clone(), sessions.clone());
                 async move {
                     sessions
@@ -615,8 +627,8 @@ impl Batches {
             })
         };
         let conclusions = {
-            let (s, sessions) = (store.clone(), Sessions::new(&store));
-            Batcher::spawn("finish", move |inputs: Vec<Conclusion>| {
+            let (s, sessions) = (store.clone(), Sessions::new(&store, &health));
+            Batcher::spawn("finish", CALL_DEADLINE, move |inputs: Vec<Conclusion>| {
                 let (s, sessions) = (s.clone(), sessions.clone());
                 async move {
                     sessions
@@ -677,24 +689,51 @@ pub const BATCH_SESSION: [(&str, &str); 3] = [
 /// Longest a batching task waits for its connection to open.
 const SESSION_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// `statement_timeout` of every worker statement (pool and batch sessions):
+/// no statement of the worker rightly takes more than milliseconds.
+pub const STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// `lock_timeout` of every worker statement: a statement queued behind a lock
+/// held this long (another session stuck, an operator's `LOCK TABLE`) gives
+/// up, and its delivery retries.
+pub const LOCK_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest a batch may run on its connection, on our side: past it the
+/// connection is dropped (a socket that stopped answering never times out
+/// on the server). A little more than [`STATEMENT_TIMEOUT`], so the server's
+/// own timeout normally answers first.
+const BATCH_DEADLINE: Duration = Duration::from_secs(6);
+/// Longest a delivery waits for its batch's answer, queueing behind the
+/// running batch included, before running its statement alone.
+const CALL_DEADLINE: Duration = Duration::from_secs(8);
+
+/// The server-side deadlines of the worker's connections.
+pub fn deadlines() -> verimail_shared::db::Deadlines {
+    verimail_shared::db::Deadlines {
+        statement: Some(STATEMENT_TIMEOUT),
+        lock: Some(LOCK_TIMEOUT),
+    }
+}
+
 /// A batching task's own connections (one per running batch), opened on
 /// first use and again after a failure (the batch's callers meanwhile fall
 /// back to the pool).
 #[derive(Clone)]
 struct Sessions {
-    options: std::sync::Arc<PgConnectOptions>,
-    idle: std::sync::Arc<std::sync::Mutex<Vec<PgConnection>>>,
+    options: Arc<PgConnectOptions>,
+    idle: Arc<std::sync::Mutex<Vec<PgConnection>>>,
+    health: Arc<Health>,
 }
 
 impl Sessions {
-    /// Connections for one batching task, on the pool's server and database.
-    fn new(store: &Store) -> Self {
+    /// Connections for one batching task, on the pool's server and database
+    /// (with its statement and lock timeouts).
+    fn new(store: &Store, health: &Arc<Health>) -> Self {
         let options = (*store.pool.connect_options())
             .clone()
             .options(BATCH_SESSION);
         Self {
-            options: std::sync::Arc::new(options),
-            idle: std::sync::Arc::default(),
+            options: Arc::new(options),
+            idle: Arc::default(),
+            health: health.clone(),
         }
     }
 
@@ -725,16 +764,34 @@ impl Sessions {
                 return None;
             }
         };
-        match op(&mut conn).await {
-            Ok(v) => {
+        // On our deadline the connection is dropped with the future: its
+        // socket may have stopped answering.
+        let result = tokio::time::timeout(BATCH_DEADLINE, op(&mut conn)).await;
+        match result {
+            Ok(Ok(v)) => {
+                self.health.set_batches_stalled(false);
                 self.idle
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
                     .push(conn);
                 Some(v)
             }
-            Err(e) => {
+            Ok(Err(e)) => {
+                // A statement or lock timeout: the batch was stuck, not refused.
+                let timed_out = matches!(&e, sqlx::Error::Database(d)
+                    if matches!(d.code().as_deref(), Some("57014") | Some("55P03")));
+                if timed_out {
+                    self.health.set_batches_stalled(true);
+                }
                 debug!(error = %e, statement, n, "batch failed; its requests run alone");
+                None
+            }
+            Err(_) => {
+                self.health.set_batches_stalled(true);
+                debug!(
+                    statement,
+                    n, "batch ran out of time; its requests run alone"
+                );
                 None
             }
         }

@@ -192,6 +192,14 @@ fn finish<'a>(id: &'a str, sent: bool, release_throttle: bool) -> Finish<'a> {
     }
 }
 
+/// `f` with another outcome (another event id).
+fn another(f: Finish<'_>) -> Finish<'_> {
+    Finish {
+        outcome: br#"{"id":"another"}"#,
+        ..f
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batched_claims_let_exactly_one_request_per_user_through_and_claim_all_others() -> Result<()>
 {
@@ -199,7 +207,12 @@ async fn batched_claims_let_exactly_one_request_per_user_through_and_claim_all_o
     // Three workers' batchers on one database, all claims at once: batches
     // mix users, and one user's requests meet within and across batches.
     let batches: Vec<Batches> = (0..3)
-        .map(|_| Batches::spawn(Store::new(db.pool.clone(), Duration::from_secs(60))))
+        .map(|_| {
+            Batches::spawn(
+                Store::new(db.pool.clone(), Duration::from_secs(60)),
+                Default::default(),
+            )
+        })
         .collect();
     let one = user();
     let mut requests: Vec<(String, String)> = Vec::new();
@@ -240,8 +253,14 @@ async fn batched_claims_let_exactly_one_request_per_user_through_and_claim_all_o
         assert!(done?, "every claimed request concludes");
     }
     assert!(
-        !batches[0].finish(finish("other-3", true, false)).await?,
+        !batches[0]
+            .finish(another(finish("other-3", true, false)))
+            .await?,
         "not twice"
+    );
+    assert!(
+        batches[0].finish(finish("other-3", true, false)).await?,
+        "the very same outcome is recognised as stored"
     );
     db.drop().await;
     Ok(())
@@ -250,7 +269,10 @@ async fn batched_claims_let_exactly_one_request_per_user_through_and_claim_all_o
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batched_conclusion_without_mail_gives_the_throttle_back() -> Result<()> {
     let db = Db::new().await?;
-    let batches = Batches::spawn(Store::new(db.pool.clone(), Duration::from_secs(60)));
+    let batches = Batches::spawn(
+        Store::new(db.pool.clone(), Duration::from_secs(60)),
+        Default::default(),
+    );
     let (a, b) = (user(), user());
     for (id, uid) in [("a1", &a), ("b1", &b)] {
         assert!(
@@ -383,6 +405,11 @@ async fn single_and_batched_statements_give_the_same_answers_and_rows() -> Resul
             ("free", true, false),
             ("done", true, false),
         ];
+        // "done" concludes with another outcome than the stored one.
+        let finish = |id, sent, release| {
+            let f = finish(id, sent, release);
+            if id == "done" { another(f) } else { f }
+        };
         let finished: Vec<bool> = if batched {
             let mut jobs: Vec<Conclusion> = conclusions
                 .iter()
