@@ -29,6 +29,8 @@ pub struct Health {
     /// The last batch of some kind ran out of time (a lock, a statement
     /// timeout, a socket that stopped answering) and none completed since.
     stalled: AtomicBool,
+    /// When the database last failed anyone here (`None`: never).
+    last_db_failure: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl Health {
@@ -52,8 +54,25 @@ impl Health {
         }
     }
 
+    /// Time since the database last failed (probe or statement), or
+    /// [`Duration::MAX`] when it never did.
+    pub fn since_db_failure(&self) -> Duration {
+        let last = *self
+            .last_db_failure
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        last.map_or(Duration::MAX, |t| t.elapsed())
+    }
+
     /// Records whether the database answered.
     pub fn set_db(&self, up: bool) {
+        if !up {
+            *self
+                .last_db_failure
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                Some(std::time::Instant::now());
+        }
         let was = self.db.swap(up, Ordering::Relaxed);
         if was != up {
             if up {

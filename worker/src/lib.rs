@@ -100,6 +100,12 @@ impl Worker {
     /// startup error (a broken template included). Waits for RabbitMQ to
     /// answer, retrying with backoff.
     pub async fn build(config: Config) -> Result<Self, Error> {
+        Self::build_with_lease(config, LEASE).await
+    }
+
+    /// [`Worker::build`] with another lease than [`LEASE`] (tests of the
+    /// crash windows, which cannot wait a minute).
+    pub async fn build_with_lease(config: Config, lease: Duration) -> Result<Self, Error> {
         let keys = config.keys()?;
         let signer = Signer::new(&keys, config.itsdangerous_digest);
         let templates = Templates::load(config.templates_dir.as_deref())?;
@@ -160,7 +166,7 @@ impl Worker {
         let health = Arc::new(Health::default());
         health.set_db(true);
         health.set_bus(true);
-        let store = Store::new(pool, LEASE);
+        let store = Store::new(pool, lease);
         let ctx = Arc::new(Ctx {
             batches: Batches::spawn(store.clone(), health.clone()),
             store,
@@ -172,6 +178,7 @@ impl Worker {
             health,
             hard_stop,
             db_failures: AtomicU32::new(0),
+            in_flight: Default::default(),
             config,
         });
         info!(metrics_addr = %metrics_addr, namespace = %ctx.config.namespace, "worker ready");

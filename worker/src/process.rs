@@ -65,6 +65,11 @@ const SEND_BUDGET: Duration = Duration::from_secs(4);
 const CLAIM_BUDGET: Duration = Duration::from_secs(20);
 /// Longest pause between two database attempts.
 const MAX_DB_BACKOFF: Duration = Duration::from_secs(5);
+/// How long after its own last database failure a worker leaves expired
+/// leases alone: every worker saw the outage (the readiness probe asks each
+/// second), and a live holder stores its outcome within one backoff
+/// ([`MAX_DB_BACKOFF`]) of the database's return, well inside this.
+pub const TAKEOVER_GRACE: Duration = Duration::from_secs(20);
 
 /// What every delivery task shares.
 #[derive(Debug)]
@@ -92,6 +97,40 @@ pub struct Ctx {
     pub hard_stop: CancellationToken,
     /// Consecutive deliveries handed back for database failures (backoff).
     pub db_failures: AtomicU32,
+    /// Request ids a delivery of this process holds right now: a copy of one
+    /// (redelivered, or published twice) is never claimed beside it, even
+    /// once the lease ran out during a database outage.
+    pub in_flight: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+/// A request id held in [`Ctx::in_flight`] until dropped.
+struct Holding<'a> {
+    ctx: &'a Ctx,
+    id: String,
+}
+
+impl<'a> Holding<'a> {
+    /// Holds `id`, or `None` when another delivery of this process holds it.
+    fn take(ctx: &'a Ctx, id: &str) -> Option<Self> {
+        let mut held = ctx
+            .in_flight
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        held.insert(id.to_owned()).then(|| Self {
+            ctx,
+            id: id.to_owned(),
+        })
+    }
+}
+
+impl Drop for Holding<'_> {
+    fn drop(&mut self) {
+        self.ctx
+            .in_flight
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&self.id);
+    }
 }
 
 /// What is left to do once the delivery is acknowledged: the request whose
@@ -238,6 +277,9 @@ async fn invalid(
     failure: &RuleBroken,
 ) -> Result<AfterAck, Failure> {
     let id = echo.request_id.as_str();
+    let Some(_holding) = Holding::take(ctx, id) else {
+        return defer_busy(ctx, d, id).await;
+    };
     let row = RequestRow {
         id,
         user_id: echo.user_id.as_deref(),
@@ -265,6 +307,9 @@ async fn invalid(
 }
 
 async fn valid(ctx: &Ctx, d: &Delivery, req: &ValidRequest) -> Result<AfterAck, Failure> {
+    let Some(_holding) = Holding::take(ctx, &req.id) else {
+        return defer_busy(ctx, d, &req.id).await;
+    };
     let row = RequestRow {
         id: &req.id,
         user_id: Some(&req.data.user_id),
@@ -662,7 +707,14 @@ async fn claim(
     interval: Option<Duration>,
 ) -> Result<Claim, Failure> {
     let t = Instant::now();
-    let claim = claim_with_budget(ctx, || ctx.batches.claim(row, interval)).await;
+    let claim = claim_with_budget(ctx, || {
+        // Just back from an outage, a lease that ran out during it may be a
+        // live worker's that could not store its outcome yet: not taken over
+        // before the grace has passed (ARCHITECTURE.md, crash window 1).
+        let takeover = ctx.health.since_db_failure() >= TAKEOVER_GRACE;
+        ctx.batches.claim(row, interval, takeover)
+    })
+    .await;
     metrics::step("claim", t.elapsed());
     claim
 }

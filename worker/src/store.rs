@@ -154,11 +154,21 @@ impl Store {
         row: RequestRow<'_>,
         throttle: Option<Duration>,
     ) -> Result<Claim, sqlx::Error> {
+        self.claim_with(row, throttle, true).await
+    }
+
+    /// [`Store::claim`]; `takeover` says whether an expired lease may be
+    /// taken over (not while just back from an outage: see `process`).
+    pub async fn claim_with(
+        &self,
+        row: RequestRow<'_>,
+        throttle: Option<Duration>,
+        takeover: bool,
+    ) -> Result<Claim, sqlx::Error> {
         // The batch statement with one row: the two can never drift apart.
         let mut conn = self.pool.acquire().await?;
-        let claimed = self
-            .claim_batch_on(&mut conn, &[ClaimInput::new(row, throttle)])
-            .await?;
+        let input = ClaimInput::new(row, throttle).takeover(takeover);
+        let claimed = self.claim_batch_on(&mut conn, &[input]).await?;
         if let Some(Some(claimed)) = claimed.first() {
             return Ok(Claim::Claimed(*claimed));
         }
@@ -327,7 +337,8 @@ WITH input AS (
         AS i(id, user_id, email, purpose, locale, return_url, context, throttle)
 ),
 held AS (
-    SELECT r.id, (r.state = 'done' OR r.throttle_passed OR r.lease_until >= now()) AS settled
+    SELECT r.id, (r.state = 'done' OR r.throttle_passed OR r.lease_until >= now()
+                  OR (r.lease_until IS NOT NULL AND r.id <> ALL ($10::text[]))) AS settled
     FROM requests r WHERE r.id = ANY($1::text[])
     ORDER BY r.id
     FOR UPDATE
@@ -358,7 +369,8 @@ ON CONFLICT (id) DO UPDATE
     SET lease_until = EXCLUDED.lease_until,
         throttle_passed = r.throttle_passed OR EXCLUDED.throttle_passed,
         first_attempt_at = COALESCE(r.first_attempt_at, EXCLUDED.first_attempt_at)
-    WHERE r.state = 'processing' AND (r.lease_until IS NULL OR r.lease_until < now())
+    WHERE r.state = 'processing'
+      AND (r.lease_until IS NULL OR (r.lease_until < now() AND r.id = ANY ($10::text[])))
 RETURNING r.id, r.throttle_passed, r.attempts,
           EXTRACT(EPOCH FROM (now() - r.first_attempt_at))::float8 AS elapsed";
         let order: Vec<&ClaimInput> = inputs.iter().collect();
@@ -380,6 +392,13 @@ RETURNING r.id, r.throttle_passed, r.attempts,
             .bind(column(|i| i.context.as_deref()))
             .bind(throttles)
             .bind(self.lease.as_secs_f64())
+            .bind(
+                order
+                    .iter()
+                    .filter(|i| i.takeover)
+                    .map(|i| i.id.as_str())
+                    .collect::<Vec<_>>(),
+            )
             .fetch_all(conn)
             .await?;
         let mut claimed = HashMap::with_capacity(rows.len());
@@ -523,6 +542,8 @@ pub struct ClaimInput {
     /// `context` as JSON text.
     context: Option<String>,
     throttle: Option<Duration>,
+    /// An expired lease may be taken over.
+    takeover: bool,
 }
 
 impl ClaimInput {
@@ -538,7 +559,14 @@ impl ClaimInput {
             // Serializing a JSON map cannot fail.
             context: row.context.and_then(|c| serde_json::to_string(c).ok()),
             throttle,
+            takeover: true,
         }
+    }
+
+    /// Whether an expired lease may be taken over (by default it may).
+    pub fn takeover(mut self, takeover: bool) -> Self {
+        self.takeover = takeover;
+        self
     }
 }
 
@@ -646,16 +674,18 @@ impl Batches {
         }
     }
 
-    /// [`Store::claim`], batched with other deliveries' claims.
+    /// [`Store::claim_with`], batched with other deliveries' claims.
     pub async fn claim(
         &self,
         row: RequestRow<'_>,
         throttle: Option<Duration>,
+        takeover: bool,
     ) -> Result<Claim, sqlx::Error> {
-        match self.claims.call(ClaimInput::new(row, throttle)).await {
+        let input = ClaimInput::new(row, throttle).takeover(takeover);
+        match self.claims.call(input).await {
             Some(Some(claimed)) => Ok(Claim::Claimed(claimed)),
             Some(None) => self.store.lookup(row.id).await,
-            None => self.store.claim(row, throttle).await,
+            None => self.store.claim_with(row, throttle, takeover).await,
         }
     }
 

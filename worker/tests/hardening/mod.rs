@@ -5,7 +5,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 
-use crate::support::{RunningWorker, TestEnv, request, user};
+use verimail_tests::smtp::SmtpServer;
+
+use crate::support::{Proxy, RunningWorker, TestEnv, request, user};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -82,6 +84,69 @@ async fn a_batch_stuck_on_a_lock_fails_over_and_readyz_says_so() -> Result<()> {
     readyz_becomes(&worker, 200, WAIT).await?;
 
     pool.close().await;
+    worker.stop().await?;
+    env.cleanup().await;
+    Ok(())
+}
+
+/// The sum of counter `name` with `label` in `/metrics`.
+async fn counter(worker: &RunningWorker, name: &str, label: &str) -> Result<f64> {
+    let (_, text) = worker.get("/metrics").await?;
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with(name) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
+}
+
+/// SMTP accepted the mail, then the worker lost PostgreSQL for longer than
+/// its lease while a copy of the request arrived: when the database is back,
+/// the live worker stores and publishes its outcome, and the copy neither
+/// claims the row nor sends again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_worker_cut_from_the_database_past_its_lease_never_mails_twice() -> Result<()> {
+    let smtp = SmtpServer::start();
+    let proxy = Proxy::start("127.0.0.1:5432").await?;
+    let mut env = TestEnv::new().await?;
+    env.set("MAIL_URL", smtp.mail_url());
+    let url = format!("postgres://postgres@{}/{}", proxy.addr, env.db_name);
+    env.set("DATABASE_URL", url);
+    let capture = env.capture().await?;
+    let lease = Duration::from_secs(2);
+    let worker = env.start_worker_with_lease(lease).await?;
+
+    // The send hangs until the database is cut, then goes through.
+    smtp.set_hang(true);
+    let req = request(&user(), "once@example.com");
+    let id = req["id"].as_str().context("id")?.to_owned();
+    env.publish(&req).await?;
+    let deadline = Instant::now() + WAIT;
+    while smtp.stats().connections == 0 {
+        ensure!(Instant::now() < deadline, "the worker never began the send");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    proxy.cut();
+    smtp.set_hang(false);
+    assert_eq!(smtp.wait_for_mails(1, WAIT).await.len(), 1);
+
+    // A copy arrives while the database is gone; the outage outlasts the lease.
+    let before = counter(&worker, "verimail_worker_duplicates_total", "done").await?;
+    env.publish(&req).await?;
+    tokio::time::sleep(lease * 4).await;
+    proxy.resume();
+
+    let o = capture.outcome_of(&id, WAIT).await?;
+    assert_eq!(o["type"], "verimail.verification.sent", "{o}");
+    // The copy ends as a duplicate of the finished request.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while counter(&worker, "verimail_worker_duplicates_total", "done").await? <= before {
+        ensure!(Instant::now() < deadline, "the copy was never settled");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    env.wait_for_retries_drained(WAIT).await?;
+    assert_eq!(smtp.count(), 1, "one mail");
+    assert_eq!(capture.outcomes_of(&id).len(), 1, "one outcome");
+
     worker.stop().await?;
     env.cleanup().await;
     Ok(())

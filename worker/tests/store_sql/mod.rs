@@ -223,7 +223,7 @@ async fn batched_claims_let_exactly_one_request_per_user_through_and_claim_all_o
     let claims = requests
         .iter()
         .enumerate()
-        .map(|(i, (id, uid))| batches[i % 3].claim(row(id, uid), MINUTE));
+        .map(|(i, (id, uid))| batches[i % 3].claim(row(id, uid), MINUTE, true));
     let results = futures_util::future::join_all(claims).await;
     let mut same_passed = 0;
     for ((id, _), claim) in requests.iter().zip(results) {
@@ -239,7 +239,7 @@ async fn batched_claims_let_exactly_one_request_per_user_through_and_claim_all_o
     // Claimed means leased: a duplicate is busy.
     assert_eq!(
         batches[1]
-            .claim(row("other-7", &requests[15].1), MINUTE)
+            .claim(row("other-7", &requests[15].1), MINUTE, true)
             .await?,
         Claim::Busy
     );
@@ -276,7 +276,7 @@ async fn a_batched_conclusion_without_mail_gives_the_throttle_back() -> Result<(
     let (a, b) = (user(), user());
     for (id, uid) in [("a1", &a), ("b1", &b)] {
         assert!(
-            matches!(batches.claim(row(id, uid), MINUTE).await?, Claim::Claimed(c) if c.throttle_passed)
+            matches!(batches.claim(row(id, uid), MINUTE, true).await?, Claim::Claimed(c) if c.throttle_passed)
         );
     }
     let (sent, refused) = futures_util::future::join(
@@ -287,14 +287,16 @@ async fn a_batched_conclusion_without_mail_gives_the_throttle_back() -> Result<(
     assert!(sent? && refused?);
     // a's mail went out: a's next request is throttled; b's did not: b's passes.
     assert!(
-        matches!(batches.claim(row("a2", &a), MINUTE).await?, Claim::Claimed(c) if !c.throttle_passed)
+        matches!(batches.claim(row("a2", &a), MINUTE, true).await?, Claim::Claimed(c) if !c.throttle_passed)
     );
     assert!(
-        matches!(batches.claim(row("b2", &b), MINUTE).await?, Claim::Claimed(c) if c.throttle_passed)
+        matches!(batches.claim(row("b2", &b), MINUTE, true).await?, Claim::Claimed(c) if c.throttle_passed)
     );
     // A finished, published request is done for a duplicate.
     batches.mark_published("a1").await?;
-    assert!(matches!(batches.claim(row("a1", &a), MINUTE).await?, Claim::Done(s) if s.published));
+    assert!(
+        matches!(batches.claim(row("a1", &a), MINUTE, true).await?, Claim::Done(s) if s.published)
+    );
     db.drop().await;
     Ok(())
 }
