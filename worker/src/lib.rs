@@ -25,7 +25,6 @@ pub mod throttle;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU32;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -177,7 +176,6 @@ impl Worker {
             signer,
             health,
             hard_stop,
-            db_failures: AtomicU32::new(0),
             in_flight: Default::default(),
             config,
         });

@@ -26,18 +26,18 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicNackOptions};
+use lapin::options::BasicAckOptions;
 use lapin::types::{AMQPValue, ShortString};
 use serde::Serialize;
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 use tracing::{Span, debug, info, instrument, warn};
 use verimail_shared::bus::{
-    BusError, Outgoing, Publisher, RETRY_DELAYS, Topology, dead_letter_headers, header_str,
+    BusError, HEADER_REPLAYED, Outgoing, Publisher, RETRY_DELAYS, Topology, dead_letter_headers,
+    header_str,
 };
 use verimail_shared::config::Config;
 use verimail_shared::events::{
@@ -59,10 +59,6 @@ use crate::throttle;
 pub const SOURCE: &str = "/verimail/worker";
 /// In-process retry budget of one send (well inside the lease).
 const SEND_BUDGET: Duration = Duration::from_secs(4);
-/// How long a claim is retried in place while the database is down, before
-/// the delivery is handed back to the broker (every hand-back counts towards
-/// the queue's delivery limit, so they are kept rare).
-const CLAIM_BUDGET: Duration = Duration::from_secs(20);
 /// Longest pause between two database attempts.
 const MAX_DB_BACKOFF: Duration = Duration::from_secs(5);
 /// How long after its own last database failure a worker leaves expired
@@ -95,8 +91,6 @@ pub struct Ctx {
     /// Cancelled when in-flight work must stop (the shutdown deadline passed):
     /// tasks then leave their delivery unacknowledged for the broker to hand back.
     pub hard_stop: CancellationToken,
-    /// Consecutive deliveries handed back for database failures (backoff).
-    pub db_failures: AtomicU32,
     /// Request ids a delivery of this process holds right now: a copy of one
     /// (redelivered, or published twice) is never claimed beside it, even
     /// once the lease ran out during a database outage.
@@ -137,11 +131,11 @@ impl Drop for Holding<'_> {
 /// published outcome to mark, if any.
 pub type AfterAck = Option<String>;
 
-/// Why a delivery is not acknowledged.
+/// Why a delivery is not acknowledged. A database outage is not one of
+/// them: every step retries in place, holding its message, so an outage
+/// spends none of the queue's delivery limit.
 #[derive(Debug)]
 enum Failure {
-    /// The database failed before anything irreversible happened: hand it back.
-    Database(sqlx::Error),
     /// The shutdown deadline passed: leave it unacknowledged.
     Stopped,
 }
@@ -154,7 +148,6 @@ pub async fn handle(ctx: Arc<Ctx>, delivery: Delivery) -> AfterAck {
     let started = Instant::now();
     match process(&ctx, &delivery).await {
         Ok(after_ack) => {
-            ctx.db_failures.store(0, Ordering::Relaxed);
             let t = Instant::now();
             if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
                 // The channel died meanwhile: the broker redelivers and the
@@ -164,26 +157,6 @@ pub async fn handle(ctx: Arc<Ctx>, delivery: Delivery) -> AfterAck {
             metrics::step("ack", t.elapsed());
             metrics::processing(started.elapsed());
             return after_ack;
-        }
-        Err(Failure::Database(e)) => {
-            metrics::db_error();
-            ctx.health.set_db(false);
-            let n = ctx.db_failures.fetch_add(1, Ordering::Relaxed);
-            let wait = backoff(n);
-            warn!(error = %e, retry_in = ?wait, "database unavailable; handing the request back");
-            // Pausing before the nack keeps a dead database from turning the
-            // queue into a hot loop.
-            tokio::select! {
-                () = tokio::time::sleep(wait) => {}
-                () = ctx.hard_stop.cancelled() => return None,
-            }
-            let requeue = BasicNackOptions {
-                requeue: true,
-                multiple: false,
-            };
-            if let Err(e) = delivery.acker.nack(requeue).await {
-                debug!(error = %e, "nack failed; the broker will redeliver");
-            }
         }
         Err(Failure::Stopped) => {
             debug!("shutdown deadline passed; leaving the delivery for the broker");
@@ -321,6 +294,18 @@ async fn valid(ctx: &Ctx, d: &Delivery, req: &ValidRequest) -> Result<AfterAck, 
     };
     let interval = throttle::interval(ctx.config.throttle);
     let claimed = match claim(ctx, row, interval).await? {
+        Claim::Claimed(claimed) if claimed.attempts > 0 && is_replay(d) => {
+            // A replayed letter of a request still `processing` (its message
+            // was dead-lettered by the broker, say at the delivery limit):
+            // a fresh attempt with a fresh retry window, as a replayed
+            // `delivery_failed` gets.
+            info!("replayed request restarted with a fresh retry window");
+            persist(ctx, "restarting the retry window", || {
+                ctx.store.restart_window(&req.id)
+            })
+            .await?
+            .unwrap_or(claimed)
+        }
         Claim::Claimed(claimed) => claimed,
         Claim::Busy => return defer_busy(ctx, d, &req.id).await,
         Claim::Done(stored) => match replay_of(ctx, d, &req.id, &stored).await? {
@@ -355,6 +340,17 @@ async fn valid(ctx: &Ctx, d: &Delivery, req: &ValidRequest) -> Result<AfterAck, 
         return conclude(ctx, &req.id, &outcome, None, false, false).await;
     }
     send(ctx, d, req, claimed, claimed_at).await
+}
+
+/// Whether the delivery is the first of a `verimail dead replay` copy.
+fn is_replay(d: &Delivery) -> bool {
+    matches!(
+        d.properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get(HEADER_REPLAYED)),
+        Some(AMQPValue::Boolean(true))
+    )
 }
 
 /// A replayed dead letter (it carries the id of the `delivery_failed` outcome
@@ -699,8 +695,9 @@ async fn publish(ctx: &Ctx, msg: &Outgoing<'_>, unroutable_ok: bool) -> Result<(
     }
 }
 
-/// Claims, retrying in place for up to [`CLAIM_BUDGET`] while the database is
-/// down; then the delivery is handed back.
+/// Claims, retrying in place (backoff up to 5 s) for as long as the database
+/// is down, holding the message: a nack would count towards the queue's
+/// delivery limit, and a long outage would dead-letter requests.
 async fn claim(
     ctx: &Ctx,
     row: RequestRow<'_>,
@@ -724,7 +721,6 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, sqlx::Error>>,
 {
-    let deadline = Instant::now() + CLAIM_BUDGET;
     let mut n = 0;
     loop {
         match op().await {
@@ -732,8 +728,8 @@ where
                 ctx.health.set_db(true);
                 return Ok(v);
             }
-            Err(e) if Instant::now() >= deadline => return Err(Failure::Database(e)),
             Err(e) => {
+                metrics::db_error();
                 ctx.health.set_db(false);
                 let wait = backoff(n);
                 n += 1;

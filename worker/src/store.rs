@@ -274,6 +274,22 @@ FROM requests WHERE id = $1",
         Ok(())
     }
 
+    /// Restarts the retry window of a `processing` request this delivery
+    /// holds (a replayed letter): attempts back to 0, first attempt now.
+    pub async fn restart_window(&self, id: &str) -> Result<Option<Claimed>, sqlx::Error> {
+        let row = sqlx::query(
+            r"
+UPDATE requests SET attempts = 0, first_attempt_at = now()
+WHERE id = $1 AND state = 'processing'
+RETURNING throttle_passed, attempts,
+          EXTRACT(EPOCH FROM (now() - first_attempt_at))::float8 AS elapsed",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(claimed_from).transpose()
+    }
+
     /// Reopens a request that ended `failed`/`delivery_failed` with outcome
     /// `outcome_id`, for a replay of its dead letter: a fresh attempt with a
     /// fresh retry window. `None` when the row is not in that state (any other

@@ -151,3 +151,131 @@ async fn a_live_worker_cut_from_the_database_past_its_lease_never_mails_twice() 
     env.cleanup().await;
     Ok(())
 }
+
+/// A database outage longer than the old in-place budget: the delivery holds
+/// its message and retries in place instead of handing it back, so the
+/// outage spends none of the queue's delivery limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_database_outage_spends_no_deliveries() -> Result<()> {
+    use lapin::options::BasicGetOptions;
+    let proxy = Proxy::start("127.0.0.1:5432").await?;
+    let mut env = TestEnv::new().await?;
+    let url = format!("postgres://postgres@{}/{}", proxy.addr, env.db_name);
+    env.set("DATABASE_URL", url);
+    let worker = env.start_worker().await?;
+    proxy.cut();
+    let req = request(&user(), "patient@example.com");
+    let id = req["id"].as_str().context("id")?.to_owned();
+    let before = counter(&worker, "verimail_worker_database_errors_total", "").await?;
+    env.publish(&req).await?;
+    // The claim fails and is retried in place; the outage lasts past the
+    // 20 s after which the delivery used to be handed back.
+    let deadline = Instant::now() + WAIT;
+    while counter(&worker, "verimail_worker_database_errors_total", "").await? <= before {
+        ensure!(Instant::now() < deadline, "the claim never failed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(27)).await;
+    // Stopping hands the held message back once; a worker that had handed it
+    // back on every failed round would have spent more deliveries.
+    worker.stop().await?;
+    proxy.resume();
+    let channel = env.channel().await?;
+    let deadline = Instant::now() + WAIT;
+    let msg = loop {
+        let got = channel
+            .basic_get(
+                env.topology.worker_queue().as_str().into(),
+                BasicGetOptions { no_ack: true },
+            )
+            .await?;
+        if let Some(msg) = got {
+            break msg;
+        }
+        ensure!(Instant::now() < deadline, "the request left the queue");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        msg.delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|m| m.as_str()),
+        Some(id.as_str())
+    );
+    let count = msg
+        .delivery
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get("x-delivery-count").cloned());
+    let count = match count {
+        Some(lapin::types::AMQPValue::LongLongInt(n)) => n,
+        Some(lapin::types::AMQPValue::LongInt(n)) => i64::from(n),
+        Some(lapin::types::AMQPValue::LongUInt(n)) => i64::from(n),
+        Some(other) => anyhow::bail!("x-delivery-count {other:?}"),
+        None => 0,
+    };
+    assert!(count <= 1, "deliveries spent: {count}");
+    env.cleanup().await;
+    Ok(())
+}
+
+/// A request left `processing` with its retry window spent (its message
+/// dead-lettered by the broker, say) is replayable: the replayed copy gets a
+/// fresh attempt and a fresh window instead of failing at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_letter_of_a_processing_request_gets_a_fresh_window() -> Result<()> {
+    use lapin::types::{AMQPValue, FieldTable};
+    let smtp = SmtpServer::start();
+    smtp.set_mode(verimail_tests::smtp::Mode::TempFail);
+    let mut env = TestEnv::new().await?;
+    env.set("MAIL_URL", smtp.mail_url());
+    let capture = env.capture().await?;
+    let worker = env.start_worker().await?;
+    let pool = env.pool().await?;
+    let uid = user();
+    let req = request(&uid, "stuck@example.com");
+    let id = req["id"].as_str().context("id")?.to_owned();
+    sqlx::query(
+        "INSERT INTO requests (id, user_id, email, purpose, state, throttle_passed, attempts,
+                               first_attempt_at)
+         VALUES ($1, $2, 'stuck@example.com', 'verify_email', 'processing', true, 7,
+                 now() - interval '3 days')",
+    )
+    .bind(&id)
+    .bind(&uid)
+    .execute(&pool)
+    .await?;
+    let mut headers = FieldTable::default();
+    headers.insert("x-verimail-replayed".into(), AMQPValue::Boolean(true));
+    env.publish_raw(&id, &serde_json::to_vec(&req)?, headers)
+        .await?;
+    // Parked for a retry as a first attempt, not failed.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let parked: Option<bool> = sqlx::query_scalar(
+            "SELECT state = 'processing' AND attempts = 1 AND lease_until IS NULL
+                    AND first_attempt_at > now() - interval '1 minute'
+             FROM requests WHERE id = $1",
+        )
+        .bind(&id)
+        .fetch_optional(&pool)
+        .await?;
+        if parked == Some(true) {
+            break;
+        }
+        ensure!(
+            capture.outcomes_of(&id).is_empty(),
+            "an outcome instead of a retry: {:?}",
+            capture.outcomes_of(&id)
+        );
+        ensure!(Instant::now() < deadline, "the replay was never retried");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(capture.outcomes_of(&id).is_empty());
+    pool.close().await;
+    worker.stop().await?;
+    env.cleanup().await;
+    Ok(())
+}
