@@ -109,10 +109,22 @@ pub fn router(health: Arc<Health>, metrics: PrometheusHandle) -> Router {
 
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     if state.health.ready() {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+        return (StatusCode::OK, "ready\n".to_owned());
     }
+    // Says what is wrong, for the operator reading it.
+    let h = &state.health;
+    let mut why = Vec::new();
+    if !h.db.load(Ordering::Relaxed) {
+        why.push("database unreachable");
+    }
+    if !h.bus.load(Ordering::Relaxed) {
+        why.push("broker unreachable");
+    }
+    if h.stalled.load(Ordering::Relaxed) {
+        why.push("batches not completing");
+    }
+    let body = format!("not ready: {}\n", why.join(", "));
+    (StatusCode::SERVICE_UNAVAILABLE, body)
 }
 
 async fn render_metrics(State(state): State<AppState>) -> impl IntoResponse {

@@ -59,6 +59,10 @@ use crate::throttle;
 pub const SOURCE: &str = "/verimail/worker";
 /// In-process retry budget of one send (well inside the lease).
 const SEND_BUDGET: Duration = Duration::from_secs(4);
+/// Longest one database step may take, ours: a batched call (at most 8 s)
+/// and then its statement alone (a 5 s statement timeout, a 3 s wait for a
+/// connection), with room to spare.
+const STEP_DEADLINE: Duration = Duration::from_secs(20);
 /// Longest pause between two database attempts.
 const MAX_DB_BACKOFF: Duration = Duration::from_secs(5);
 /// How long after its own last database failure a worker leaves expired
@@ -723,7 +727,7 @@ where
 {
     let mut n = 0;
     loop {
-        match op().await {
+        match bounded(op()).await {
             Ok(v) => {
                 ctx.health.set_db(true);
                 return Ok(v);
@@ -743,6 +747,21 @@ where
     }
 }
 
+/// One database step under a deadline of our own: the server's statement
+/// timeout cannot end a statement whose socket stopped answering (a
+/// half-open connection), so past [`STEP_DEADLINE`] the step is dropped, its
+/// connection with it, and retried like any failure.
+async fn bounded<T>(step: impl Future<Output = Result<T, sqlx::Error>>) -> Result<T, sqlx::Error> {
+    tokio::time::timeout(STEP_DEADLINE, step)
+        .await
+        .unwrap_or_else(|_| {
+            Err(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no answer from PostgreSQL in time",
+            )))
+        })
+}
+
 /// Runs a database step that must not be abandoned (a decision was made, a
 /// mail may be out) until it succeeds or the shutdown deadline passes.
 async fn persist<T, F, Fut>(ctx: &Ctx, what: &'static str, mut op: F) -> Result<T, Failure>
@@ -752,7 +771,7 @@ where
 {
     let mut n = 0;
     loop {
-        match op().await {
+        match bounded(op()).await {
             Ok(v) => return Ok(v),
             Err(e) => {
                 ctx.health.set_db(false);

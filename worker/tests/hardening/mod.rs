@@ -15,13 +15,13 @@ const WAIT: Duration = Duration::from_secs(30);
 async fn readyz_becomes(worker: &RunningWorker, status: u16, timeout: Duration) -> Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
-        let (got, _) = worker.get("/readyz").await?;
+        let (got, body) = worker.get("/readyz").await?;
         if got == status {
             return Ok(());
         }
         ensure!(
             Instant::now() < deadline,
-            "/readyz still {got}, not {status}"
+            "/readyz still {got}, not {status}: {body}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
