@@ -349,7 +349,7 @@ impl Config {
             mail_url_is_default,
             mail_from,
             templates_dir: env.get("TEMPLATES_DIR").map(PathBuf::from),
-            worker_concurrency: env.number("WORKER_CONCURRENCY", 64, 1)?,
+            worker_concurrency: env.number("WORKER_CONCURRENCY", 256, 1)?,
             mail_retry_window: env.seconds("MAIL_RETRY_WINDOW_SECONDS", 900, 0)?,
             gateway_addr: env.parse("GATEWAY_ADDR", parse_addr(defaults::GATEWAY_ADDR))?,
             metrics_addr: env.parse("METRICS_ADDR", parse_addr(defaults::METRICS_ADDR))?,
@@ -664,7 +664,7 @@ mod tests {
         assert!(matches!(&c.mail_url, MailUrl::File(d) if d == &PathBuf::from("./outbox")));
         assert!(c.mail_url_is_default);
         assert_eq!(c.mail_from, "verimail <no-reply@localhost>");
-        assert_eq!(c.worker_concurrency, 64);
+        assert_eq!(c.worker_concurrency, 256);
         assert_eq!(c.mail_retry_window, Duration::from_secs(900));
         assert_eq!(c.gateway_addr.to_string(), "127.0.0.1:8080");
         assert_eq!(c.metrics_addr.to_string(), "127.0.0.1:9464");

@@ -55,6 +55,35 @@ impl Default for PoolSettings {
     }
 }
 
+/// Server-side deadlines of every statement on a pool's connections.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Deadlines {
+    /// `statement_timeout`: longest a statement may run.
+    pub statement: Option<Duration>,
+    /// `lock_timeout`: longest a statement may wait for a lock.
+    pub lock: Option<Duration>,
+}
+
+impl Deadlines {
+    /// `options` with these deadlines as session settings (connections
+    /// opened from them, a pool's or one of their own, carry them).
+    pub fn apply(self, options: PgConnectOptions) -> PgConnectOptions {
+        let ms = |d: Duration| d.as_millis().max(1).to_string();
+        let mut settings = Vec::new();
+        if let Some(d) = self.statement {
+            settings.push(("statement_timeout", ms(d)));
+        }
+        if let Some(d) = self.lock {
+            settings.push(("lock_timeout", ms(d)));
+        }
+        if settings.is_empty() {
+            options
+        } else {
+            options.options(settings)
+        }
+    }
+}
+
 /// Opens the pool, creating the database if it is missing and applying the
 /// migrations when `migrate` is set.
 pub async fn connect(
@@ -62,8 +91,25 @@ pub async fn connect(
     migrate: bool,
     settings: PoolSettings,
 ) -> Result<PgPool, DbError> {
+    connect_with_deadlines(database_url, migrate, settings, Deadlines::default()).await
+}
+
+/// [`connect`] with server-side deadlines on every statement of the pool.
+/// Migrations run on a connection of their own, without them (a migration
+/// may rightly take long).
+pub async fn connect_with_deadlines(
+    database_url: &str,
+    migrate: bool,
+    settings: PoolSettings,
+    deadlines: Deadlines,
+) -> Result<PgPool, DbError> {
     let options: PgConnectOptions = database_url.parse().map_err(DbError::Url)?;
     ensure_database(&options).await?;
+    if migrate {
+        let mut conn = options.connect().await.map_err(DbError::Connect)?;
+        MIGRATOR.run(&mut conn).await?;
+        let _ = conn.close().await;
+    }
     let pool = PgPoolOptions::new()
         .max_connections(settings.max_connections)
         .min_connections(1.min(settings.max_connections))
@@ -71,12 +117,9 @@ pub async fn connect(
         // Checking a connection before use costs a round trip; broken ones are
         // instead noticed by the failing query and replaced.
         .test_before_acquire(false)
-        .connect_with(options)
+        .connect_with(deadlines.apply(options))
         .await
         .map_err(DbError::Connect)?;
-    if migrate {
-        MIGRATOR.run(&pool).await?;
-    }
     Ok(pool)
 }
 

@@ -20,7 +20,21 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use mailin::{Action, Handler, Response, SessionBuilder};
+use mailin::{Action, AuthMechanism, Handler, Response, SessionBuilder};
+
+/// A step of the SMTP session a test can make the server refuse
+/// ([`SmtpServer::refuse`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Step {
+    /// `AUTH` (the server then offers `AUTH PLAIN LOGIN`, over plain text).
+    Auth,
+    /// `MAIL FROM`.
+    Mail,
+    /// `RCPT TO` (takes precedence over the [`Mode`]).
+    Rcpt,
+    /// The end of `DATA` (the message itself).
+    Data,
+}
 
 /// How the server answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -146,6 +160,8 @@ struct Shared {
     /// must not keep delivering through a server that is "down".
     open: Mutex<HashMap<u64, TcpStream>>,
     next_id: AtomicU64,
+    /// Replies a test set for a step, instead of the usual one.
+    refusals: Mutex<HashMap<Step, (u16, String)>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -207,6 +223,18 @@ impl SmtpServer {
     /// Changes how it answers from now on.
     pub fn set_mode(&self, mode: Mode) {
         self.shared.mode.store(mode.to_u8(), Ordering::SeqCst);
+    }
+
+    /// From now on, answers `step` with `code` and `text` (say
+    /// `550`, `"5.1.1 No such user"`). A refusal of [`Step::Auth`] also makes
+    /// new sessions offer `AUTH` (a client without credentials never uses it).
+    pub fn refuse(&self, step: Step, code: u16, text: &str) {
+        lock(&self.shared.refusals).insert(step, (code, text.to_owned()));
+    }
+
+    /// Forgets every [`SmtpServer::refuse`].
+    pub fn clear_refusals(&self) {
+        lock(&self.shared.refusals).clear();
     }
 
     /// How it answers now.
@@ -361,7 +389,14 @@ fn run_session(stream: &TcpStream, shared: &Arc<Shared>) -> io::Result<()> {
         envelope: None,
         data: Vec::new(),
     };
-    let mut session = SessionBuilder::new("verimail-test-smtp").build(peer, handler);
+    let mut builder = SessionBuilder::new("verimail-test-smtp");
+    if lock(&shared.refusals).contains_key(&Step::Auth) {
+        builder
+            .enable_auth(AuthMechanism::Plain)
+            .enable_auth(AuthMechanism::Login)
+            .insecure_enable_plaintext_auth();
+    }
+    let mut session = builder.build(peer, handler);
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut writer = stream;
     let mut out = Vec::with_capacity(256);
@@ -407,13 +442,26 @@ struct Capture {
     data: Vec<u8>,
 }
 
+impl Capture {
+    /// The reply a test set for `step`, if any.
+    fn refusal(&self, step: Step) -> Option<Response> {
+        let refusals = lock(&self.shared.refusals);
+        let (code, text) = refusals.get(&step)?;
+        Some(Response::custom(*code, text.clone()))
+    }
+}
+
 impl Handler for Capture {
     fn mail(&mut self, _ip: IpAddr, _domain: &str, _from: &str) -> Response {
         self.shared.transactions.fetch_add(1, Ordering::SeqCst);
-        mailin::response::OK
+        self.refusal(Step::Mail).unwrap_or(mailin::response::OK)
     }
 
     fn rcpt(&mut self, _to: &str) -> Response {
+        if let Some(refused) = self.refusal(Step::Rcpt) {
+            self.shared.rejected.fetch_add(1, Ordering::SeqCst);
+            return refused;
+        }
         match Mode::from_u8(self.shared.mode.load(Ordering::SeqCst)) {
             Mode::Accept => mailin::response::OK,
             Mode::TempFail => {
@@ -440,7 +488,22 @@ impl Handler for Capture {
         Ok(())
     }
 
+    fn auth_plain(&mut self, _authz: &str, _authn: &str, _password: &str) -> Response {
+        self.refusal(Step::Auth)
+            .unwrap_or(mailin::response::AUTH_OK)
+    }
+
+    fn auth_login(&mut self, _username: &str, _password: &str) -> Response {
+        self.refusal(Step::Auth)
+            .unwrap_or(mailin::response::AUTH_OK)
+    }
+
     fn data_end(&mut self) -> Response {
+        if let Some(refused) = self.refusal(Step::Data) {
+            self.envelope = None;
+            self.data.clear();
+            return refused;
+        }
         let (from, to) = self.envelope.take().unwrap_or_default();
         let mail = RawMail {
             from,

@@ -12,7 +12,7 @@
 use std::collections::{HashSet, VecDeque};
 use std::future::Future;
 use std::hash::{DefaultHasher, Hash, Hasher};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
@@ -58,12 +58,14 @@ struct Job<I, O> {
 #[derive(Debug)]
 pub struct Batcher<I, O> {
     tx: mpsc::Sender<Job<I, O>>,
+    deadline: Duration,
 }
 
 impl<I, O> Clone for Batcher<I, O> {
     fn clone(&self) -> Self {
         Self {
             tx: self.tx.clone(),
+            deadline: self.deadline,
         }
     }
 }
@@ -84,23 +86,32 @@ where
     /// failed (each caller then runs its own statement, with its own retries
     /// and error reporting).
     ///
-    /// `statement` names the batches in the metrics.
-    pub fn spawn<F, Fut>(statement: &'static str, run: F) -> Self
+    /// `statement` names the batches in the metrics; a caller waits at most
+    /// `deadline` for its answer (queueing included), then does the work alone.
+    pub fn spawn<F, Fut>(statement: &'static str, deadline: Duration, run: F) -> Self
     where
         F: Fn(Vec<I>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Option<Vec<O>>> + Send + 'static,
     {
         let (tx, rx) = mpsc::channel(MAX_BATCH * 4);
         tokio::spawn(drive(statement, rx, run));
-        Self { tx }
+        Self { tx, deadline }
     }
 
-    /// Queues `input` and waits for its answer; `None` when the batch failed
-    /// (or the task is gone): the caller then does the work alone.
+    /// Queues `input` and waits for its answer; `None` when the batch failed,
+    /// the deadline passed (a batch stuck on a lock or on a socket that stopped
+    /// answering) or the task is gone: the caller then does the work alone. A
+    /// job whose caller left before its batch began is dropped unrun.
     pub async fn call(&self, input: I) -> Option<O> {
         let (reply, answer) = oneshot::channel();
-        self.tx.send(Job { input, reply }).await.ok()?;
-        answer.await.ok()
+        let call = async {
+            self.tx.send(Job { input, reply }).await.ok()?;
+            answer.await.ok()
+        };
+        tokio::time::timeout(self.deadline, call)
+            .await
+            .ok()
+            .flatten()
     }
 }
 
@@ -115,6 +126,8 @@ where
     let mut running = FuturesUnordered::new();
     let mut open = true;
     loop {
+        // Callers that gave up (their deadline passed) do the work alone.
+        pending.retain(|job| !job.reply.is_closed());
         while !pending.is_empty() && running.len() < IN_FLIGHT {
             let batch = take_batch(&mut pending, MAX_BATCH);
             running.push(execute(statement, batch, &run));
@@ -228,16 +241,32 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn concurrent_calls_are_answered_in_few_batches() {
-        use std::sync::Arc;
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        let runs = Arc::new(AtomicUsize::new(0));
-        let counted = runs.clone();
-        let b: Batcher<J, &'static str> = Batcher::spawn("test", move |inputs: Vec<J>| {
-            counted.fetch_add(1, Ordering::Relaxed);
-            async move { Some(inputs.into_iter().map(|j| j.0).collect()) }
+    async fn a_batch_that_never_ends_fails_its_callers_over_at_the_deadline() {
+        let stuck: Batcher<J, ()> = Batcher::spawn("test", Duration::from_millis(200), |_| {
+            std::future::pending::<Option<Vec<()>>>()
         });
+        let started = Instant::now();
+        assert_eq!(stuck.call(J("z", 1, 0)).await, None);
+        assert_eq!(stuck.call(J("y", 2, 0)).await, None);
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn calls_queued_together_are_answered_by_one_batch() {
+        use std::sync::{Arc, Mutex};
+        let sizes = Arc::new(Mutex::new(Vec::new()));
+        let seen = sizes.clone();
+        let b: Batcher<J, &'static str> =
+            Batcher::spawn("test", Duration::from_secs(5), move |inputs: Vec<J>| {
+                seen.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(inputs.len());
+                async move { Some(inputs.into_iter().map(|j| j.0).collect()) }
+            });
         let names = ["a", "b", "c", "d", "e", "f", "g", "h"];
+        // On this single-threaded runtime every call is queued before the
+        // batching task first runs, so one batch must answer them all (a
+        // batcher running one statement per call would show eight).
         let calls = names
             .iter()
             .enumerate()
@@ -245,9 +274,10 @@ mod tests {
         let answers = futures_util::future::join_all(calls).await;
         let got: Vec<&str> = answers.into_iter().flatten().collect();
         assert_eq!(got, names);
-        assert!(runs.load(Ordering::Relaxed) <= names.len());
+        assert_eq!(*sizes.lock().unwrap_or_else(|e| e.into_inner()), [8]);
 
-        let failing: Batcher<J, ()> = Batcher::spawn("test", |_| async { None });
+        let failing: Batcher<J, ()> =
+            Batcher::spawn("test", Duration::from_secs(5), |_| async { None });
         assert_eq!(failing.call(J("z", 1, 0)).await, None);
     }
 }

@@ -25,7 +25,6 @@ pub mod throttle;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU32;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -100,6 +99,12 @@ impl Worker {
     /// startup error (a broken template included). Waits for RabbitMQ to
     /// answer, retrying with backoff.
     pub async fn build(config: Config) -> Result<Self, Error> {
+        Self::build_with_lease(config, LEASE).await
+    }
+
+    /// [`Worker::build`] with another lease than [`LEASE`] (tests of the
+    /// crash windows, which cannot wait a minute).
+    pub async fn build_with_lease(config: Config, lease: Duration) -> Result<Self, Error> {
         let keys = config.keys()?;
         let signer = Signer::new(&keys, config.itsdangerous_digest);
         let templates = Templates::load(config.templates_dir.as_deref())?;
@@ -132,7 +137,9 @@ impl Worker {
         // URL, refused credentials or a failed migration stop it at once.
         let mut wait = Duration::from_millis(500);
         let pool = loop {
-            match db::connect(&config.database_url, config.auto_migrate, settings).await {
+            let url = &config.database_url;
+            let deadlines = store::deadlines();
+            match db::connect_with_deadlines(url, config.auto_migrate, settings, deadlines).await {
                 Ok(pool) => break pool,
                 Err(DbError::Connect(e @ (sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut))) => {
                     warn!(error = %e, retry_in = ?wait, "PostgreSQL unreachable, retrying");
@@ -158,9 +165,9 @@ impl Worker {
         let health = Arc::new(Health::default());
         health.set_db(true);
         health.set_bus(true);
-        let store = Store::new(pool, LEASE);
+        let store = Store::new(pool, lease);
         let ctx = Arc::new(Ctx {
-            batches: Batches::spawn(store.clone()),
+            batches: Batches::spawn(store.clone(), health.clone()),
             store,
             publisher: Publisher::new(bus.clone()),
             topology,
@@ -169,7 +176,7 @@ impl Worker {
             signer,
             health,
             hard_stop,
-            db_failures: AtomicU32::new(0),
+            in_flight: Default::default(),
             config,
         });
         info!(metrics_addr = %metrics_addr, namespace = %ctx.config.namespace, "worker ready");

@@ -73,7 +73,7 @@ fn describe() {
     );
     metrics::describe_counter!(
         DB_ERRORS,
-        "Deliveries handed back because the database failed."
+        "Claims that failed because the database did (each retried in place, the message held)."
     );
     metrics::describe_histogram!(
         PROCESSING_SECONDS,
@@ -121,7 +121,7 @@ pub fn duplicate(state: &'static str) {
     counter!(DUPLICATES, "state" => state).increment(1);
 }
 
-/// Counts a delivery handed back after a database failure.
+/// Counts a claim that failed because the database did (retried in place).
 pub fn db_error() {
     counter!(DB_ERRORS).increment(1);
 }

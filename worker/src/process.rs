@@ -9,7 +9,8 @@
 //!                            │         (a replay of its delivery_failed letter reopens it)
 //!                            └ claimed ─┬ throttle refused ─► throttled outcome ─┐
 //!                                       └ sign, render, send ─┬ accepted ─► sent ┤
-//!                                                 ├ 5xx ─► failed/recipient_rejected ┤
+//!                                                 ├ recipient refused ─► failed/recipient_rejected ┤
+//!                                                 ├ sender/auth/policy refused ─► dead letter + failed/delivery_failed ┤
 //!                                                 ├ 4xx, window left ─► retry queue ─► release ─► ack
 //!                                                 └ 4xx, window spent ─► dead letter + failed/delivery_failed ┤
 //!                                                                                    ▼
@@ -25,18 +26,18 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicNackOptions};
+use lapin::options::BasicAckOptions;
 use lapin::types::{AMQPValue, ShortString};
 use serde::Serialize;
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 use tracing::{Span, debug, info, instrument, warn};
 use verimail_shared::bus::{
-    BusError, Outgoing, Publisher, RETRY_DELAYS, Topology, dead_letter_headers, header_str,
+    BusError, HEADER_REPLAYED, Outgoing, Publisher, RETRY_DELAYS, Topology, dead_letter_headers,
+    header_str,
 };
 use verimail_shared::config::Config;
 use verimail_shared::events::{
@@ -58,12 +59,17 @@ use crate::throttle;
 pub const SOURCE: &str = "/verimail/worker";
 /// In-process retry budget of one send (well inside the lease).
 const SEND_BUDGET: Duration = Duration::from_secs(4);
-/// How long a claim is retried in place while the database is down, before
-/// the delivery is handed back to the broker (every hand-back counts towards
-/// the queue's delivery limit, so they are kept rare).
-const CLAIM_BUDGET: Duration = Duration::from_secs(20);
+/// Longest one database step may take, ours: a batched call (at most 8 s)
+/// and then its statement alone (a 5 s statement timeout, a 3 s wait for a
+/// connection), with room to spare.
+const STEP_DEADLINE: Duration = Duration::from_secs(20);
 /// Longest pause between two database attempts.
 const MAX_DB_BACKOFF: Duration = Duration::from_secs(5);
+/// How long after its own last database failure a worker leaves expired
+/// leases alone: every worker saw the outage (the readiness probe asks each
+/// second), and a live holder stores its outcome within one backoff
+/// ([`MAX_DB_BACKOFF`]) of the database's return, well inside this.
+pub const TAKEOVER_GRACE: Duration = Duration::from_secs(20);
 
 /// What every delivery task shares.
 #[derive(Debug)]
@@ -89,19 +95,51 @@ pub struct Ctx {
     /// Cancelled when in-flight work must stop (the shutdown deadline passed):
     /// tasks then leave their delivery unacknowledged for the broker to hand back.
     pub hard_stop: CancellationToken,
-    /// Consecutive deliveries handed back for database failures (backoff).
-    pub db_failures: AtomicU32,
+    /// Request ids a delivery of this process holds right now: a copy of one
+    /// (redelivered, or published twice) is never claimed beside it, even
+    /// once the lease ran out during a database outage.
+    pub in_flight: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+/// A request id held in [`Ctx::in_flight`] until dropped.
+struct Holding<'a> {
+    ctx: &'a Ctx,
+    id: String,
+}
+
+impl<'a> Holding<'a> {
+    /// Holds `id`, or `None` when another delivery of this process holds it.
+    fn take(ctx: &'a Ctx, id: &str) -> Option<Self> {
+        let mut held = ctx
+            .in_flight
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        held.insert(id.to_owned()).then(|| Self {
+            ctx,
+            id: id.to_owned(),
+        })
+    }
+}
+
+impl Drop for Holding<'_> {
+    fn drop(&mut self) {
+        self.ctx
+            .in_flight
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&self.id);
+    }
 }
 
 /// What is left to do once the delivery is acknowledged: the request whose
 /// published outcome to mark, if any.
 pub type AfterAck = Option<String>;
 
-/// Why a delivery is not acknowledged.
+/// Why a delivery is not acknowledged. A database outage is not one of
+/// them: every step retries in place, holding its message, so an outage
+/// spends none of the queue's delivery limit.
 #[derive(Debug)]
 enum Failure {
-    /// The database failed before anything irreversible happened: hand it back.
-    Database(sqlx::Error),
     /// The shutdown deadline passed: leave it unacknowledged.
     Stopped,
 }
@@ -114,7 +152,6 @@ pub async fn handle(ctx: Arc<Ctx>, delivery: Delivery) -> AfterAck {
     let started = Instant::now();
     match process(&ctx, &delivery).await {
         Ok(after_ack) => {
-            ctx.db_failures.store(0, Ordering::Relaxed);
             let t = Instant::now();
             if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
                 // The channel died meanwhile: the broker redelivers and the
@@ -124,26 +161,6 @@ pub async fn handle(ctx: Arc<Ctx>, delivery: Delivery) -> AfterAck {
             metrics::step("ack", t.elapsed());
             metrics::processing(started.elapsed());
             return after_ack;
-        }
-        Err(Failure::Database(e)) => {
-            metrics::db_error();
-            ctx.health.set_db(false);
-            let n = ctx.db_failures.fetch_add(1, Ordering::Relaxed);
-            let wait = backoff(n);
-            warn!(error = %e, retry_in = ?wait, "database unavailable; handing the request back");
-            // Pausing before the nack keeps a dead database from turning the
-            // queue into a hot loop.
-            tokio::select! {
-                () = tokio::time::sleep(wait) => {}
-                () = ctx.hard_stop.cancelled() => return None,
-            }
-            let requeue = BasicNackOptions {
-                requeue: true,
-                multiple: false,
-            };
-            if let Err(e) = delivery.acker.nack(requeue).await {
-                debug!(error = %e, "nack failed; the broker will redeliver");
-            }
         }
         Err(Failure::Stopped) => {
             debug!("shutdown deadline passed; leaving the delivery for the broker");
@@ -237,6 +254,9 @@ async fn invalid(
     failure: &RuleBroken,
 ) -> Result<AfterAck, Failure> {
     let id = echo.request_id.as_str();
+    let Some(_holding) = Holding::take(ctx, id) else {
+        return defer_busy(ctx, d, id).await;
+    };
     let row = RequestRow {
         id,
         user_id: echo.user_id.as_deref(),
@@ -264,6 +284,9 @@ async fn invalid(
 }
 
 async fn valid(ctx: &Ctx, d: &Delivery, req: &ValidRequest) -> Result<AfterAck, Failure> {
+    let Some(_holding) = Holding::take(ctx, &req.id) else {
+        return defer_busy(ctx, d, &req.id).await;
+    };
     let row = RequestRow {
         id: &req.id,
         user_id: Some(&req.data.user_id),
@@ -275,6 +298,18 @@ async fn valid(ctx: &Ctx, d: &Delivery, req: &ValidRequest) -> Result<AfterAck, 
     };
     let interval = throttle::interval(ctx.config.throttle);
     let claimed = match claim(ctx, row, interval).await? {
+        Claim::Claimed(claimed) if claimed.attempts > 0 && is_replay(d) => {
+            // A replayed letter of a request still `processing` (its message
+            // was dead-lettered by the broker, say at the delivery limit):
+            // a fresh attempt with a fresh retry window, as a replayed
+            // `delivery_failed` gets.
+            info!("replayed request restarted with a fresh retry window");
+            persist(ctx, "restarting the retry window", || {
+                ctx.store.restart_window(&req.id)
+            })
+            .await?
+            .unwrap_or(claimed)
+        }
         Claim::Claimed(claimed) => claimed,
         Claim::Busy => return defer_busy(ctx, d, &req.id).await,
         Claim::Done(stored) => match replay_of(ctx, d, &req.id, &stored).await? {
@@ -309,6 +344,17 @@ async fn valid(ctx: &Ctx, d: &Delivery, req: &ValidRequest) -> Result<AfterAck, 
         return conclude(ctx, &req.id, &outcome, None, false, false).await;
     }
     send(ctx, d, req, claimed, claimed_at).await
+}
+
+/// Whether the delivery is the first of a `verimail dead replay` copy.
+fn is_replay(d: &Delivery) -> bool {
+    matches!(
+        d.properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get(HEADER_REPLAYED)),
+        Some(AMQPValue::Boolean(true))
+    )
 }
 
 /// A replayed dead letter (it carries the id of the `delivery_failed` outcome
@@ -417,7 +463,7 @@ async fn send(
                 Outcome::new(VERIFICATION_SENT, data, req.traceparent.clone()).counted("sent", "");
             conclude(ctx, &req.id, &outcome, Some(sent_at), true, false).await
         }
-        Err(e) if e.classification() == Classification::Permanent => {
+        Err(e) if e.classification() == Classification::RecipientRejected => {
             metrics::smtp(took, "rejected");
             warn!(error = %e, "recipient rejected");
             let data = FailedData {
@@ -428,6 +474,14 @@ async fn send(
             let outcome = Outcome::new(VERIFICATION_FAILED, data, req.traceparent.clone())
                 .counted("failed", FailureReason::RecipientRejected.as_str());
             conclude(ctx, &req.id, &outcome, None, true, true).await
+        }
+        Err(e) if matches!(e.classification(), Classification::Refused(_)) => {
+            // The server refuses us (sender, credentials, policy), not the
+            // recipient: no retry can pass before an operator acts, so the
+            // request is dead-lettered for replay at once.
+            metrics::smtp(took, "refused");
+            warn!(error = %e, "delivery refused by the SMTP server");
+            give_up(ctx, d, req, &e.detail()).await
         }
         Err(e) => {
             metrics::smtp(took, "transient");
@@ -571,7 +625,13 @@ async fn conclude(
     // Retried in place for as long as it takes: a mail may already be out, and
     // handing the delivery back now could send it twice.
     let t = Instant::now();
-    let finished = persist(ctx, "storing the outcome", || ctx.batches.finish(finish)).await?;
+    let mut finished = persist(ctx, "storing the outcome", || ctx.batches.finish(finish)).await?;
+    if !finished {
+        // A batch this delivery gave up on (its deadline passed) may have
+        // committed our outcome meanwhile: the statement alone, on a fresh
+        // snapshot, recognises our own bytes.
+        finished = persist(ctx, "storing the outcome", || ctx.store.finish(finish)).await?;
+    }
     metrics::step("store", t.elapsed());
     if !finished {
         // Our lease ran out and another delivery concluded first: its outcome stands.
@@ -639,15 +699,23 @@ async fn publish(ctx: &Ctx, msg: &Outgoing<'_>, unroutable_ok: bool) -> Result<(
     }
 }
 
-/// Claims, retrying in place for up to [`CLAIM_BUDGET`] while the database is
-/// down; then the delivery is handed back.
+/// Claims, retrying in place (backoff up to 5 s) for as long as the database
+/// is down, holding the message: a nack would count towards the queue's
+/// delivery limit, and a long outage would dead-letter requests.
 async fn claim(
     ctx: &Ctx,
     row: RequestRow<'_>,
     interval: Option<Duration>,
 ) -> Result<Claim, Failure> {
     let t = Instant::now();
-    let claim = claim_with_budget(ctx, || ctx.batches.claim(row, interval)).await;
+    let claim = claim_with_budget(ctx, || {
+        // Just back from an outage, a lease that ran out during it may be a
+        // live worker's that could not store its outcome yet: not taken over
+        // before the grace has passed (ARCHITECTURE.md, crash window 1).
+        let takeover = ctx.health.since_db_failure() >= TAKEOVER_GRACE;
+        ctx.batches.claim(row, interval, takeover)
+    })
+    .await;
     metrics::step("claim", t.elapsed());
     claim
 }
@@ -657,16 +725,15 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, sqlx::Error>>,
 {
-    let deadline = Instant::now() + CLAIM_BUDGET;
     let mut n = 0;
     loop {
-        match op().await {
+        match bounded(op()).await {
             Ok(v) => {
                 ctx.health.set_db(true);
                 return Ok(v);
             }
-            Err(e) if Instant::now() >= deadline => return Err(Failure::Database(e)),
             Err(e) => {
+                metrics::db_error();
                 ctx.health.set_db(false);
                 let wait = backoff(n);
                 n += 1;
@@ -680,6 +747,21 @@ where
     }
 }
 
+/// One database step under a deadline of our own: the server's statement
+/// timeout cannot end a statement whose socket stopped answering (a
+/// half-open connection), so past [`STEP_DEADLINE`] the step is dropped, its
+/// connection with it, and retried like any failure.
+async fn bounded<T>(step: impl Future<Output = Result<T, sqlx::Error>>) -> Result<T, sqlx::Error> {
+    tokio::time::timeout(STEP_DEADLINE, step)
+        .await
+        .unwrap_or_else(|_| {
+            Err(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no answer from PostgreSQL in time",
+            )))
+        })
+}
+
 /// Runs a database step that must not be abandoned (a decision was made, a
 /// mail may be out) until it succeeds or the shutdown deadline passes.
 async fn persist<T, F, Fut>(ctx: &Ctx, what: &'static str, mut op: F) -> Result<T, Failure>
@@ -689,7 +771,7 @@ where
 {
     let mut n = 0;
     loop {
-        match op().await {
+        match bounded(op()).await {
             Ok(v) => return Ok(v),
             Err(e) => {
                 ctx.health.set_db(false);

@@ -10,7 +10,9 @@
 use std::time::Duration;
 
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use verimail_shared::bus::{HEADER_DETAIL, HEADER_REASON, HEADER_RETRY, RETRY_DELAYS};
+use verimail_shared::bus::{
+    HEADER_DETAIL, HEADER_REASON, HEADER_REPLAYED, HEADER_RETRY, RETRY_DELAYS,
+};
 
 /// Header the worker puts on the dead-letter copy of a `delivery_failed`
 /// request: the id of the `failed` outcome it published. A replay
@@ -65,9 +67,12 @@ pub fn retry_count(headers: Option<&FieldTable>) -> u32 {
 }
 
 /// The headers of a copy sent to a retry queue: the original's, without the
-/// broker's dead-lettering bookkeeping, with the retry count set.
+/// broker's dead-lettering bookkeeping and the replay marker, with the retry
+/// count set.
 pub fn retry_headers(original: Option<&FieldTable>, retry: u32) -> FieldTable {
-    let mut headers = carried(original, &[]);
+    // A replay's marker counts once, on its first delivery: a retry copy of
+    // a replay is an ordinary retry.
+    let mut headers = carried(original, &[HEADER_REPLAYED]);
     headers.insert(
         ShortString::from(HEADER_RETRY),
         AMQPValue::LongLongInt(i64::from(retry)),

@@ -12,6 +12,17 @@
 //! another ([`Store::finish_batch`]): one round trip and one commit for many
 //! deliveries.
 //!
+//! # One lock order, one SQL text per step
+//!
+//! Every statement locks its rows in one order, so two workers' statements
+//! never wait on each other in a cycle: the existing `requests` rows in id
+//! order, then the `throttle` rows in (`user_id`, `purpose`) order, then the
+//! new `requests` rows in id order. Each statement forces it with
+//! `ORDER BY ... FOR UPDATE` and the order its CTEs are read in (the comments
+//! at the statements say how). The single-request methods ([`Store::claim`],
+//! [`Store::finish`], [`Store::mark_published`]) run the batch statement with
+//! one row, so the fallback of a failed batch cannot drift from it.
+//!
 //! # Batches run on connections of their own
 //!
 //! Each batching task keeps its connections outside the pool (one per
@@ -29,6 +40,7 @@
 //! cost more than running it: about 0.7 ms against 0.45 ms for ten claims.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Map, Value};
@@ -38,6 +50,7 @@ use time::OffsetDateTime;
 use tracing::debug;
 
 use crate::batch::{self, Batcher, Keyed};
+use crate::health::Health;
 
 /// The fields of a request stored on its row (the gateway reads `return_url`,
 /// `context`, `email` and `sent_at` from there).
@@ -141,49 +154,23 @@ impl Store {
         row: RequestRow<'_>,
         throttle: Option<Duration>,
     ) -> Result<Claim, sqlx::Error> {
-        const CLAIM: &str = r"
-WITH prior AS (
-    SELECT state, lease_until, throttle_passed FROM requests WHERE id = $1
-),
-thr AS (
-    INSERT INTO throttle AS t (user_id, purpose, last_sent_at, request_id)
-    SELECT $2, $4, now(), $1
-    WHERE $9 AND NOT EXISTS (
-        SELECT 1 FROM prior
-        WHERE state = 'done' OR throttle_passed OR lease_until >= now())
-    ON CONFLICT (user_id, purpose) DO UPDATE
-        SET last_sent_at = now(), request_id = EXCLUDED.request_id
-        WHERE t.last_sent_at <= now() - $10::float8 * interval '1 second'
-           OR t.request_id = EXCLUDED.request_id
-    RETURNING true AS passed
-)
-INSERT INTO requests AS r (id, user_id, email, purpose, locale, return_url, context,
-                           lease_until, first_attempt_at, throttle_passed)
-VALUES ($1, $2, $3, $4, $5, $6, $7, now() + $8::float8 * interval '1 second', now(),
-        NOT $9 OR EXISTS (SELECT 1 FROM thr))
-ON CONFLICT (id) DO UPDATE
-    SET lease_until = EXCLUDED.lease_until,
-        throttle_passed = r.throttle_passed OR EXCLUDED.throttle_passed,
-        first_attempt_at = COALESCE(r.first_attempt_at, EXCLUDED.first_attempt_at)
-    WHERE r.state = 'processing' AND (r.lease_until IS NULL OR r.lease_until < now())
-RETURNING r.throttle_passed, r.attempts,
-          EXTRACT(EPOCH FROM (now() - r.first_attempt_at))::float8 AS elapsed";
-        let context = row.context.map(|c| Value::Object(c.clone()));
-        let claimed = sqlx::query(CLAIM)
-            .bind(row.id)
-            .bind(row.user_id)
-            .bind(row.email)
-            .bind(row.purpose)
-            .bind(row.locale)
-            .bind(row.return_url)
-            .bind(context)
-            .bind(self.lease.as_secs_f64())
-            .bind(throttle.is_some())
-            .bind(throttle.unwrap_or_default().as_secs_f64())
-            .fetch_optional(&self.pool)
-            .await?;
-        if let Some(r) = claimed {
-            return Ok(Claim::Claimed(claimed_from(&r)?));
+        self.claim_with(row, throttle, true).await
+    }
+
+    /// [`Store::claim`]; `takeover` says whether an expired lease may be
+    /// taken over (not while just back from an outage: see `process`).
+    pub async fn claim_with(
+        &self,
+        row: RequestRow<'_>,
+        throttle: Option<Duration>,
+        takeover: bool,
+    ) -> Result<Claim, sqlx::Error> {
+        // The batch statement with one row: the two can never drift apart.
+        let mut conn = self.pool.acquire().await?;
+        let input = ClaimInput::new(row, throttle).takeover(takeover);
+        let claimed = self.claim_batch_on(&mut conn, &[input]).await?;
+        if let Some(Some(claimed)) = claimed.first() {
+            return Ok(Claim::Claimed(*claimed));
         }
         self.lookup(row.id).await
     }
@@ -256,51 +243,20 @@ FROM requests WHERE id = $1",
     /// `false` when the row was no longer `processing` (another delivery
     /// finished it after our lease ran out).
     pub async fn finish(&self, f: Finish<'_>) -> Result<bool, sqlx::Error> {
-        const FINISH: &str = r"
-WITH r AS (
-    UPDATE requests
-    SET state = 'done', lease_until = now() + $7::float8 * interval '1 second',
-        outcome_type = $2, outcome = $3,
-        sent_at = $4, attempts = attempts + $5
-    WHERE id = $1 AND state = 'processing'
-    RETURNING user_id, purpose
-),
-touched AS (
-    UPDATE throttle t SET last_sent_at = $4::timestamptz
-    FROM r
-    WHERE $4::timestamptz IS NOT NULL
-      AND t.user_id = r.user_id AND t.purpose = r.purpose AND t.request_id = $1
-      AND t.last_sent_at < $4::timestamptz - interval '1 second'
-    RETURNING 1
-),
-released AS (
-    DELETE FROM throttle t USING r
-    WHERE $6 AND t.user_id = r.user_id AND t.purpose = r.purpose AND t.request_id = $1
-    RETURNING 1
-)
-SELECT count(*) FROM r";
-        let n: i64 = sqlx::query_scalar(FINISH)
-            .bind(f.id)
-            .bind(f.outcome_type)
-            .bind(f.outcome)
-            .bind(f.sent_at)
-            .bind(i32::from(f.attempted))
-            .bind(f.release_throttle)
-            .bind(self.lease.as_secs_f64())
-            .fetch_one(&self.pool)
+        // The batch statement with one row: the two can never drift apart.
+        let mut conn = self.pool.acquire().await?;
+        let done = self
+            .finish_batch_on(&mut conn, &[Conclusion::Finish(FinishInput::new(&f))])
             .await?;
-        Ok(n > 0)
+        Ok(done.first().copied().unwrap_or(false))
     }
 
-    /// Records that the broker confirmed the stored outcome.
+    /// Records that the broker confirmed the stored outcome (the batch
+    /// statement with one mark).
     pub async fn mark_published(&self, id: &str) -> Result<(), sqlx::Error> {
-        sqlx::query(
-            "UPDATE requests SET outcome_published = true, lease_until = NULL
-             WHERE id = $1 AND state = 'done'",
-        )
-        .bind(id)
-        .execute(&self.pool)
-        .await?;
+        let mut conn = self.pool.acquire().await?;
+        self.finish_batch_on(&mut conn, &[Conclusion::Mark(id.to_owned())])
+            .await?;
         Ok(())
     }
 
@@ -316,6 +272,22 @@ SELECT count(*) FROM r";
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    /// Restarts the retry window of a `processing` request this delivery
+    /// holds (a replayed letter): attempts back to 0, first attempt now.
+    pub async fn restart_window(&self, id: &str) -> Result<Option<Claimed>, sqlx::Error> {
+        let row = sqlx::query(
+            r"
+UPDATE requests SET attempts = 0, first_attempt_at = now()
+WHERE id = $1 AND state = 'processing'
+RETURNING throttle_passed, attempts,
+          EXTRACT(EPOCH FROM (now() - first_attempt_at))::float8 AS elapsed",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(claimed_from).transpose()
     }
 
     /// Reopens a request that ended `failed`/`delivery_failed` with outcome
@@ -367,22 +339,33 @@ impl Store {
         conn: &mut PgConnection,
         inputs: &[ClaimInput],
     ) -> Result<Vec<Option<Claimed>>, sqlx::Error> {
-        // The single-request statement over `unnest` arrays; a throttle of
-        // NULL is "no throttle" for that row.
+        // Over `unnest` arrays; a throttle of NULL is "no throttle" for that
+        // row. Locks are taken in the order every statement here keeps (see
+        // the lock order (module docs)): the existing `requests` rows in id order (`held`,
+        // read whole by the first throttle row's `array_agg`), then the
+        // `throttle` rows in key order (`thr`, run whole before the main
+        // INSERT by its one-time filter), then the new `requests` rows in id
+        // order.
         const CLAIM_BATCH: &str = r"
 WITH input AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
                          $6::text[], $7::text[], $8::float8[])
         AS i(id, user_id, email, purpose, locale, return_url, context, throttle)
 ),
-settled AS (
-    SELECT r.id FROM requests r JOIN input i ON r.id = i.id
-    WHERE r.state = 'done' OR r.throttle_passed OR r.lease_until >= now()
+held AS (
+    SELECT r.id, (r.state = 'done' OR r.throttle_passed OR r.lease_until >= now()
+                  OR (r.lease_until IS NOT NULL AND r.id <> ALL ($10::text[]))) AS settled
+    FROM requests r WHERE r.id = ANY($1::text[])
+    ORDER BY r.id
+    FOR UPDATE
 ),
 thr AS (
     INSERT INTO throttle AS t (user_id, purpose, last_sent_at, request_id)
     SELECT i.user_id, i.purpose, now(), i.id FROM input i
-    WHERE i.throttle IS NOT NULL AND i.id NOT IN (SELECT id FROM settled)
+    WHERE i.throttle IS NOT NULL
+      AND i.id <> ALL (COALESCE((SELECT array_agg(h.id) FILTER (WHERE h.settled) FROM held h),
+                                '{}'::text[]))
+    ORDER BY i.user_id, i.purpose
     ON CONFLICT (user_id, purpose) DO UPDATE
         SET last_sent_at = now(), request_id = EXCLUDED.request_id
         WHERE t.last_sent_at <= now() - (SELECT i.throttle FROM input i
@@ -396,19 +379,17 @@ SELECT i.id, i.user_id, i.email, i.purpose, i.locale, i.return_url, i.context::j
        now() + $9::float8 * interval '1 second', now(),
        i.throttle IS NULL OR i.id IN (SELECT request_id FROM thr)
 FROM input i
+WHERE (SELECT count(*) FROM thr) >= 0
+ORDER BY i.id
 ON CONFLICT (id) DO UPDATE
     SET lease_until = EXCLUDED.lease_until,
         throttle_passed = r.throttle_passed OR EXCLUDED.throttle_passed,
         first_attempt_at = COALESCE(r.first_attempt_at, EXCLUDED.first_attempt_at)
-    WHERE r.state = 'processing' AND (r.lease_until IS NULL OR r.lease_until < now())
+    WHERE r.state = 'processing'
+      AND (r.lease_until IS NULL OR (r.lease_until < now() AND r.id = ANY ($10::text[])))
 RETURNING r.id, r.throttle_passed, r.attempts,
           EXTRACT(EPOCH FROM (now() - r.first_attempt_at))::float8 AS elapsed";
-        // Rows in one order (throttle key, then id) so that two workers'
-        // batches lock common rows in the same order instead of deadlocking.
-        let mut order: Vec<&ClaimInput> = inputs.iter().collect();
-        order.sort_unstable_by(|a, b| {
-            (&a.user_id, &a.purpose, &a.id).cmp(&(&b.user_id, &b.purpose, &b.id))
-        });
+        let order: Vec<&ClaimInput> = inputs.iter().collect();
         let column = |f: fn(&ClaimInput) -> Option<&str>| -> Vec<Option<&str>> {
             order.iter().map(|i| f(i)).collect()
         };
@@ -427,6 +408,13 @@ RETURNING r.id, r.throttle_passed, r.attempts,
             .bind(column(|i| i.context.as_deref()))
             .bind(throttles)
             .bind(self.lease.as_secs_f64())
+            .bind(
+                order
+                    .iter()
+                    .filter(|i| i.takeover)
+                    .map(|i| i.id.as_str())
+                    .collect::<Vec<_>>(),
+            )
             .fetch_all(conn)
             .await?;
         let mut claimed = HashMap::with_capacity(rows.len());
@@ -452,19 +440,22 @@ RETURNING r.id, r.throttle_passed, r.attempts,
         inputs: &[Conclusion],
     ) -> Result<Vec<bool>, sqlx::Error> {
         // The marks of outcomes published since the previous batch ride along
-        // (`marked`, the statement of `mark_published`): under load that saves
-        // a statement, a round trip and a commit per batch. A statement runs
-        // every data-modifying CTE, read or not.
+        // (`marked`): under load that saves a statement, a round trip and a
+        // commit per batch. A statement runs every data-modifying CTE, read
+        // or not. Locks follow the lock order (module docs): every `requests` row of the
+        // batch (finished or marked) in id order first (`held`, run whole by
+        // the main query's one-time filter), then the `throttle` rows in key
+        // order (`thr`, read by `touched` and `released`).
         const FINISH_BATCH: &str = r"
-WITH marked AS (
-    UPDATE requests SET outcome_published = true, lease_until = NULL
-    WHERE id = ANY($8) AND state = 'done'
-    RETURNING 1
-),
-input AS (
+WITH input AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::timestamptz[],
                          $5::int4[], $6::bool[])
         AS i(id, outcome_type, outcome, sent_at, attempted, release_throttle)
+),
+held AS (
+    SELECT id FROM requests WHERE id = ANY($1::text[] || $8::text[])
+    ORDER BY id
+    FOR UPDATE
 ),
 r AS (
     UPDATE requests r
@@ -475,25 +466,41 @@ r AS (
     WHERE r.id = i.id AND r.state = 'processing'
     RETURNING r.id, r.user_id, r.purpose, i.sent_at, i.release_throttle
 ),
+thr AS (
+    SELECT t.user_id, t.purpose, r.sent_at, r.release_throttle
+    FROM throttle t JOIN r ON t.user_id = r.user_id AND t.purpose = r.purpose
+                          AND t.request_id = r.id
+    ORDER BY t.user_id, t.purpose
+    FOR UPDATE OF t
+),
 touched AS (
-    UPDATE throttle t SET last_sent_at = r.sent_at
-    FROM r
-    WHERE r.sent_at IS NOT NULL
-      AND t.user_id = r.user_id AND t.purpose = r.purpose AND t.request_id = r.id
-      AND t.last_sent_at < r.sent_at - interval '1 second'
+    UPDATE throttle t SET last_sent_at = x.sent_at
+    FROM thr x
+    WHERE x.sent_at IS NOT NULL
+      AND t.user_id = x.user_id AND t.purpose = x.purpose
+      AND t.last_sent_at < x.sent_at - interval '1 second'
     RETURNING 1
 ),
 released AS (
-    DELETE FROM throttle t USING r
-    WHERE r.release_throttle
-      AND t.user_id = r.user_id AND t.purpose = r.purpose AND t.request_id = r.id
+    DELETE FROM throttle t USING thr x
+    WHERE x.release_throttle AND t.user_id = x.user_id AND t.purpose = x.purpose
     RETURNING 1
+),
+marked AS (
+    UPDATE requests SET outcome_published = true, lease_until = NULL
+    WHERE id = ANY($8) AND state = 'done'
+    RETURNING 1
+),
+-- Already stored with these very bytes (an outcome id is unique): a batch
+-- whose caller gave up on it committed after all, and the caller's own
+-- statement must hear `true` to publish it.
+same AS (
+    SELECT r.id FROM requests r JOIN input i ON r.id = i.id
+    WHERE r.state = 'done' AND r.outcome = i.outcome
 )
-SELECT id FROM r";
-        // The finished rows go in id order (see claim_batch), the marked ones
-        // too, in a sub-statement of their own. A mark never meets another
-        // worker's finish of its row (it follows that row's own, committed,
-        // finish); a deadlock anyway fails the batch, and its jobs run alone.
+SELECT id FROM r WHERE (SELECT count(*) FROM held) >= 0
+UNION ALL
+SELECT id FROM same";
         let (mut order, mut marks) = (Vec::new(), Vec::new());
         for c in inputs {
             match c {
@@ -501,8 +508,6 @@ SELECT id FROM r";
                 Conclusion::Mark(id) => marks.push(id.as_str()),
             }
         }
-        order.sort_unstable_by(|a, b| a.id.cmp(&b.id));
-        marks.sort_unstable();
         let rows: Vec<String> = sqlx::query_scalar(FINISH_BATCH)
             .bind(order.iter().map(|i| i.id.as_str()).collect::<Vec<_>>())
             .bind(
@@ -553,6 +558,8 @@ pub struct ClaimInput {
     /// `context` as JSON text.
     context: Option<String>,
     throttle: Option<Duration>,
+    /// An expired lease may be taken over.
+    takeover: bool,
 }
 
 impl ClaimInput {
@@ -568,7 +575,14 @@ impl ClaimInput {
             // Serializing a JSON map cannot fail.
             context: row.context.and_then(|c| serde_json::to_string(c).ok()),
             throttle,
+            takeover: true,
         }
+    }
+
+    /// Whether an expired lease may be taken over (by default it may).
+    pub fn takeover(mut self, takeover: bool) -> Self {
+        self.takeover = takeover;
+        self
     }
 }
 
@@ -640,11 +654,12 @@ pub struct Batches {
 
 impl Batches {
     /// Starts the batching tasks on `store`, each with a connection of its
-    /// own; they end (and close it) when every clone is dropped.
-    pub fn spawn(store: Store) -> Self {
+    /// own; they end (and close it) when every clone is dropped. A batch that
+    /// runs out of time is reported to `health` until one completes again.
+    pub fn spawn(store: Store, health: Arc<Health>) -> Self {
         let claims = {
-            let (s, sessions) = (store.clone(), Sessions::new(&store));
-            Batcher::spawn("claim", move |inputs: Vec<ClaimInput>| {
+            let (s, sessions) = (store.clone(), Sessions::new(&store, &health));
+            Batcher::spawn("claim", CALL_DEADLINE, move |inputs: Vec<ClaimInput>| {
                 let (s, sessions) = (s.clone(), sessions.clone());
                 async move {
                     sessions
@@ -656,8 +671,8 @@ impl Batches {
             })
         };
         let conclusions = {
-            let (s, sessions) = (store.clone(), Sessions::new(&store));
-            Batcher::spawn("finish", move |inputs: Vec<Conclusion>| {
+            let (s, sessions) = (store.clone(), Sessions::new(&store, &health));
+            Batcher::spawn("finish", CALL_DEADLINE, move |inputs: Vec<Conclusion>| {
                 let (s, sessions) = (s.clone(), sessions.clone());
                 async move {
                     sessions
@@ -675,16 +690,18 @@ impl Batches {
         }
     }
 
-    /// [`Store::claim`], batched with other deliveries' claims.
+    /// [`Store::claim_with`], batched with other deliveries' claims.
     pub async fn claim(
         &self,
         row: RequestRow<'_>,
         throttle: Option<Duration>,
+        takeover: bool,
     ) -> Result<Claim, sqlx::Error> {
-        match self.claims.call(ClaimInput::new(row, throttle)).await {
+        let input = ClaimInput::new(row, throttle).takeover(takeover);
+        match self.claims.call(input).await {
             Some(Some(claimed)) => Ok(Claim::Claimed(claimed)),
             Some(None) => self.store.lookup(row.id).await,
-            None => self.store.claim(row, throttle).await,
+            None => self.store.claim_with(row, throttle, takeover).await,
         }
     }
 
@@ -718,24 +735,51 @@ pub const BATCH_SESSION: [(&str, &str); 3] = [
 /// Longest a batching task waits for its connection to open.
 const SESSION_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// `statement_timeout` of every worker statement (pool and batch sessions):
+/// no statement of the worker rightly takes more than milliseconds.
+pub const STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// `lock_timeout` of every worker statement: a statement queued behind a lock
+/// held this long (another session stuck, an operator's `LOCK TABLE`) gives
+/// up, and its delivery retries.
+pub const LOCK_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest a batch may run on its connection, on our side: past it the
+/// connection is dropped (a socket that stopped answering never times out
+/// on the server). A little more than [`STATEMENT_TIMEOUT`], so the server's
+/// own timeout normally answers first.
+const BATCH_DEADLINE: Duration = Duration::from_secs(6);
+/// Longest a delivery waits for its batch's answer, queueing behind the
+/// running batch included, before running its statement alone.
+const CALL_DEADLINE: Duration = Duration::from_secs(8);
+
+/// The server-side deadlines of the worker's connections.
+pub fn deadlines() -> verimail_shared::db::Deadlines {
+    verimail_shared::db::Deadlines {
+        statement: Some(STATEMENT_TIMEOUT),
+        lock: Some(LOCK_TIMEOUT),
+    }
+}
+
 /// A batching task's own connections (one per running batch), opened on
 /// first use and again after a failure (the batch's callers meanwhile fall
 /// back to the pool).
 #[derive(Clone)]
 struct Sessions {
-    options: std::sync::Arc<PgConnectOptions>,
-    idle: std::sync::Arc<std::sync::Mutex<Vec<PgConnection>>>,
+    options: Arc<PgConnectOptions>,
+    idle: Arc<std::sync::Mutex<Vec<PgConnection>>>,
+    health: Arc<Health>,
 }
 
 impl Sessions {
-    /// Connections for one batching task, on the pool's server and database.
-    fn new(store: &Store) -> Self {
+    /// Connections for one batching task, on the pool's server and database
+    /// (with its statement and lock timeouts).
+    fn new(store: &Store, health: &Arc<Health>) -> Self {
         let options = (*store.pool.connect_options())
             .clone()
             .options(BATCH_SESSION);
         Self {
-            options: std::sync::Arc::new(options),
-            idle: std::sync::Arc::default(),
+            options: Arc::new(options),
+            idle: Arc::default(),
+            health: health.clone(),
         }
     }
 
@@ -766,16 +810,34 @@ impl Sessions {
                 return None;
             }
         };
-        match op(&mut conn).await {
-            Ok(v) => {
+        // On our deadline the connection is dropped with the future: its
+        // socket may have stopped answering.
+        let result = tokio::time::timeout(BATCH_DEADLINE, op(&mut conn)).await;
+        match result {
+            Ok(Ok(v)) => {
+                self.health.set_batches_stalled(false);
                 self.idle
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
                     .push(conn);
                 Some(v)
             }
-            Err(e) => {
+            Ok(Err(e)) => {
+                // A statement or lock timeout: the batch was stuck, not refused.
+                let timed_out = matches!(&e, sqlx::Error::Database(d)
+                    if matches!(d.code().as_deref(), Some("57014") | Some("55P03")));
+                if timed_out {
+                    self.health.set_batches_stalled(true);
+                }
                 debug!(error = %e, statement, n, "batch failed; its requests run alone");
+                None
+            }
+            Err(_) => {
+                self.health.set_batches_stalled(true);
+                debug!(
+                    statement,
+                    n, "batch ran out of time; its requests run alone"
+                );
                 None
             }
         }

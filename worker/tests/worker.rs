@@ -1,6 +1,7 @@
 //! The worker against real RabbitMQ and PostgreSQL, in-process, each test in
 //! its own namespace and database.
 
+mod hardening;
 mod smtp_flows;
 mod store_sql;
 mod support;

@@ -3,8 +3,8 @@
 //! - [`templates`]: the built-in templates (`worker/templates/`, embedded) and
 //!   overrides from `TEMPLATES_DIR`; [`Templates::render`] picks the locale.
 //! - [`send`]: [`Mailer`] builds the MIME message and delivers it over pooled
-//!   SMTP or into a `file://` outbox; [`SendError::classification`] is the one
-//!   place deciding whether a failure is worth retrying.
+//!   SMTP or into a `file://` outbox; [`classify`] is the one place deciding
+//!   what a failure means: retry, `recipient_rejected`, or `delivery_failed`.
 //!
 //! Invariants: a recipient's name is data, never template source (it cannot
 //! inject template syntax, HTML or headers); every delivery attempt ends within
@@ -18,7 +18,9 @@ use std::time::Duration;
 use time::OffsetDateTime;
 use verimail_shared::events::Purpose;
 
-pub use send::{ATTEMPT_TIMEOUT, CONNECT_TIMEOUT, Mailer, MailerError, SendError, classify};
+pub use send::{
+    ATTEMPT_TIMEOUT, CONNECT_TIMEOUT, Mailer, MailerError, SendError, SmtpStep, classify,
+};
 pub use templates::{DEFAULT_LOCALE, TemplateError, Templates};
 
 /// What a template sees.
@@ -51,13 +53,50 @@ pub struct RenderedMail {
     pub locale: String,
 }
 
-/// Whether a failed delivery may succeed later.
+/// What a failed delivery means for the request ([`classify`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Classification {
     /// 4xx, connection refused or reset, timeouts: retry.
     Transient,
-    /// 5xx: give up at once (`recipient_rejected`).
-    Permanent,
+    /// The recipient itself was refused (5.1.x, or 550/551/553 to `RCPT TO`
+    /// without an enhanced code), or its address is unusable: the request
+    /// ends `failed`/`recipient_rejected` at once.
+    RecipientRejected,
+    /// The server refused the sender, our credentials, the relay or the
+    /// message: sending again cannot pass until an operator changes something,
+    /// so the request ends `failed`/`delivery_failed` at once and its copy is
+    /// dead-lettered for `verimail dead replay`.
+    Refused(Refusal),
+}
+
+/// Who or what a [`Classification::Refused`] refusal was about; it opens the
+/// outcome's `detail`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// A 5xx to `MAIL FROM`: the envelope sender (`MAIL_FROM`).
+    Sender,
+    /// A 5xx to `AUTH`: the credentials in `MAIL_URL`.
+    Authentication,
+    /// A 5.7.x refusal (relaying denied, policy, sender not authorized).
+    Policy,
+    /// A 5xx to the message itself (`DATA`): size, content.
+    Message,
+    /// Any other 5xx to `RCPT TO` (an enhanced code that is not about the
+    /// recipient's address, say 5.2.x or 5.3.x).
+    Other,
+}
+
+impl Refusal {
+    /// The words that open the outcome's `detail`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sender => "sender refused",
+            Self::Authentication => "authentication refused",
+            Self::Policy => "policy refused",
+            Self::Message => "message refused",
+            Self::Other => "refused",
+        }
+    }
 }
 
 /// One mail to deliver.

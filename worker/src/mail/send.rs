@@ -25,16 +25,25 @@
 //! the time a mail holds its connection and the system calls on both ends. Replies are read and judged exactly as lettre's own
 //! `send` does (its `read_response`: a negative reply is an error with the
 //! same classification, and the connection is aborted, never reused), so a
-//! refusal at any step means what it meant before. Servers without it get
-//! lettre's one-command-at-a-time `send`.
+//! refusal at any step means what it meant before. Servers without it get the
+//! same commands one at a time, as lettre's `send` writes them.
 //!
 //! # Classification
 //!
-//! [`classify`] is the one function that says whether a failure may pass:
-//! a 5xx reply to the mail transaction is permanent; everything else
-//! (4xx, refused or reset connections, timeouts, TLS, a 5xx while connecting
-//! or authenticating, which is the server refusing *us*, not the recipient,
-//! and file-system errors of the outbox) is transient.
+//! [`classify`] is the one function that says what a failure means, from the
+//! step that failed and the reply's enhanced status code (RFC 3463):
+//!
+//! - a refusal of the recipient itself (5.1.x, or 550/551/553 to `RCPT TO`
+//!   without an enhanced code), or an address no server can take:
+//!   `recipient_rejected`, at once;
+//! - a 5xx to `MAIL FROM` (the sender), to `AUTH` (our credentials), a 5.7.x
+//!   anywhere (relaying denied, policy) or a 5xx to the message: the server
+//!   refuses *us*, and the recipient may be fine. Sending again cannot pass
+//!   until an operator fixes the configuration, so the request ends
+//!   `delivery_failed` at once and its copy is dead-lettered for replay; the
+//!   detail says which ("sender refused: ...");
+//! - everything else (4xx, refused or reset connections, timeouts, TLS, a
+//!   refused greeting or EHLO, file-system errors of the outbox) is transient.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -54,7 +63,7 @@ use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 use verimail_shared::config::{Config, MailUrl, SmtpSecurity, outbox_file_name};
 
-use super::{Classification, Envelope, RenderedMail};
+use super::{Classification, Envelope, Refusal, RenderedMail};
 
 /// Longest a single delivery attempt may take, connection included. Long
 /// enough for a slow server's reply to the message (content scanning), short
@@ -87,13 +96,22 @@ pub enum SendError {
     #[error("cannot connect to the SMTP server: {0}")]
     Connect(#[source] std::io::Error),
     /// The server refused or broke the session before the mail transaction:
-    /// greeting, EHLO, STARTTLS, TLS handshake or AUTH.
+    /// greeting, EHLO, STARTTLS or TLS handshake.
     #[error("SMTP session set-up failed: {0}")]
     Session(#[source] lettre::transport::smtp::Error),
+    /// The server refused our credentials (or broke the session during `AUTH`).
+    #[error("SMTP AUTH: {0}")]
+    Auth(#[source] lettre::transport::smtp::Error),
     /// The mail transaction failed: a 4xx/5xx reply to MAIL, RCPT or DATA, or
     /// the connection broke during it.
-    #[error("SMTP: {0}")]
-    Smtp(#[source] lettre::transport::smtp::Error),
+    #[error("SMTP {step}: {source}")]
+    Smtp {
+        /// The step that failed.
+        step: SmtpStep,
+        /// lettre's error (the reply's code and text).
+        #[source]
+        source: lettre::transport::smtp::Error,
+    },
     /// The recipient address needs SMTPUTF8, which the server does not offer.
     #[error("the SMTP server cannot take this non-ASCII address: {0}")]
     Utf8Address(#[source] lettre::transport::smtp::Error),
@@ -111,32 +129,102 @@ pub enum SendError {
     Message(#[source] lettre::error::Error),
 }
 
-impl SendError {
-    /// Transient or permanent (the one tested classification function).
-    pub fn classification(&self) -> Classification {
-        classify(self)
+/// A step of the mail transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SmtpStep {
+    /// `MAIL FROM`.
+    Mail,
+    /// `RCPT TO`.
+    Rcpt,
+    /// `DATA` and the message.
+    Data,
+}
+
+impl std::fmt::Display for SmtpStep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Mail => "MAIL FROM",
+            Self::Rcpt => "RCPT TO",
+            Self::Data => "DATA",
+        })
     }
 }
 
-/// Whether `error` may pass if the mail is sent again later.
+impl SendError {
+    /// What the failure means ([`classify`]).
+    pub fn classification(&self) -> Classification {
+        classify(self)
+    }
+
+    /// The outcome's `detail`: the error, opened by what was refused when the
+    /// server refused us ("sender refused: SMTP MAIL FROM: ...").
+    pub fn detail(&self) -> String {
+        match classify(self) {
+            Classification::Refused(r) => format!("{}: {self}", r.as_str()),
+            Classification::Transient | Classification::RecipientRejected => self.to_string(),
+        }
+    }
+}
+
+/// What `error` means for the request: retry, `recipient_rejected`, or
+/// `delivery_failed` at once (see the module docs). The one place deciding it.
 pub fn classify(error: &SendError) -> Classification {
     match error {
-        // Only a negative reply inside the mail transaction is about this mail
-        // or recipient; 5xx replies to MAIL/RCPT/DATA land here.
-        SendError::Smtp(e) if e.is_permanent() => Classification::Permanent,
-        SendError::Smtp(_) => Classification::Transient,
-        // These will fail the same way on every attempt.
+        SendError::Smtp { step, source } => match reply(source) {
+            Some((code, text)) if code >= 500 => refusal(*step, code, &text),
+            // 4xx, or the connection broke mid-transaction.
+            _ => Classification::Transient,
+        },
+        SendError::Auth(e) => match reply(e) {
+            Some((code, _)) if code >= 500 => Classification::Refused(Refusal::Authentication),
+            _ => Classification::Transient,
+        },
+        // These will fail the same way on every attempt, for this address.
         SendError::Utf8Address(_) | SendError::Address(_) | SendError::Message(_) => {
-            Classification::Permanent
+            Classification::RecipientRejected
         }
-        // The server (or our disk) is unwell, or refuses us rather than the
-        // recipient (wrong credentials, TLS): an operator can fix it, and the
-        // request is replayable from the dead-letter queue once the window ends.
+        // The server (or our disk) is unwell, or will not talk to us at all:
+        // an operator can fix it, and the request is replayable from the
+        // dead-letter queue once the window ends.
         SendError::Connect(_)
         | SendError::Session(_)
         | SendError::Timeout(_)
         | SendError::File(_) => Classification::Transient,
     }
+}
+
+/// A 5xx `code` with `text` (which may open with an enhanced status code,
+/// `5.1.1`) in answer to `step`.
+fn refusal(step: SmtpStep, code: u16, text: &str) -> Classification {
+    // The enhanced code's subject: 1 addressing, 2 mailbox, 3 mail system,
+    // 4 network, 5 protocol, 6 content, 7 security and policy.
+    let subject = text.split_whitespace().next().and_then(|word| {
+        let mut parts = word.split('.');
+        let class = parts.next()?;
+        let subject: u16 = parts.next()?.parse().ok()?;
+        let detail = parts.next()?;
+        let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        (class == "5" && digits(detail) && parts.next().is_none()).then_some(subject)
+    });
+    match (step, subject) {
+        (SmtpStep::Mail, _) => Classification::Refused(Refusal::Sender),
+        (_, Some(7)) => Classification::Refused(Refusal::Policy),
+        (SmtpStep::Rcpt | SmtpStep::Data, Some(1)) => Classification::RecipientRejected,
+        (SmtpStep::Rcpt, None) if matches!(code, 550 | 551 | 553) => {
+            Classification::RecipientRejected
+        }
+        (SmtpStep::Rcpt, _) => Classification::Refused(Refusal::Other),
+        (SmtpStep::Data, _) => Classification::Refused(Refusal::Message),
+    }
+}
+
+/// The code and text of the server's negative reply behind `e`, if any.
+fn reply(e: &lettre::transport::smtp::Error) -> Option<(u16, String)> {
+    let code = u16::from(e.status()?);
+    let text = std::error::Error::source(e)
+        .map(ToString::to_string)
+        .unwrap_or_default();
+    Some((code, text))
 }
 
 /// A mailer could not be built from `MAIL_URL`/`MAIL_FROM`.
@@ -335,7 +423,7 @@ impl Mailer {
             Ok(()) => "sent",
             Err(e) => match classify(e) {
                 Classification::Transient => "transient",
-                Classification::Permanent => "permanent",
+                Classification::RecipientRejected | Classification::Refused(_) => "permanent",
             },
         };
         metrics::histogram!(ATTEMPT_SECONDS, "result" => label)
@@ -446,35 +534,38 @@ impl SmtpPool {
         let _permit = self.permits.acquire().await.ok();
         let mut conn = self.checkout().await?;
         let ascii = envelope
-            .to()
-            .iter()
+            .from()
+            .into_iter()
+            .chain(envelope.to())
             .all(|a| AsRef::<str>::as_ref(a).is_ascii());
-        // Non-ASCII recipients take lettre's path, which owns the SMTPUTF8 rules.
-        let sent = if conn.pipelining && ascii {
-            send_pipelined(&mut conn.smtp, envelope, bytes).await
+        let sent = if ascii
+            || conn
+                .smtp
+                .server_info()
+                .supports_feature(Extension::SmtpUtfEight)
+        {
+            transaction(&mut conn.smtp, envelope, bytes, conn.pipelining, ascii).await
         } else {
-            conn.smtp.send(envelope, bytes).await.map(drop)
+            // lettre refuses it with its own client error, before any command.
+            let refused = conn.smtp.send(envelope, bytes).await.map(drop);
+            refused.map_err(|e| (SmtpStep::Mail, e))
         };
         match sent {
             Ok(()) => {
                 self.checkin(conn);
                 Ok(())
             }
-            Err(e) => {
-                // lettre already closed the connection after a negative reply or
-                // an I/O error; its client-side refusals leave it usable.
-                let utf8 = e.is_client()
-                    && envelope
-                        .to()
-                        .iter()
-                        .any(|a| !AsRef::<str>::as_ref(a).is_ascii());
+            Err((step, e)) => {
+                // The connection was aborted after a negative reply or an I/O
+                // error; lettre's client-side refusals leave it usable.
+                let utf8 = e.is_client() && !ascii;
                 if !conn.smtp.has_broken() {
                     self.checkin(conn);
                 }
                 Err(if utf8 {
                     SendError::Utf8Address(e)
                 } else {
-                    SendError::Smtp(e)
+                    SendError::Smtp { step, source: e }
                 })
             }
         }
@@ -561,7 +652,7 @@ impl SmtpPool {
         if let Some(credentials) = &self.credentials {
             conn.auth(DEFAULT_MECHANISMS, credentials)
                 .await
-                .map_err(SendError::Session)?;
+                .map_err(SendError::Auth)?;
         }
         Ok(Conn {
             smtp: conn,
@@ -570,38 +661,75 @@ impl SmtpPool {
     }
 }
 
-/// One mail transaction with `MAIL`, `RCPT` and `DATA` pipelined (see the
-/// module docs). Every reply is read with lettre's `read_response`, so errors
-/// are lettre's, classified as they always were; on the first negative reply
-/// the connection is aborted (as lettre's `send` does), so unread replies
-/// can never be taken for another mail's.
-async fn send_pipelined(
+/// One mail transaction: `MAIL`, `RCPT` and `DATA` in one write when the
+/// server pipelines (see the module docs), one at a time otherwise, then the
+/// message; a failure says at which step ([`classify`] needs it). Every reply
+/// is read with lettre's `read_response`, so errors are lettre's; on the
+/// first negative reply the connection is aborted (as lettre's `send` does),
+/// so unread replies can never be taken for another mail's.
+async fn transaction(
     conn: &mut AsyncSmtpConnection,
     envelope: &SmtpEnvelope,
     email: &[u8],
-) -> Result<(), lettre::transport::smtp::Error> {
+    pipelining: bool,
+    ascii_addresses: bool,
+) -> Result<(), (SmtpStep, lettre::transport::smtp::Error)> {
     let mut parameters = Vec::new();
+    if !ascii_addresses {
+        // The caller checked that the server offers SMTPUTF8.
+        parameters.push(MailParameter::SmtpUtfEight);
+    }
     if !email.is_ascii() {
         if !conn.server_info().supports_feature(Extension::EightBitMime) {
             // lettre's path refuses it with its own client error.
-            return conn.send(envelope, email).await.map(drop);
+            let refused = conn.send(envelope, email).await.map(drop);
+            return refused.map_err(|e| (SmtpStep::Data, e));
         }
         parameters.push(MailParameter::Body(MailBodyParameter::EightBitMime));
     }
-    let mut commands = Mail::new(envelope.from().cloned(), parameters).to_string();
-    for to in envelope.to() {
-        commands.push_str(&Rcpt::new(to.clone(), Vec::new()).to_string());
-    }
-    commands.push_str(&Data.to_string());
-    // `command` writes the whole group at once and reads the first reply
-    // (MAIL's); the others follow in order (RCPT..., then DATA's 354).
-    let mut replies = conn.command(Verbatim(&commands)).await.map(drop);
-    for _ in 0..envelope.to().len() + 1 {
-        if replies.is_err() {
-            break;
+    let mail = Mail::new(envelope.from().cloned(), parameters).to_string();
+    let rcpts: Vec<String> = envelope
+        .to()
+        .iter()
+        .map(|to| Rcpt::new(to.clone(), Vec::new()).to_string())
+        .collect();
+    // The replies come in the order of the commands: MAIL, each RCPT, DATA's 354.
+    let steps = std::iter::once(SmtpStep::Mail)
+        .chain(rcpts.iter().map(|_| SmtpStep::Rcpt))
+        .chain(std::iter::once(SmtpStep::Data));
+    let replies: Result<(), (SmtpStep, lettre::transport::smtp::Error)> = if pipelining {
+        let mut commands = mail;
+        commands.extend(rcpts.iter().map(String::as_str));
+        commands.push_str(&Data.to_string());
+        // `command` writes the whole group at once and reads the first reply;
+        // the others follow in order.
+        let mut result = Ok(());
+        for (i, step) in steps.enumerate() {
+            let reply = if i == 0 {
+                conn.command(Verbatim(&commands)).await
+            } else {
+                conn.read_response().await
+            };
+            if let Err(e) = reply {
+                result = Err((step, e));
+                break;
+            }
         }
-        replies = conn.read_response().await.map(drop);
-    }
+        result
+    } else {
+        let data = Data.to_string();
+        let commands = std::iter::once(&mail)
+            .chain(&rcpts)
+            .chain(std::iter::once(&data));
+        let mut result = Ok(());
+        for (command, step) in commands.zip(steps) {
+            if let Err(e) = conn.command(Verbatim(command)).await {
+                result = Err((step, e));
+                break;
+            }
+        }
+        result
+    };
     if let Err(e) = replies {
         conn.abort().await;
         return Err(e);
@@ -617,7 +745,7 @@ async fn send_pipelined(
         Ok(_) => Ok(()),
         Err(e) => {
             conn.abort().await;
-            Err(e)
+            Err((SmtpStep::Data, e))
         }
     }
 }
@@ -774,16 +902,99 @@ mod tests {
 
         server.set_mode(Mode::TempFail);
         let err = m.send(&to, &mail()).await.err().ok_or("451 expected")?;
-        assert!(matches!(err, SendError::Smtp(_)), "{err:?}");
+        assert!(matches!(err, SendError::Smtp { .. }), "{err:?}");
         assert_eq!(err.classification(), Classification::Transient, "{err}");
 
         server.set_mode(Mode::PermFail);
         let err = m.send(&to, &mail()).await.err().ok_or("550 expected")?;
-        assert_eq!(err.classification(), Classification::Permanent, "{err}");
+        assert_eq!(
+            err.classification(),
+            Classification::RecipientRejected,
+            "{err}"
+        );
         assert!(err.to_string().contains("550"), "{err}");
 
         server.set_mode(Mode::Accept);
         m.send(&to, &mail()).await?;
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn refusals_are_classified_by_step_and_enhanced_code() -> TestResult {
+        use verimail_tests::smtp::Step;
+        let server = SmtpServer::start();
+        let to = envelope(None, "bob@example.com");
+        let cases = [
+            (
+                Step::Rcpt,
+                550,
+                "5.1.1 No such user",
+                Classification::RecipientRejected,
+                "",
+            ),
+            (
+                Step::Rcpt,
+                550,
+                "No such user",
+                Classification::RecipientRejected,
+                "",
+            ),
+            (
+                Step::Rcpt,
+                550,
+                "5.7.1 Relaying denied",
+                Classification::Refused(Refusal::Policy),
+                "policy refused: SMTP RCPT TO: ",
+            ),
+            (
+                Step::Mail,
+                553,
+                "5.1.8 Sender address rejected",
+                Classification::Refused(Refusal::Sender),
+                "sender refused: SMTP MAIL FROM: ",
+            ),
+            (
+                Step::Rcpt,
+                451,
+                "4.7.1 Greylisted",
+                Classification::Transient,
+                "",
+            ),
+        ];
+        let m = mailer(&server.mail_url())?;
+        for (step, code, text, expected, detail) in cases {
+            server.clear_refusals();
+            server.refuse(step, code, text);
+            let err = m
+                .send(&to, &mail())
+                .await
+                .err()
+                .ok_or("a refusal expected")?;
+            assert_eq!(
+                err.classification(),
+                expected,
+                "{step:?} {code} {text}: {err}"
+            );
+            assert!(err.detail().starts_with(detail), "{}", err.detail());
+            assert!(err.detail().contains(text), "{}", err.detail());
+        }
+
+        server.clear_refusals();
+        server.refuse(Step::Auth, 535, "5.7.8 Authentication credentials invalid");
+        let port = server.port();
+        let m = mailer(&format!("smtp+plain://user:secret@127.0.0.1:{port}"))?;
+        let err = m.send(&to, &mail()).await.err().ok_or("535 expected")?;
+        assert_eq!(
+            err.classification(),
+            Classification::Refused(Refusal::Authentication),
+            "{err}"
+        );
+        assert!(
+            err.detail().starts_with("authentication refused: "),
+            "{}",
+            err.detail()
+        );
+        assert_eq!(server.count(), 0);
         Ok(())
     }
 
@@ -850,13 +1061,17 @@ mod tests {
             .err()
             .ok_or("refusal expected")?;
         assert!(matches!(err, SendError::Utf8Address(_)), "{err:?}");
-        assert_eq!(err.classification(), Classification::Permanent);
+        assert_eq!(err.classification(), Classification::RecipientRejected);
         let err = m
             .send(&envelope(None, "not an address"), &mail())
             .await
             .err()
             .ok_or("bad address")?;
-        assert_eq!(err.classification(), Classification::Permanent, "{err}");
+        assert_eq!(
+            err.classification(),
+            Classification::RecipientRejected,
+            "{err}"
+        );
         Ok(())
     }
 
@@ -953,7 +1168,7 @@ mod tests {
             .await
             .err()
             .ok_or("failure expected")?;
-        assert_eq!(err.classification(), Classification::Permanent);
+        assert_eq!(err.classification(), Classification::RecipientRejected);
         assert_eq!(server.stats().rejected - before, 1, "a 5xx is not retried");
         Ok(())
     }
@@ -1154,14 +1369,28 @@ mod tests {
         let m = mailer(&format!("smtp+plain://127.0.0.1:{}", server.port))?;
         let to = envelope(None, "nobody@example.com");
         let err = m.send(&to, &mail()).await.err().ok_or("550 expected")?;
-        assert!(matches!(err, SendError::Smtp(_)), "{err:?}");
-        assert_eq!(err.classification(), Classification::Permanent, "{err}");
+        assert!(matches!(err, SendError::Smtp { .. }), "{err:?}");
+        assert_eq!(
+            err.classification(),
+            Classification::RecipientRejected,
+            "{err}"
+        );
         // The refused session was aborted: its unread DATA reply cannot be
         // taken for the next mail's, which gets a connection of its own.
         let err = m.send(&to, &mail()).await.err().ok_or("550 expected")?;
-        assert_eq!(err.classification(), Classification::Permanent, "{err}");
+        assert_eq!(
+            err.classification(),
+            Classification::RecipientRejected,
+            "{err}"
+        );
         assert_eq!(Pipeliner::count(&server.connections), 2);
         assert_eq!(Pipeliner::count(&server.mails), 0);
+
+        let server = Pipeliner::start("550 5.7.1 relaying denied\r\n").await?;
+        let m = mailer(&format!("smtp+plain://127.0.0.1:{}", server.port))?;
+        let err = m.send(&to, &mail()).await.err().ok_or("550 expected")?;
+        let policy = Classification::Refused(Refusal::Policy);
+        assert_eq!(err.classification(), policy, "{err}");
 
         let server = Pipeliner::start("451 try later\r\n").await?;
         let m = mailer(&format!("smtp+plain://127.0.0.1:{}", server.port))?;

@@ -4,8 +4,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use time::OffsetDateTime;
+use verimail_shared::bus::{HEADER_DETAIL, HEADER_REASON, header_str};
 use verimail_shared::token::{Keys, Signer};
-use verimail_tests::smtp::{Mode, SmtpServer};
+use verimail_tests::smtp::{Mode, SmtpServer, Step};
 
 use crate::support::{SECRET, TestEnv, request, user};
 
@@ -85,6 +86,93 @@ async fn a_permanent_smtp_refusal_fails_with_recipient_rejected_and_frees_the_th
 
     worker.stop().await?;
     env.cleanup().await;
+    Ok(())
+}
+
+/// A refusal of the recipient ends `recipient_rejected`; a refusal of the
+/// sender, of our credentials or by policy ends `delivery_failed` at once,
+/// dead-lettered for replay, with a detail saying which.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smtp_refusals_are_told_apart_by_step_and_enhanced_code() -> Result<()> {
+    let cases = [
+        (
+            Step::Rcpt,
+            550,
+            "5.1.1 No such user",
+            "recipient_rejected",
+            "",
+        ),
+        (
+            Step::Rcpt,
+            550,
+            "5.7.1 Relaying denied",
+            "delivery_failed",
+            "policy refused: ",
+        ),
+        (
+            Step::Auth,
+            535,
+            "5.7.8 Bad credentials",
+            "delivery_failed",
+            "authentication refused: ",
+        ),
+        (
+            Step::Mail,
+            553,
+            "5.1.8 Sender rejected",
+            "delivery_failed",
+            "sender refused: ",
+        ),
+    ];
+    for (step, code, text, reason, detail) in cases {
+        let smtp = SmtpServer::start();
+        smtp.refuse(step, code, text);
+        let mut env = TestEnv::new().await?;
+        let port = smtp.port();
+        // Credentials only where the server offers AUTH: lettre refuses to
+        // authenticate with a server that does not.
+        let credentials = if step == Step::Auth {
+            "user:secret@"
+        } else {
+            ""
+        };
+        env.set(
+            "MAIL_URL",
+            format!("smtp+plain://{credentials}127.0.0.1:{port}"),
+        );
+        let capture = env.capture().await?;
+        let worker = env.start_worker().await?;
+
+        let req = request(&user(), "someone@example.com");
+        let id = req["id"].as_str().context("id")?.to_owned();
+        env.publish(&req).await?;
+        let o = capture.outcome_of(&id, WAIT).await?;
+        assert_eq!(o["type"], "verimail.verification.failed", "{step:?}: {o}");
+        assert_eq!(o["data"]["reason"], reason, "{step:?}: {o}");
+        let got = o["data"]["detail"].as_str().unwrap_or_default();
+        assert!(
+            got.starts_with(detail) && got.contains(text),
+            "{step:?}: {got}"
+        );
+        if reason == "delivery_failed" {
+            let dead = env.wait_for_dead(1, WAIT).await?;
+            ensure!(
+                dead.len() == 1,
+                "{step:?}: one dead letter, got {}",
+                dead.len()
+            );
+            let headers = dead[0].properties.headers().as_ref();
+            assert_eq!(header_str(headers, HEADER_REASON).as_deref(), Some(reason));
+            let dead_detail = header_str(headers, HEADER_DETAIL).unwrap_or_default();
+            assert!(dead_detail.starts_with(detail), "{dead_detail}");
+        } else {
+            assert!(env.drain_dead().await?.is_empty(), "nothing to replay");
+        }
+        assert_eq!(smtp.count(), 0);
+
+        worker.stop().await?;
+        env.cleanup().await;
+    }
     Ok(())
 }
 

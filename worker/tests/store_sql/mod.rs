@@ -192,6 +192,14 @@ fn finish<'a>(id: &'a str, sent: bool, release_throttle: bool) -> Finish<'a> {
     }
 }
 
+/// `f` with another outcome (another event id).
+fn another(f: Finish<'_>) -> Finish<'_> {
+    Finish {
+        outcome: br#"{"id":"another"}"#,
+        ..f
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batched_claims_let_exactly_one_request_per_user_through_and_claim_all_others() -> Result<()>
 {
@@ -199,7 +207,12 @@ async fn batched_claims_let_exactly_one_request_per_user_through_and_claim_all_o
     // Three workers' batchers on one database, all claims at once: batches
     // mix users, and one user's requests meet within and across batches.
     let batches: Vec<Batches> = (0..3)
-        .map(|_| Batches::spawn(Store::new(db.pool.clone(), Duration::from_secs(60))))
+        .map(|_| {
+            Batches::spawn(
+                Store::new(db.pool.clone(), Duration::from_secs(60)),
+                Default::default(),
+            )
+        })
         .collect();
     let one = user();
     let mut requests: Vec<(String, String)> = Vec::new();
@@ -210,7 +223,7 @@ async fn batched_claims_let_exactly_one_request_per_user_through_and_claim_all_o
     let claims = requests
         .iter()
         .enumerate()
-        .map(|(i, (id, uid))| batches[i % 3].claim(row(id, uid), MINUTE));
+        .map(|(i, (id, uid))| batches[i % 3].claim(row(id, uid), MINUTE, true));
     let results = futures_util::future::join_all(claims).await;
     let mut same_passed = 0;
     for ((id, _), claim) in requests.iter().zip(results) {
@@ -226,7 +239,7 @@ async fn batched_claims_let_exactly_one_request_per_user_through_and_claim_all_o
     // Claimed means leased: a duplicate is busy.
     assert_eq!(
         batches[1]
-            .claim(row("other-7", &requests[15].1), MINUTE)
+            .claim(row("other-7", &requests[15].1), MINUTE, true)
             .await?,
         Claim::Busy
     );
@@ -240,8 +253,14 @@ async fn batched_claims_let_exactly_one_request_per_user_through_and_claim_all_o
         assert!(done?, "every claimed request concludes");
     }
     assert!(
-        !batches[0].finish(finish("other-3", true, false)).await?,
+        !batches[0]
+            .finish(another(finish("other-3", true, false)))
+            .await?,
         "not twice"
+    );
+    assert!(
+        batches[0].finish(finish("other-3", true, false)).await?,
+        "the very same outcome is recognised as stored"
     );
     db.drop().await;
     Ok(())
@@ -250,11 +269,14 @@ async fn batched_claims_let_exactly_one_request_per_user_through_and_claim_all_o
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batched_conclusion_without_mail_gives_the_throttle_back() -> Result<()> {
     let db = Db::new().await?;
-    let batches = Batches::spawn(Store::new(db.pool.clone(), Duration::from_secs(60)));
+    let batches = Batches::spawn(
+        Store::new(db.pool.clone(), Duration::from_secs(60)),
+        Default::default(),
+    );
     let (a, b) = (user(), user());
     for (id, uid) in [("a1", &a), ("b1", &b)] {
         assert!(
-            matches!(batches.claim(row(id, uid), MINUTE).await?, Claim::Claimed(c) if c.throttle_passed)
+            matches!(batches.claim(row(id, uid), MINUTE, true).await?, Claim::Claimed(c) if c.throttle_passed)
         );
     }
     let (sent, refused) = futures_util::future::join(
@@ -265,14 +287,16 @@ async fn a_batched_conclusion_without_mail_gives_the_throttle_back() -> Result<(
     assert!(sent? && refused?);
     // a's mail went out: a's next request is throttled; b's did not: b's passes.
     assert!(
-        matches!(batches.claim(row("a2", &a), MINUTE).await?, Claim::Claimed(c) if !c.throttle_passed)
+        matches!(batches.claim(row("a2", &a), MINUTE, true).await?, Claim::Claimed(c) if !c.throttle_passed)
     );
     assert!(
-        matches!(batches.claim(row("b2", &b), MINUTE).await?, Claim::Claimed(c) if c.throttle_passed)
+        matches!(batches.claim(row("b2", &b), MINUTE, true).await?, Claim::Claimed(c) if c.throttle_passed)
     );
     // A finished, published request is done for a duplicate.
     batches.mark_published("a1").await?;
-    assert!(matches!(batches.claim(row("a1", &a), MINUTE).await?, Claim::Done(s) if s.published));
+    assert!(
+        matches!(batches.claim(row("a1", &a), MINUTE, true).await?, Claim::Done(s) if s.published)
+    );
     db.drop().await;
     Ok(())
 }
@@ -322,6 +346,184 @@ async fn one_claim_statement_answers_each_request_of_a_batch_in_order() -> Resul
     assert!(
         !published("r4").await?,
         "a request just concluded is not published yet"
+    );
+    db.drop().await;
+    Ok(())
+}
+
+/// The single-request path is the batch statement with one row: run on the
+/// same rows, one request at a time and as one batch, both leave the same
+/// answers and the same tables.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_and_batched_statements_give_the_same_answers_and_rows() -> Result<()> {
+    async fn scenario(db: &Db, batched: bool) -> Result<Vec<String>> {
+        let store = Store::new(db.pool.clone(), Duration::from_secs(60));
+        // The same starting rows: a held request, a done one, an expired
+        // lease, a user inside her throttle window.
+        store.claim(row("held", "u-held"), MINUTE).await?;
+        store.claim(row("done", "u-done"), MINUTE).await?;
+        store.finish(finish("done", true, false)).await?;
+        store.claim(row("expired", "u-exp"), MINUTE).await?;
+        sqlx::query(
+            "UPDATE requests SET lease_until = now() - interval '1 second' WHERE id = 'expired'",
+        )
+        .execute(&db.pool)
+        .await?;
+        store.claim(row("window", "u-win"), MINUTE).await?;
+        store.finish(finish("window", true, false)).await?;
+        let rows = [
+            ("new", "u-new", MINUTE),
+            ("held", "u-held", MINUTE),
+            ("done", "u-done", MINUTE),
+            ("expired", "u-exp", MINUTE),
+            ("window2", "u-win", MINUTE),
+            ("free", "u-free", None),
+        ];
+        let claims: Vec<Option<(bool, i32)>> = if batched {
+            let inputs: Vec<ClaimInput> = rows
+                .iter()
+                .map(|(id, uid, t)| ClaimInput::new(row(id, uid), *t))
+                .collect();
+            store
+                .claim_batch(&inputs)
+                .await?
+                .into_iter()
+                .map(|c| c.map(|c| (c.throttle_passed, c.attempts)))
+                .collect()
+        } else {
+            let mut out = Vec::new();
+            for (id, uid, t) in rows {
+                out.push(match store.claim(row(id, uid), t).await? {
+                    Claim::Claimed(c) => Some((c.throttle_passed, c.attempts)),
+                    _ => None,
+                });
+            }
+            out
+        };
+        let conclusions = [
+            ("new", true, false),
+            ("expired", false, true),
+            ("window2", false, true),
+            ("free", true, false),
+            ("done", true, false),
+        ];
+        // "done" concludes with another outcome than the stored one.
+        let finish = |id, sent, release| {
+            let f = finish(id, sent, release);
+            if id == "done" { another(f) } else { f }
+        };
+        let finished: Vec<bool> = if batched {
+            let mut jobs: Vec<Conclusion> = conclusions
+                .iter()
+                .map(|(id, sent, release)| {
+                    Conclusion::Finish(FinishInput::new(&finish(id, *sent, *release)))
+                })
+                .collect();
+            jobs.push(Conclusion::Mark("window".to_owned()));
+            let mut done = store.finish_batch(&jobs).await?;
+            done.pop();
+            done
+        } else {
+            let mut out = Vec::new();
+            for (id, sent, release) in conclusions {
+                out.push(store.finish(finish(id, sent, release)).await?);
+            }
+            store.mark_published("window").await?;
+            out
+        };
+        let requests: Vec<(String, String, bool, bool, i32, bool)> = sqlx::query_as(
+            "SELECT id, state, throttle_passed, outcome_published, attempts,
+                    lease_until IS NOT NULL FROM requests ORDER BY id",
+        )
+        .fetch_all(&db.pool)
+        .await?;
+        let throttle: Vec<(String, String)> =
+            sqlx::query_as("SELECT user_id, request_id FROM throttle ORDER BY user_id")
+                .fetch_all(&db.pool)
+                .await?;
+        Ok(vec![
+            format!("{claims:?}"),
+            format!("{finished:?}"),
+            format!("{requests:?}"),
+            format!("{throttle:?}"),
+        ])
+    }
+    let (one, many) = (Db::new().await?, Db::new().await?);
+    let single = scenario(&one, false).await?;
+    let batched = scenario(&many, true).await?;
+    assert_eq!(single, batched);
+    // And what both say is right.
+    assert_eq!(
+        single[0],
+        "[Some((true, 0)), None, None, Some((true, 0)), Some((false, 0)), Some((true, 0))]"
+    );
+    assert_eq!(single[1], "[true, true, true, true, false]");
+    one.drop().await;
+    many.drop().await;
+    Ok(())
+}
+
+/// A claim batch and a finish batch of two workers touching the same request
+/// and throttle row, made to meet: each waits for the other's lock in turn
+/// unless both lock in one order (requests first, then throttle).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_batch_and_a_finish_batch_on_common_rows_never_deadlock() -> Result<()> {
+    let db = Db::new().await?;
+    let store = Store::new(db.pool.clone(), Duration::from_secs(60));
+    let uid = user();
+    // x is held (live lease) and holds uid's throttle slot.
+    store.claim(row("x", &uid), MINUTE).await?;
+    let waiting = async |n: i64| -> Result<()> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let waiters: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .fetch_one(&db.pool)
+            .await?;
+            if waiters >= n {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "{waiters} waiting, not {n}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    // A test transaction holds x, so the finish queues for it first, then the claim.
+    let mut hold = db.pool.begin().await?;
+    sqlx::query("SELECT 1 FROM requests WHERE id = 'x' FOR UPDATE")
+        .execute(&mut *hold)
+        .await?;
+    let finishing = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let f = Conclusion::Finish(FinishInput::new(&finish("x", false, true)));
+            store.finish_batch(&[f]).await
+        })
+    };
+    waiting(1).await?;
+    let claiming = {
+        let (store, uid) = (store.clone(), uid.clone());
+        tokio::spawn(async move {
+            let inputs = [
+                ClaimInput::new(row("x", &uid), MINUTE),
+                ClaimInput::new(row("y", &uid), MINUTE),
+            ];
+            store.claim_batch(&inputs).await
+        })
+    };
+    waiting(2).await?;
+    hold.rollback().await?;
+    let finished = finishing.await??;
+    let claimed = claiming.await??;
+    assert_eq!(finished, [true]);
+    assert_eq!(claimed[0], None, "x is done");
+    assert!(
+        matches!(claimed[1], Some(c) if c.throttle_passed),
+        "x gave the throttle back, so y passes: {claimed:?}"
     );
     db.drop().await;
     Ok(())

@@ -97,7 +97,12 @@ impl TestEnv {
 
     /// Builds and runs a worker in this process.
     pub async fn start_worker(&self) -> Result<RunningWorker> {
-        let worker = Worker::build(self.config()?).await?;
+        self.start_worker_with_lease(verimail_worker::LEASE).await
+    }
+
+    /// [`TestEnv::start_worker`] with a lease of `lease`.
+    pub async fn start_worker_with_lease(&self, lease: Duration) -> Result<RunningWorker> {
+        let worker = Worker::build_with_lease(self.config()?, lease).await?;
         let addr = worker.metrics_addr();
         let stop = CancellationToken::new();
         let handle = tokio::spawn(worker.run(stop.clone()));
@@ -413,4 +418,68 @@ pub fn request(user_id: &str, email: &str) -> Value {
 /// A random user id.
 pub fn user() -> String {
     format!("u-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// A TCP proxy in front of PostgreSQL that a test can cut (an outage of the
+/// database for the service behind it only; the real server is untouched).
+pub struct Proxy {
+    /// Where it listens.
+    pub addr: std::net::SocketAddr,
+    up: Arc<std::sync::atomic::AtomicBool>,
+    /// Bumped by `cut`: connections of an older generation close.
+    generation: Arc<tokio::sync::watch::Sender<u64>>,
+    task: JoinHandle<()>,
+}
+
+impl Proxy {
+    /// A proxy to `target`, forwarding.
+    pub async fn start(target: &str) -> Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let up = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let generation = Arc::new(tokio::sync::watch::channel(0u64).0);
+        let (target, flag, gen_tx) = (target.to_owned(), up.clone(), generation.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if !flag.load(std::sync::atomic::Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                let target = target.clone();
+                let mut cut = gen_tx.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = cut.changed() => {}
+                    }
+                });
+            }
+        });
+        Ok(Self {
+            addr,
+            up,
+            generation,
+            task,
+        })
+    }
+
+    /// Cuts every connection and refuses new ones until [`Proxy::resume`].
+    pub fn cut(&self) {
+        self.up.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Forwards again.
+    pub fn resume(&self) {
+        self.up.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
