@@ -247,7 +247,10 @@ async fn the_outbox_survives_a_broker_outage_and_sends_the_same_id() {
         .await
         .expect("the gateway starts without a broker");
     let addr = gateway.local_addr();
+    let ops = gateway.metrics_addr();
     assert_ne!(addr.port(), 0);
+    assert_ne!(ops.port(), 0);
+    assert_ne!(ops, addr);
     let state = gateway.state().clone();
     let shutdown = CancellationToken::new();
     let server = tokio::spawn(gateway.run(shutdown.clone()));
@@ -269,11 +272,21 @@ async fn the_outbox_survives_a_broker_outage_and_sends_the_same_id() {
     .await;
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("\"verified\""));
-    let (status, body) = http(addr, "GET", "/readyz", "").await;
+    let (status, body) = http(ops, "GET", "/readyz", "").await;
     assert_eq!(status, 503);
     assert!(body.contains("\"broker\":\"unreachable\""), "{body}");
-    let (status, _) = http(addr, "GET", "/healthz", "").await;
+    let (status, _) = http(ops, "GET", "/healthz", "").await;
     assert_eq!(status, 200);
+    let (status, body) = http(ops, "GET", "/metrics", "").await;
+    assert_eq!(status, 200);
+    assert!(
+        body.contains("verimail_gateway_confirm_requests_total"),
+        "{body}"
+    );
+    // The public listener serves /confirm only.
+    for path in ["/readyz", "/healthz", "/metrics"] {
+        assert_eq!(http(addr, "GET", path, "").await.0, 404, "{path}");
+    }
     let pending: Vec<String> = sqlx::query_scalar("SELECT id FROM outbox")
         .fetch_all(state.pool())
         .await
@@ -295,7 +308,7 @@ async fn the_outbox_survives_a_broker_outage_and_sends_the_same_id() {
         .expect("the event goes out");
     assert_eq!(got.message_id, pending[0]);
     assert_eq!(got.event_id, pending[0]);
-    let (status, _) = http(addr, "GET", "/readyz", "").await;
+    let (status, _) = http(ops, "GET", "/readyz", "").await;
     assert_eq!(status, 200);
     let pool = state.pool().clone();
     assert!(
@@ -318,10 +331,12 @@ async fn the_outbox_survives_a_broker_outage_and_sends_the_same_id() {
         .expect("stops within 10 s")
         .expect("the task did not panic");
     assert!(stopped.is_ok(), "{stopped:?}");
-    assert!(
-        tokio::net::TcpStream::connect(addr).await.is_err(),
-        "no longer listening"
-    );
+    for a in [addr, ops] {
+        assert!(
+            tokio::net::TcpStream::connect(a).await.is_err(),
+            "{a} no longer listening"
+        );
+    }
     sub.cleanup().await;
     drop(state);
     drop_database(&db_name).await;

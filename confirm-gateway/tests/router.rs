@@ -582,19 +582,23 @@ async fn an_unreachable_database_answers_503_within_5_seconds() {
                 .status,
             400
         );
-        let ready = call(&state, request("GET", "/readyz", &[])).await;
+        let ready = ops_call(&state, request("GET", "/readyz", &[])).await;
         assert_eq!(ready.status, 503);
         assert_eq!(ready.json()["database"], "unreachable");
     }
 }
 
 #[tokio::test]
-async fn healthz_readyz_and_metrics_answer() {
+async fn healthz_readyz_and_metrics_answer_on_the_operational_router_only() {
     let app = TestApp::new(&[]).await;
-    let health = app.get("/healthz").await;
+    // Not beside /confirm: visitors reach neither the probes nor the metrics.
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        assert_eq!(app.get(path).await.status, 404, "{path} is public");
+    }
+    let health = app.ops_get("/healthz").await;
     assert_eq!(health.status, 200);
     // No broker connected yet: not ready, and says why.
-    let ready = app.get("/readyz").await;
+    let ready = app.ops_get("/readyz").await;
     assert_eq!(ready.status, 503);
     assert_eq!(
         ready.json(),
@@ -605,14 +609,14 @@ async fn healthz_readyz_and_metrics_answer() {
         .await
         .expect("RabbitMQ runs locally");
     app.state.bus().set(bus.clone());
-    let ready = app.get("/readyz").await;
+    let ready = app.ops_get("/readyz").await;
     assert_eq!(ready.status, 200, "{}", ready.body);
 
     let _ = app
         .get(&format!("/confirm/{}", app.token("m1", "verify_email")))
         .await;
     let _ = app.get("/confirm/garbage").await;
-    let metrics = app.get("/metrics").await;
+    let metrics = app.ops_get("/metrics").await;
     assert_eq!(metrics.status, 200);
     assert!(metrics.header("content-type").starts_with("text/plain"));
     for line in [
