@@ -20,7 +20,7 @@ pub struct LatestMail {
 
 /// The latest mail sent to each of `emails`, by address.
 pub async fn latest_mails(
-    pool: &PgPool,
+    conn: &mut sqlx::PgConnection,
     emails: &[&str],
 ) -> Result<HashMap<String, LatestMail>, sqlx::Error> {
     if emails.is_empty() {
@@ -31,7 +31,7 @@ pub async fn latest_mails(
          WHERE email = ANY($1) AND sent_at IS NOT NULL ORDER BY email, sent_at DESC",
     )
     .bind(emails)
-    .fetch_all(pool)
+    .fetch_all(conn)
     .await?;
     Ok(rows
         .into_iter()
@@ -101,7 +101,7 @@ pub struct RecordedRow {
 /// nothing. Rows are inserted in key order, so two calls sharing keys take
 /// their locks in the same order and never deadlock.
 pub async fn record_confirmations(
-    pool: &PgPool,
+    conn: &mut sqlx::PgConnection,
     rows: &[NewConfirmation<'_>],
 ) -> Result<Vec<RecordedRow>, sqlx::Error> {
     if rows.is_empty() {
@@ -156,7 +156,7 @@ pub async fn record_confirmations(
     .bind(&heads)
     .bind(&tails)
     .bind(EMAIL_VERIFIED)
-    .fetch_all(pool)
+    .fetch_all(conn)
     .await?;
     Ok(found
         .into_iter()
