@@ -212,6 +212,8 @@ impl AppState {
             topology: self.inner.topology.clone(),
             wake: self.inner.outbox_wake.clone(),
             metrics: self.inner.metrics.clone(),
+            poll: outbox::POLL,
+            retention: self.inner.config.retention,
         }
     }
 
