@@ -11,6 +11,7 @@ OUT=${1:-docs/screenshots}
 PW_DIR=${PW_DIR:-/tmp/pw}
 PORT=${PORT:-18080}
 APP_PORT=${APP_PORT:-18081}
+OPS_PORT=${OPS_PORT:-18082}
 RUN=$(date +%s)
 DB=verimail_screens_$RUN
 mkdir -p "$OUT"
@@ -19,6 +20,8 @@ export VERIMAIL_SECRET_KEY=screenshot-secret
 export DATABASE_URL=postgres://postgres@127.0.0.1:5432/$DB
 export VERIMAIL_NAMESPACE=screens-$RUN
 export GATEWAY_ADDR=127.0.0.1:$PORT
+# /healthz is served there, not beside /confirm.
+export METRICS_ADDR=127.0.0.1:$OPS_PORT
 export PUBLIC_BASE_URL=http://127.0.0.1:$PORT
 export RETURN_URL_ALLOWLIST=http://127.0.0.1:$APP_PORT
 export RUST_LOG=${RUST_LOG:-warn}
@@ -38,7 +41,7 @@ cleanup() {
 trap cleanup EXIT
 
 "$BIN" & GW_PID=$!
-for _ in $(seq 100); do curl -fsS "http://127.0.0.1:$PORT/healthz" >/dev/null 2>&1 && break; sleep 0.1; done
+for _ in $(seq 100); do curl -fsS "http://127.0.0.1:$OPS_PORT/healthz" >/dev/null 2>&1 && break; sleep 0.1; done
 
 # The page behind return_url: a stand-in for the app's reset-password form.
 mkdir -p "$WORK/site"

@@ -36,7 +36,7 @@ use verimail_shared::token::Signer;
 use verimail_shared::{Config, ConfigError, db};
 
 pub use answer::{Reply, Status};
-pub use routes::router;
+pub use routes::{ops_router, router};
 
 /// Connections the gateway's pool opens at most.
 pub const POOL_SIZE: u32 = 16;
@@ -212,6 +212,8 @@ impl AppState {
             topology: self.inner.topology.clone(),
             wake: self.inner.outbox_wake.clone(),
             metrics: self.inner.metrics.clone(),
+            poll: outbox::POLL,
+            retention: self.inner.config.retention,
         }
     }
 
@@ -252,6 +254,15 @@ pub enum GatewayError {
         #[source]
         source: std::io::Error,
     },
+    /// `METRICS_ADDR` could not be bound.
+    #[error("METRICS_ADDR: cannot listen on {addr}: {source}")]
+    BindMetrics {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// The server failed.
     #[error("server failed: {0}")]
     Serve(#[source] std::io::Error),
@@ -283,6 +294,8 @@ pub async fn connect_pool(config: &Config) -> Result<PgPool, db::DbError> {
 #[derive(Debug)]
 pub struct Gateway {
     listener: TcpListener,
+    /// `/healthz`, `/readyz` and `/metrics` (`METRICS_ADDR`).
+    ops_listener: TcpListener,
     state: AppState,
     /// Stops the background tasks (broker connection, relay).
     tasks_stop: CancellationToken,
@@ -293,8 +306,9 @@ pub struct Gateway {
 
 impl Gateway {
     /// Connects to PostgreSQL (creating and migrating the database), starts
-    /// connecting to RabbitMQ in the background and binds `GATEWAY_ADDR`
-    /// (port 0 picks a free port; see [`Gateway::local_addr`]).
+    /// connecting to RabbitMQ in the background and binds `GATEWAY_ADDR` and
+    /// `METRICS_ADDR` (port 0 picks a free port; see [`Gateway::local_addr`]
+    /// and [`Gateway::metrics_addr`]).
     pub async fn build(config: Config) -> Result<Self, GatewayError> {
         // Keys first: a missing secret is a configuration error, before any I/O.
         config.keys()?;
@@ -303,6 +317,12 @@ impl Gateway {
             .await
             .map_err(|source| GatewayError::Bind {
                 addr: config.gateway_addr,
+                source,
+            })?;
+        let ops_listener = TcpListener::bind(config.gateway_metrics_addr)
+            .await
+            .map_err(|source| GatewayError::BindMetrics {
+                addr: config.gateway_metrics_addr,
                 source,
             })?;
         let tasks_stop = CancellationToken::new();
@@ -317,6 +337,7 @@ impl Gateway {
         let state = AppState::new(&config, pool, bus)?;
         Ok(Self {
             listener,
+            ops_listener,
             state,
             _guard: tasks_stop.clone().drop_guard(),
             tasks_stop,
@@ -332,6 +353,13 @@ impl Gateway {
             .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
     }
 
+    /// The bound address of `/healthz`, `/readyz` and `/metrics`.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.ops_listener
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
     /// The shared state (tests read the pool and signer from it).
     pub fn state(&self) -> &AppState {
         &self.state
@@ -340,9 +368,11 @@ impl Gateway {
     /// Serves until `shutdown`: stops accepting, lets requests in flight
     /// finish (at most [`DRAIN_TIMEOUT`]), then stops the relay after a last
     /// flush of the outbox, and closes the broker and database connections.
+    /// The operational endpoints answer until the public server has drained.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), GatewayError> {
         let Self {
             listener,
+            ops_listener,
             state,
             tasks_stop,
             tracker,
@@ -350,7 +380,18 @@ impl Gateway {
         } = self;
         tracker.spawn(state.relay().run(tasks_stop.clone()));
         let addr = listener.local_addr().ok();
-        tracing::info!(addr = ?addr, "gateway listening");
+        let metrics_addr = ops_listener.local_addr().ok();
+        tracing::info!(addr = ?addr, metrics_addr = ?metrics_addr, "gateway listening");
+        let ops_stop = CancellationToken::new();
+        let mut ops = {
+            let stop = ops_stop.clone();
+            let app = ops_router(state.clone());
+            tokio::spawn(async move {
+                axum::serve(ops_listener, app)
+                    .with_graceful_shutdown(async move { stop.cancelled().await })
+                    .await
+            })
+        };
         let app = router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
         let stop = shutdown.clone();
         let server = axum::serve(listener, app)
@@ -367,6 +408,14 @@ impl Gateway {
                 Ok(())
             }
         };
+        ops_stop.cancel();
+        // A probe or scrape in flight ends within the router's timeout.
+        match tokio::time::timeout(routes::REQUEST_TIMEOUT, &mut ops).await {
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "the metrics server failed"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "the metrics server task failed"),
+            Ok(Ok(Ok(()))) => {}
+            Err(_) => ops.abort(),
+        }
         tasks_stop.cancel();
         tracker.close();
         tracker.wait().await;

@@ -14,6 +14,7 @@ const DURATION: &str = "verimail_gateway_confirm_duration_seconds";
 const BACKLOG: &str = "verimail_gateway_outbox_backlog";
 const PUBLISHED: &str = "verimail_gateway_events_published_total";
 const PUBLISH_FAILURES: &str = "verimail_gateway_publish_failures_total";
+const EXPIRED: &str = "verimail_gateway_outbox_expired_total";
 const BATCH_SECONDS: &str = "verimail_gateway_batch_seconds";
 const BATCH_SIZE: &str = "verimail_gateway_batch_size";
 
@@ -35,6 +36,7 @@ pub struct Metrics {
     backlog: Gauge,
     published: Counter,
     publish_failures: Counter,
+    expired: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -82,6 +84,10 @@ impl Metrics {
             PUBLISH_FAILURES,
             "Outbox publish attempts that failed (retried later).",
         );
+        describe(
+            EXPIRED,
+            "Verified events dropped from the outbox unpublished after RETENTION_HOURS.",
+        );
         let by_status: Vec<(Status, Counter)> = Status::ALL
             .iter()
             .map(|&s| {
@@ -98,6 +104,7 @@ impl Metrics {
             backlog: recorder.register_gauge(&Key::from_name(BACKLOG), &META),
             published: recorder.register_counter(&Key::from_name(PUBLISHED), &META),
             publish_failures: recorder.register_counter(&Key::from_name(PUBLISH_FAILURES), &META),
+            expired: recorder.register_counter(&Key::from_name(EXPIRED), &META),
             recorder,
         }
     }
@@ -130,6 +137,11 @@ impl Metrics {
     /// Counts failed publish attempts.
     pub fn publish_failed(&self, n: u64) {
         self.publish_failures.increment(n);
+    }
+
+    /// Counts events dropped unpublished after the retention.
+    pub fn expired(&self, n: u64) {
+        self.expired.increment(n);
     }
 
     /// Folds recent histogram samples so memory stays bounded (called periodically).

@@ -32,6 +32,8 @@ pub const POLL: Duration = Duration::from_secs(1);
 pub const COALESCE: Duration = Duration::from_millis(10);
 /// Wait after a failure before trying again.
 pub const BACKOFF: Duration = Duration::from_secs(2);
+/// How often events older than `RETENTION_HOURS` are looked for (and once at start).
+pub const EXPIRE_EVERY: Duration = Duration::from_secs(60);
 /// Wait after the broker returned events for want of a bound queue.
 pub const UNROUTABLE_BACKOFF: Duration = Duration::from_secs(10);
 /// Longest a batch may take to publish before it is handed back.
@@ -53,6 +55,13 @@ pub struct Relay {
     pub wake: Arc<Notify>,
     /// Backlog gauge and publish counters.
     pub metrics: Metrics,
+    /// Poll period when nothing wakes the relay ([`POLL`]; tests lengthen it
+    /// to prove that a click wakes the relay).
+    pub poll: Duration,
+    /// `RETENTION_HOURS`: an event still unpublished after it is dropped.
+    /// Its confirmation record is deleted by then too; and an event nobody
+    /// subscribed to would otherwise stay (and be re-read) for ever.
+    pub retention: Duration,
 }
 
 /// What one batch did.
@@ -84,7 +93,8 @@ impl Relay {
     /// Runs until `shutdown`, then makes one last short attempt to empty the outbox.
     pub async fn run(self, shutdown: CancellationToken) {
         let mut publisher: Option<(Arc<Bus>, Publisher)> = None;
-        let mut last_gauge = Instant::now() - POLL;
+        let mut last_gauge: Option<Instant> = None;
+        let mut last_expiry: Option<Instant> = None;
         let mut need_declare = false;
         loop {
             let pass = self.pass(&mut publisher, &mut need_declare);
@@ -92,8 +102,12 @@ impl Relay {
                 pause = pass => pause,
                 () = shutdown.cancelled() => break,
             };
-            if last_gauge.elapsed() >= POLL {
-                last_gauge = Instant::now();
+            if last_expiry.is_none_or(|t| t.elapsed() >= EXPIRE_EVERY) {
+                last_expiry = Some(Instant::now());
+                self.expire().await;
+            }
+            if last_gauge.is_none_or(|t| t.elapsed() >= POLL) {
+                last_gauge = Some(Instant::now());
                 match store::outbox_backlog(&self.pool).await {
                     Ok(rows) => self.metrics.backlog(rows),
                     Err(e) => tracing::debug!(error = %e, "outbox backlog unknown"),
@@ -102,7 +116,7 @@ impl Relay {
             }
             let woken = tokio::select! {
                 () = shutdown.cancelled() => break,
-                () = self.wake.notified(), if pause == POLL => true,
+                () = self.wake.notified(), if pause == self.poll => true,
                 () = tokio::time::sleep(pause) => false,
             };
             if woken {
@@ -128,6 +142,22 @@ impl Relay {
         }
     }
 
+    /// Drops events older than the retention, with a warning and a count.
+    async fn expire(&self) {
+        match store::expire_outbox(&self.pool, self.retention).await {
+            Ok(0) => {}
+            Ok(n) => {
+                self.metrics.expired(n);
+                tracing::warn!(
+                    events = n,
+                    retention_hours = self.retention.as_secs() / 3600,
+                    "verified events older than RETENTION_HOURS were never confirmed by the broker (is a queue bound to verimail.email.verified?); dropped from the outbox"
+                );
+            }
+            Err(e) => tracing::warn!(error = %e, "expiring old outbox events failed; will retry"),
+        }
+    }
+
     /// Publishes batches until the outbox is empty or something fails; returns
     /// how long to wait before the next pass.
     async fn pass(
@@ -136,7 +166,7 @@ impl Relay {
         need_declare: &mut bool,
     ) -> Duration {
         let Some(bus) = self.bus.get() else {
-            return POLL;
+            return self.poll;
         };
         let publisher = match publisher {
             Some((current, p)) if Arc::ptr_eq(current, &bus) => &*p,
@@ -164,7 +194,7 @@ impl Relay {
                 // Waiting for a subscriber to bind: no need to hurry.
                 Ok(outcome) if outcome.unroutable > 0 => return UNROUTABLE_BACKOFF,
                 Ok(outcome) if outcome.published as i64 == BATCH => continue,
-                Ok(_) => return POLL,
+                Ok(_) => return self.poll,
                 Err(RelayError::NoBroker) => return BACKOFF,
                 Err(e) => {
                     tracing::warn!(error = %e, "outbox relay failed, retrying");

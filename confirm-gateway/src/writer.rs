@@ -20,7 +20,9 @@
 //!   (SQLSTATE class 22) is retried one confirmation at a time.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::Instant;
 
 use sqlx::PgPool;
 use time::OffsetDateTime;
@@ -86,6 +88,10 @@ pub enum WriteError {
     /// The writer is gone (the runtime is shutting down).
     #[error("the confirmation writer stopped")]
     Stopped,
+    /// The deadline passed before the confirmation's batch began: it was
+    /// left out, nothing was written.
+    #[error("the confirmation's batch did not begin before the deadline")]
+    NotBegun,
 }
 
 impl WriteError {
@@ -94,7 +100,7 @@ impl WriteError {
     pub fn is_data_exception(&self) -> bool {
         match self {
             Self::Database(e) => is_data_exception(e),
-            Self::Stopped => false,
+            Self::Stopped | Self::NotBegun => false,
         }
     }
 }
@@ -105,9 +111,30 @@ fn is_data_exception(e: &sqlx::Error) -> bool {
 
 type Answer = Result<Recorded, WriteError>;
 
+/// A pending confirmation's fate, decided once by whichever side comes first:
+/// the writer beginning its batch, or the click giving up at its deadline.
+const WAITING: u8 = 0;
+const BEGUN: u8 = 1;
+const ABANDONED: u8 = 2;
+
 struct Pending {
     confirmation: Confirmation,
     reply: oneshot::Sender<Answer>,
+    /// [`WAITING`], then [`BEGUN`] or [`ABANDONED`] (compare-and-swap, so a
+    /// click never gives up on a batch that may already have committed it).
+    state: Arc<AtomicU8>,
+}
+
+impl Pending {
+    /// Claims this confirmation for the batch about to run; false when its
+    /// click gave up (deadline passed, or the click went away).
+    fn begin(&self) -> bool {
+        !self.reply.is_closed()
+            && self
+                .state
+                .compare_exchange(WAITING, BEGUN, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+    }
 }
 
 /// The handle clicks submit to; the writer task starts with the first click
@@ -138,6 +165,20 @@ impl Writer {
     /// confirmation whose click stopped waiting is left out of its batch if
     /// the batch has not started yet.
     pub async fn record(&self, confirmation: Confirmation) -> Answer {
+        self.record_by(confirmation, None).await
+    }
+
+    /// Like [`record`](Self::record), but gives up with
+    /// [`WriteError::NotBegun`] if the confirmation's batch has not begun by
+    /// `deadline`. Once it has begun, the answer is awaited whatever the
+    /// deadline (the statement timeout bounds that wait): the batch may
+    /// commit, and a click told "unavailable" for a link it just spent
+    /// (`reset_password`) would retry into 410 `used` without its proof.
+    pub async fn record_within(&self, confirmation: Confirmation, deadline: Instant) -> Answer {
+        self.record_by(confirmation, Some(deadline)).await
+    }
+
+    async fn record_by(&self, confirmation: Confirmation, deadline: Option<Instant>) -> Answer {
         let queue = self.queue.get_or_init(|| {
             let (tx, rx) = mpsc::channel(QUEUE);
             tokio::spawn(run(
@@ -148,14 +189,34 @@ impl Writer {
             ));
             tx
         });
-        let (reply, answer) = oneshot::channel();
-        queue
-            .send(Pending {
-                confirmation,
-                reply,
-            })
-            .await
-            .map_err(|_| WriteError::Stopped)?;
+        let (reply, mut answer) = oneshot::channel();
+        let state = Arc::new(AtomicU8::new(WAITING));
+        let pending = Pending {
+            confirmation,
+            reply,
+            state: state.clone(),
+        };
+        let Some(deadline) = deadline.map(tokio::time::Instant::from_std) else {
+            queue.send(pending).await.map_err(|_| WriteError::Stopped)?;
+            return answer.await.unwrap_or(Err(WriteError::Stopped));
+        };
+        // A full queue: waiting for room counts toward the deadline (nothing began).
+        match tokio::time::timeout_at(deadline, queue.send(pending)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Err(WriteError::Stopped),
+            Err(_) => return Err(WriteError::NotBegun),
+        }
+        tokio::select! {
+            a = &mut answer => return a.unwrap_or(Err(WriteError::Stopped)),
+            () = tokio::time::sleep_until(deadline) => {}
+        }
+        if state
+            .compare_exchange(WAITING, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            return Err(WriteError::NotBegun);
+        }
+        // The batch began before the deadline: its result is this click's.
         answer.await.unwrap_or(Err(WriteError::Stopped))
     }
 }
@@ -189,21 +250,34 @@ async fn run(
 
 /// Writes one batch and answers its clicks.
 async fn commit(pool: &PgPool, wake: &Notify, metrics: &Metrics, batch: Vec<Pending>) {
-    // Clicks that gave up (deadline passed) are not confirmed behind their back.
-    let batch: Vec<Pending> = batch.into_iter().filter(|p| !p.reply.is_closed()).collect();
+    // The connection first: a click waiting for one (pool exhausted, database
+    // unreachable) has not begun and may still give up at its deadline.
+    let mut conn = match pool.acquire().await {
+        Ok(conn) => conn,
+        Err(e) => {
+            let e = Arc::new(e);
+            for p in batch {
+                let _ = p.reply.send(Err(WriteError::Database(e.clone())));
+            }
+            return;
+        }
+    };
+    // Clicks that gave up (deadline passed) are not confirmed behind their
+    // back; the others are now bound to wait for this batch's answer.
+    let batch: Vec<Pending> = batch.into_iter().filter(Pending::begin).collect();
     if batch.is_empty() {
         return;
     }
     let confirmations: Vec<&Confirmation> = batch.iter().map(|p| &p.confirmation).collect();
     let started = std::time::Instant::now();
-    let written = write(pool, &confirmations).await;
+    let written = write(&mut conn, &confirmations).await;
     metrics.batch(confirmations.len(), started.elapsed());
     match written {
         Ok(recorded) => answer(wake, batch, recorded),
         Err(e) if is_data_exception(&e) && batch.len() > 1 => {
             tracing::warn!(error = %e, rows = batch.len(), "a batch was refused for its data; writing its rows one by one");
             for p in batch {
-                let one = write(pool, &[&p.confirmation]).await;
+                let one = write(&mut conn, &[&p.confirmation]).await;
                 match one {
                     Ok(recorded) => answer(wake, vec![p], recorded),
                     Err(e) => {
@@ -236,13 +310,16 @@ fn answer(wake: &Notify, batch: Vec<Pending>, recorded: Vec<Recorded>) {
 /// Records `batch` in one statement (plus one lookup when it holds legacy
 /// links) and says, per confirmation and in order, what it found and
 /// whether it confirmed.
-async fn write(pool: &PgPool, batch: &[&Confirmation]) -> Result<Vec<Recorded>, sqlx::Error> {
+async fn write(
+    conn: &mut sqlx::PgConnection,
+    batch: &[&Confirmation],
+) -> Result<Vec<Recorded>, sqlx::Error> {
     let legacy: Vec<&str> = batch
         .iter()
         .filter(|c| c.legacy)
         .map(|c| c.email.as_str())
         .collect();
-    let latest = store::latest_mails(pool, &legacy).await?;
+    let latest = store::latest_mails(&mut *conn, &legacy).await?;
 
     // Per confirmation: its row in `rows` (the first of each key in this
     // batch; later ones only hear what the first did).
@@ -263,7 +340,7 @@ async fn write(pool: &PgPool, batch: &[&Confirmation]) -> Result<Vec<Recorded>, 
         });
         row_of.push(row);
     }
-    let found = store::record_confirmations(pool, &rows).await?;
+    let found = store::record_confirmations(&mut *conn, &rows).await?;
     let found: HashMap<&str, &store::RecordedRow> =
         found.iter().map(|f| (f.key.as_str(), f)).collect();
     let mut answered = vec![false; rows.len()];

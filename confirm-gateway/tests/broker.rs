@@ -169,7 +169,11 @@ async fn the_verified_event_reaches_a_queue_bound_to_the_exchange() {
     )
     .await;
     let stop = CancellationToken::new();
-    let relay = tokio::spawn(app.state.relay().run(stop.clone()));
+    // No poll within the test's time: an event can only leave because the
+    // click woke the relay.
+    let mut relay = app.state.relay();
+    relay.poll = Duration::from_secs(3600);
+    let relay = tokio::spawn(relay.run(stop.clone()));
 
     app.insert_request(
         "e1",
@@ -204,8 +208,18 @@ async fn the_verified_event_reaches_a_queue_bound_to_the_exchange() {
         ev.data.context,
         Some(serde_json::from_value(serde_json::json!({"k": "v"})).expect("map"))
     );
-    // Woken by the click, not by the 1 s poll.
-    assert!(latency < Duration::from_millis(900), "{latency:?}");
+    assert!(latency < Duration::from_secs(10), "{latency:?}");
+    // The first event may have left with the relay's first pass at start; the
+    // relay is idle now, and only a wake-up can send the second one.
+    let answer = app
+        .get(&format!("/confirm/{}", app.token("e2", "verify_email")))
+        .await;
+    assert_eq!(answer.status, 200);
+    let second = sub
+        .next(Duration::from_secs(10))
+        .await
+        .expect("the click woke the relay");
+    assert_eq!(second.message_id, event_id_of(&app, "r:e2").await);
     assert!(
         eventually(Duration::from_secs(5), || async {
             app.outbox().await.is_empty()
@@ -247,7 +261,10 @@ async fn the_outbox_survives_a_broker_outage_and_sends_the_same_id() {
         .await
         .expect("the gateway starts without a broker");
     let addr = gateway.local_addr();
+    let ops = gateway.metrics_addr();
     assert_ne!(addr.port(), 0);
+    assert_ne!(ops.port(), 0);
+    assert_ne!(ops, addr);
     let state = gateway.state().clone();
     let shutdown = CancellationToken::new();
     let server = tokio::spawn(gateway.run(shutdown.clone()));
@@ -269,11 +286,21 @@ async fn the_outbox_survives_a_broker_outage_and_sends_the_same_id() {
     .await;
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("\"verified\""));
-    let (status, body) = http(addr, "GET", "/readyz", "").await;
+    let (status, body) = http(ops, "GET", "/readyz", "").await;
     assert_eq!(status, 503);
     assert!(body.contains("\"broker\":\"unreachable\""), "{body}");
-    let (status, _) = http(addr, "GET", "/healthz", "").await;
+    let (status, _) = http(ops, "GET", "/healthz", "").await;
     assert_eq!(status, 200);
+    let (status, body) = http(ops, "GET", "/metrics", "").await;
+    assert_eq!(status, 200);
+    assert!(
+        body.contains("verimail_gateway_confirm_requests_total"),
+        "{body}"
+    );
+    // The public listener serves /confirm only.
+    for path in ["/readyz", "/healthz", "/metrics"] {
+        assert_eq!(http(addr, "GET", path, "").await.0, 404, "{path}");
+    }
     let pending: Vec<String> = sqlx::query_scalar("SELECT id FROM outbox")
         .fetch_all(state.pool())
         .await
@@ -295,7 +322,7 @@ async fn the_outbox_survives_a_broker_outage_and_sends_the_same_id() {
         .expect("the event goes out");
     assert_eq!(got.message_id, pending[0]);
     assert_eq!(got.event_id, pending[0]);
-    let (status, _) = http(addr, "GET", "/readyz", "").await;
+    let (status, _) = http(ops, "GET", "/readyz", "").await;
     assert_eq!(status, 200);
     let pool = state.pool().clone();
     assert!(
@@ -318,10 +345,12 @@ async fn the_outbox_survives_a_broker_outage_and_sends_the_same_id() {
         .expect("stops within 10 s")
         .expect("the task did not panic");
     assert!(stopped.is_ok(), "{stopped:?}");
-    assert!(
-        tokio::net::TcpStream::connect(addr).await.is_err(),
-        "no longer listening"
-    );
+    for a in [addr, ops] {
+        assert!(
+            tokio::net::TcpStream::connect(a).await.is_err(),
+            "{a} no longer listening"
+        );
+    }
     sub.cleanup().await;
     drop(state);
     drop_database(&db_name).await;
@@ -431,5 +460,156 @@ async fn events_nobody_is_subscribed_to_stay_in_the_outbox_until_a_queue_is_boun
 
     let _ = channel.close(200, "done".into()).await;
     sub.cleanup().await;
+    app.cleanup().await;
+}
+
+/// A row as the gateway writes it, but created `age` ago (its UUIDv7 id too).
+async fn insert_aged_event(app: &TestApp, age: Duration) -> String {
+    let at = time::OffsetDateTime::now_utc() - age;
+    let ms = (at.unix_timestamp_nanos() / 1_000_000) as u128;
+    let id = uuid::Uuid::from_u128((ms << 80) | (0x7 << 76) | u128::from(rand_low())).to_string();
+    let body = serde_json::json!({"specversion": "1.0", "id": id, "type": EMAIL_VERIFIED});
+    sqlx::query("INSERT INTO outbox (id, routing_key, body, created_at) VALUES ($1, $2, $3, $4)")
+        .bind(&id)
+        .bind(EMAIL_VERIFIED)
+        .bind(body.to_string().into_bytes())
+        .bind(at)
+        .execute(app.pool())
+        .await
+        .expect("insert an aged event");
+    id
+}
+
+fn rand_low() -> u64 {
+    uuid::Uuid::new_v4().as_u64_pair().1
+}
+
+#[tokio::test]
+async fn unpublished_events_older_than_the_retention_are_dropped_and_counted() {
+    let (_, _, namespace) = config(&[]);
+    let app = TestApp::new(&[
+        ("VERIMAIL_NAMESPACE", &namespace),
+        ("RETENTION_HOURS", "1"),
+        ("TOKEN_TTL_SECONDS", "60"),
+    ])
+    .await;
+    let mut old = HashSet::new();
+    for _ in 0..3 {
+        old.insert(insert_aged_event(&app, Duration::from_secs(2 * 3600)).await);
+    }
+    for i in 0..2 {
+        let answer = app
+            .get(&format!(
+                "/confirm/{}",
+                app.token(&format!("f{i}"), "verify_email")
+            ))
+            .await;
+        assert_eq!(answer.status, 200);
+    }
+    let fresh: HashSet<String> = app
+        .outbox()
+        .await
+        .into_iter()
+        .map(|(id, _)| id)
+        .filter(|id| !old.contains(id))
+        .collect();
+    assert_eq!(fresh.len(), 2);
+
+    // The exchange exists, but nobody is subscribed: nothing can be published.
+    let bus = Bus::connect_once(
+        &[verimail_shared::config::defaults::AMQP_URL.to_owned()],
+        "relay-expiry",
+    )
+    .await
+    .expect("RabbitMQ");
+    let topology = Topology::new(namespace.clone());
+    let channel = bus.channel().await.expect("a channel");
+    verimail_shared::bus::declare_exchange(&channel, &topology)
+        .await
+        .expect("declare the exchange");
+    let mut relay = app.state.relay();
+    relay.bus = BusSlot::with(bus.clone());
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(relay.run(stop.clone()));
+
+    let metrics = app.state.metrics().clone();
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let text = metrics.render();
+            async move { text.contains("verimail_gateway_outbox_expired_total 3") }
+        })
+        .await,
+        "{}",
+        app.state.metrics().render()
+    );
+    let left: HashSet<String> = app.outbox().await.into_iter().map(|(id, _)| id).collect();
+    assert_eq!(left, fresh, "only the events within the retention are kept");
+
+    // A subscriber binds: the kept events go out, the dropped ones never.
+    let sub = Subscriber::new(&namespace).await;
+    app.state.relay().wake.notify_one();
+    let mut got = HashSet::new();
+    while let Some(r) = sub.next(Duration::from_secs(15)).await {
+        got.insert(r.message_id);
+        if got.len() == fresh.len() {
+            break;
+        }
+    }
+    assert_eq!(got, fresh);
+
+    stop.cancel();
+    running.await.expect("the relay stops");
+    let _ = channel.close(200, "done".into()).await;
+    bus.close().await;
+    sub.cleanup().await;
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn the_backlog_is_read_without_counting_every_row() {
+    use verimail_gateway::store::{BACKLOG_EXACT, outbox_backlog};
+    let app = TestApp::new(&[]).await;
+    for _ in 0..3 {
+        insert_aged_event(&app, Duration::ZERO).await;
+    }
+    assert_eq!(
+        outbox_backlog(app.pool()).await.expect("backlog"),
+        3,
+        "exact when small"
+    );
+
+    sqlx::query(
+        "INSERT INTO outbox (id, routing_key, body) \
+         SELECT 'bulk-' || lpad(g::text, 6, '0'), $1, '{}'::bytea FROM generate_series(1, 20000) g",
+    )
+    .bind(EMAIL_VERIFIED)
+    .execute(app.pool())
+    .await
+    .expect("a large backlog");
+    sqlx::query("ANALYZE outbox")
+        .execute(app.pool())
+        .await
+        .expect("analyze");
+    // Tuples read by the one statement, from this transaction's statistics.
+    let mut tx = app.pool().begin().await.expect("begin");
+    let backlog = outbox_backlog(&mut *tx).await.expect("backlog");
+    let read: i64 = sqlx::query_scalar(
+        "SELECT (pg_stat_get_xact_tuples_returned('outbox'::regclass) \
+               + pg_stat_get_xact_tuples_fetched('outbox'::regclass) \
+               + pg_stat_get_xact_tuples_returned('outbox_pkey'::regclass) \
+               + pg_stat_get_xact_tuples_fetched('outbox_pkey'::regclass))::bigint",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .expect("statistics");
+    tx.rollback().await.expect("rollback");
+    assert!(
+        read <= 2 * BACKLOG_EXACT,
+        "read {read} tuples for a backlog of 20,003"
+    );
+    assert!(
+        (18_000..=22_000).contains(&backlog),
+        "estimate {backlog} for 20,003 rows"
+    );
     app.cleanup().await;
 }

@@ -582,19 +582,23 @@ async fn an_unreachable_database_answers_503_within_5_seconds() {
                 .status,
             400
         );
-        let ready = call(&state, request("GET", "/readyz", &[])).await;
+        let ready = ops_call(&state, request("GET", "/readyz", &[])).await;
         assert_eq!(ready.status, 503);
         assert_eq!(ready.json()["database"], "unreachable");
     }
 }
 
 #[tokio::test]
-async fn healthz_readyz_and_metrics_answer() {
+async fn healthz_readyz_and_metrics_answer_on_the_operational_router_only() {
     let app = TestApp::new(&[]).await;
-    let health = app.get("/healthz").await;
+    // Not beside /confirm: visitors reach neither the probes nor the metrics.
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        assert_eq!(app.get(path).await.status, 404, "{path} is public");
+    }
+    let health = app.ops_get("/healthz").await;
     assert_eq!(health.status, 200);
     // No broker connected yet: not ready, and says why.
-    let ready = app.get("/readyz").await;
+    let ready = app.ops_get("/readyz").await;
     assert_eq!(ready.status, 503);
     assert_eq!(
         ready.json(),
@@ -605,14 +609,14 @@ async fn healthz_readyz_and_metrics_answer() {
         .await
         .expect("RabbitMQ runs locally");
     app.state.bus().set(bus.clone());
-    let ready = app.get("/readyz").await;
+    let ready = app.ops_get("/readyz").await;
     assert_eq!(ready.status, 200, "{}", ready.body);
 
     let _ = app
         .get(&format!("/confirm/{}", app.token("m1", "verify_email")))
         .await;
     let _ = app.get("/confirm/garbage").await;
-    let metrics = app.get("/metrics").await;
+    let metrics = app.ops_get("/metrics").await;
     assert_eq!(metrics.status, 200);
     assert!(metrics.header("content-type").starts_with("text/plain"));
     for line in [
@@ -779,5 +783,80 @@ async fn an_expired_legacy_token_is_410() {
     .await;
     let answer = app.get(&format!("/confirm/{VECTOR_TOKEN}")).await;
     assert_eq!(answer.status, 410);
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_click_whose_batch_began_gets_its_proof_even_past_the_deadline() {
+    use sqlx::Connection;
+    use verimail_gateway::routes::confirm::DB_DEADLINE;
+
+    let app = TestApp::new(&[]).await;
+    app.insert_request(
+        "h1",
+        "h1@example.com",
+        "reset_password",
+        Some("https://app.example.com/reset"),
+        None,
+        Duration::ZERO,
+    )
+    .await;
+    // The production statement timeout (3 s) would end a batch held this
+    // long; a longer one lets the test hold a begun batch past the 4 s
+    // deadline, which in production happens to a click that waited in the
+    // queue before its batch began.
+    let url = format!("{PG}/{}", app.db_name);
+    let options: sqlx::postgres::PgConnectOptions = url.parse().expect("a URL");
+    let pool = PgPoolOptions::new()
+        .max_connections(4)
+        .connect_with(options.options([("statement_timeout", "20000")]))
+        .await
+        .expect("a pool");
+    let state = AppState::new(&app.config, pool, BusSlot::empty()).expect("keys");
+
+    // A test connection holds the table: the batch begins, then waits.
+    let mut holder = sqlx::PgConnection::connect(&url).await.expect("connect");
+    sqlx::raw_sql("BEGIN; LOCK TABLE confirmations IN SHARE MODE")
+        .execute(&mut holder)
+        .await
+        .expect("lock");
+    let release = tokio::spawn(async move {
+        tokio::time::sleep(DB_DEADLINE + Duration::from_secs(1)).await;
+        sqlx::raw_sql("COMMIT")
+            .execute(&mut holder)
+            .await
+            .expect("unlock");
+        holder
+    });
+
+    let path = format!("/confirm/{}", app.token("h1", "reset_password"));
+    let started = Instant::now();
+    let answer = call(&state, request("POST", &path, &[])).await;
+    let took = started.elapsed();
+    assert!(
+        took > DB_DEADLINE,
+        "the batch was held past the deadline: {took:?}"
+    );
+    assert_eq!(answer.status, 303, "{}", answer.body);
+    let location = url::Url::parse(answer.header("location")).expect("an absolute URL");
+    let proof = location
+        .query_pairs()
+        .find(|(k, _)| k == "verimail_proof")
+        .map(|(_, v)| v.into_owned())
+        .expect("the redirect carries the proof");
+    assert!(
+        state
+            .signer()
+            .verify_proof(&proof, OffsetDateTime::now_utc())
+            .is_ok()
+    );
+    // Single-use still: the second click is 410 `used`.
+    let again = call(&state, request("POST", &path, &[])).await;
+    assert_eq!(again.status, 410, "{}", again.body);
+    assert_eq!(app.outbox().await.len(), 1);
+
+    let holder = release.await.expect("the holder");
+    let _ = holder.close().await;
+    state.pool().close().await;
     app.cleanup().await;
 }

@@ -237,6 +237,10 @@ pub struct Config {
     pub gateway_addr: SocketAddr,
     /// Worker's metrics and health address (`METRICS_ADDR`).
     pub metrics_addr: SocketAddr,
+    /// Gateway's metrics and health address: `METRICS_ADDR` when set, else
+    /// [`defaults::GATEWAY_METRICS_ADDR`], so a worker and a gateway started
+    /// side by side with the defaults do not fight over one port.
+    pub gateway_metrics_addr: SocketAddr,
     /// Confirm requests per client address per minute (`CONFIRM_RATE_LIMIT_PER_MINUTE`).
     pub confirm_rate_limit_per_minute: u32,
     /// Peers whose `X-Forwarded-For` is believed (`TRUSTED_PROXIES`).
@@ -267,6 +271,8 @@ pub mod defaults {
     pub const GATEWAY_ADDR: &str = "127.0.0.1:8080";
     /// `METRICS_ADDR`
     pub const METRICS_ADDR: &str = "127.0.0.1:9464";
+    /// `METRICS_ADDR` of the gateway
+    pub const GATEWAY_METRICS_ADDR: &str = "127.0.0.1:9465";
 }
 
 impl Config {
@@ -353,6 +359,8 @@ impl Config {
             mail_retry_window: env.seconds("MAIL_RETRY_WINDOW_SECONDS", 900, 0)?,
             gateway_addr: env.parse("GATEWAY_ADDR", parse_addr(defaults::GATEWAY_ADDR))?,
             metrics_addr: env.parse("METRICS_ADDR", parse_addr(defaults::METRICS_ADDR))?,
+            gateway_metrics_addr: env
+                .parse("METRICS_ADDR", parse_addr(defaults::GATEWAY_METRICS_ADDR))?,
             confirm_rate_limit_per_minute: env.number("CONFIRM_RATE_LIMIT_PER_MINUTE", 30, 1)?,
             trusted_proxies: env.trusted_proxies()?,
             retention,
@@ -668,9 +676,18 @@ mod tests {
         assert_eq!(c.mail_retry_window, Duration::from_secs(900));
         assert_eq!(c.gateway_addr.to_string(), "127.0.0.1:8080");
         assert_eq!(c.metrics_addr.to_string(), "127.0.0.1:9464");
+        assert_eq!(c.gateway_metrics_addr.to_string(), "127.0.0.1:9465");
         assert_eq!(c.confirm_rate_limit_per_minute, 30);
         assert!(c.trusted_proxies.is_empty());
         assert_eq!(c.retention, Duration::from_secs(168 * 3600));
+        Ok(())
+    }
+
+    #[test]
+    fn metrics_addr_when_set_serves_the_gateway_too() -> Result<(), ConfigError> {
+        let c = config(&[("METRICS_ADDR", "0.0.0.0:9999")])?;
+        assert_eq!(c.metrics_addr.to_string(), "0.0.0.0:9999");
+        assert_eq!(c.gateway_metrics_addr.to_string(), "0.0.0.0:9999");
         Ok(())
     }
 

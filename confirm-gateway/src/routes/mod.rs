@@ -1,5 +1,9 @@
-//! The router: `/confirm/{token}`, `/healthz`, `/readyz`, `/metrics`, and the
-//! layers every answer goes through (security headers, tracing, timeout).
+//! The routers: the public one (`/confirm/{token}` only, with the layers every
+//! answer goes through: security headers, tracing, timeout) and the
+//! operational one (`/healthz`, `/readyz`, `/metrics`), served on
+//! `METRICS_ADDR` so that visitors reach neither the probes (each `/readyz`
+//! asks PostgreSQL and RabbitMQ) nor the metrics, which the rate limit does
+//! not cover.
 
 pub mod confirm;
 
@@ -45,7 +49,7 @@ pub fn csp(allowlist: &[url::Origin]) -> HeaderValue {
 /// shorter deadline).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The gateway's routes on `state`.
+/// The gateway's public routes on `state` (`GATEWAY_ADDR`).
 pub fn router(state: AppState) -> Router {
     let csp = state.inner.csp.clone();
     Router::new()
@@ -55,9 +59,6 @@ pub fn router(state: AppState) -> Router {
                 .post(confirm::confirm)
                 .head(confirm::confirm),
         )
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
         .with_state(state)
         .layer(TimeoutLayer::with_status_code(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -75,6 +76,21 @@ pub fn router(state: AppState) -> Router {
                 tracing::info_span!("http", method = %req.method(), route = %route)
             }),
         )
+}
+
+/// The operational routes on `state` (`METRICS_ADDR`): `/healthz`,
+/// `/readyz`, `/metrics`. Bounded by the same backstop timeout; a probe
+/// answers within [`crate::PROBE_TIMEOUT`] anyway.
+pub fn ops_router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::SERVICE_UNAVAILABLE,
+            REQUEST_TIMEOUT,
+        ))
 }
 
 /// Headers on every answer (the contract names `/confirm`; the rest costs nothing).

@@ -10,7 +10,7 @@ use axum::http::{HeaderMap, Request, StatusCode};
 use sqlx::{Connection, PgPool};
 use time::OffsetDateTime;
 use tower::ServiceExt;
-use verimail_gateway::{AppState, BusSlot, connect_pool, router};
+use verimail_gateway::{AppState, BusSlot, connect_pool, ops_router, router};
 use verimail_shared::Config;
 use verimail_shared::token::Claims;
 
@@ -40,6 +40,7 @@ pub fn config(extra: &[(&str, &str)]) -> (Config, String, String) {
         ("RETURN_URL_ALLOWLIST", ALLOWED.to_owned()),
         ("CONFIRM_RATE_LIMIT_PER_MINUTE", "100000".to_owned()),
         ("GATEWAY_ADDR", "127.0.0.1:0".to_owned()),
+        ("METRICS_ADDR", "127.0.0.1:0".to_owned()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
@@ -160,6 +161,11 @@ impl TestApp {
         self.call(request("POST", path, &[])).await
     }
 
+    /// A GET on the operational router (`METRICS_ADDR`).
+    pub async fn ops_get(&self, path: &str) -> Answer {
+        ops_call(&self.state, request("GET", path, &[])).await
+    }
+
     pub async fn get_json(&self, path: &str) -> Answer {
         self.call(request("GET", path, &[("accept", "application/json")]))
             .await
@@ -234,11 +240,18 @@ impl Answer {
     }
 }
 
+/// Calls the public router (`GATEWAY_ADDR`).
 pub async fn call(state: &AppState, req: Request<Body>) -> Answer {
-    let response = router(state.clone())
-        .oneshot(req)
-        .await
-        .expect("the router is infallible");
+    answer_of(router(state.clone()), req).await
+}
+
+/// Calls the operational router (`METRICS_ADDR`).
+pub async fn ops_call(state: &AppState, req: Request<Body>) -> Answer {
+    answer_of(ops_router(state.clone()), req).await
+}
+
+async fn answer_of(router: axum::Router, req: Request<Body>) -> Answer {
+    let response = router.oneshot(req).await.expect("the router is infallible");
     let status = response.status();
     let headers = response.headers().clone();
     let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
