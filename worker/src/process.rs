@@ -121,6 +121,28 @@ impl<'a> Holding<'a> {
     }
 }
 
+impl<'a> Holding<'a> {
+    /// Holds `id`, waiting up to [`HOLD_WAIT`] for another delivery of this
+    /// process to let go of it (a copy that found the request finished is
+    /// done in milliseconds); `None` when it still holds it (it is sending).
+    async fn wait_for(ctx: &'a Ctx, id: &str) -> Option<Self> {
+        let deadline = Instant::now() + HOLD_WAIT;
+        loop {
+            if let Some(holding) = Self::take(ctx, id) {
+                return Some(holding);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// How long a copy of a request waits for another delivery of this process
+/// to let go of it before it goes to the retry queue.
+const HOLD_WAIT: Duration = Duration::from_secs(1);
+
 impl Drop for Holding<'_> {
     fn drop(&mut self) {
         self.ctx
@@ -254,7 +276,7 @@ async fn invalid(
     failure: &RuleBroken,
 ) -> Result<AfterAck, Failure> {
     let id = echo.request_id.as_str();
-    let Some(_holding) = Holding::take(ctx, id) else {
+    let Some(_holding) = Holding::wait_for(ctx, id).await else {
         return defer_busy(ctx, d, id).await;
     };
     let row = RequestRow {
@@ -284,7 +306,7 @@ async fn invalid(
 }
 
 async fn valid(ctx: &Ctx, d: &Delivery, req: &ValidRequest) -> Result<AfterAck, Failure> {
-    let Some(_holding) = Holding::take(ctx, &req.id) else {
+    let Some(_holding) = Holding::wait_for(ctx, &req.id).await else {
         return defer_busy(ctx, d, &req.id).await;
     };
     let row = RequestRow {
