@@ -15,6 +15,8 @@ export GATEWAY_ADDR=127.0.0.1:$PORT
 # /readyz and /metrics are served there, not beside /confirm.
 export METRICS_ADDR=127.0.0.1:$OPS_PORT
 export CONFIRM_RATE_LIMIT_PER_MINUTE=1000000000
+# confirm.lua sends GET: measure confirmations, not button pages.
+export CONFIRM_ON_GET=true
 export RUST_LOG=${RUST_LOG:-warn,lapin=error}
 
 cargo build -q --release -p verimail-gateway --bin verimail-gateway --example mint --example bench_queue

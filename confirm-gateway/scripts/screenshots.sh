@@ -24,6 +24,9 @@ export GATEWAY_ADDR=127.0.0.1:$PORT
 export METRICS_ADDR=127.0.0.1:$OPS_PORT
 export PUBLIC_BASE_URL=http://127.0.0.1:$PORT
 export RETURN_URL_ALLOWLIST=http://127.0.0.1:$APP_PORT
+# The "verified" shots open verify_email links with GET (headless Chromium
+# cannot press the button); the reset_password flow below presses it.
+export CONFIRM_ON_GET=true
 export RUST_LOG=${RUST_LOG:-warn}
 
 cargo build -q -p verimail-gateway --bin verimail-gateway --example mint

@@ -182,6 +182,8 @@ pub struct Reply {
     pub locale: Option<String>,
     /// `Retry-After` seconds for `rate_limited`.
     pub retry_after: Option<u64>,
+    /// The link works once (`reset_password`): the button page says so.
+    pub single_use: bool,
 }
 
 impl Reply {
@@ -192,6 +194,7 @@ impl Reply {
             user_id: None,
             email: None,
             redirect: None,
+            single_use: false,
             locale: None,
             retry_after: None,
         }

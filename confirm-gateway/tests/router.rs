@@ -860,3 +860,53 @@ async fn a_click_whose_batch_began_gets_its_proof_even_past_the_deadline() {
     state.pool().close().await;
     app.cleanup().await;
 }
+
+#[tokio::test]
+async fn by_default_a_get_never_confirms_and_the_button_post_does() {
+    let app = TestApp::new(&[("CONFIRM_ON_GET", "false"), ("ACCEPT_ITSDANGEROUS", "true")]).await;
+    app.insert_request(
+        "g1",
+        "g1@example.com",
+        "verify_email",
+        None,
+        None,
+        Duration::ZERO,
+    )
+    .await;
+    let path = format!("/confirm/{}", app.token("g1", "verify_email"));
+    // A mail scanner's GET, twice: the button page, nothing recorded.
+    for _ in 0..2 {
+        let json = app.get_json(&path).await;
+        assert_eq!(json.status, 200, "{}", json.body);
+        assert_eq!(json.json()["status"], "confirm_required");
+        let page = app.get(&path).await;
+        assert_eq!(page.status, 200);
+        assert!(page.body.contains("<form"), "{}", page.body);
+        assert!(page.body.contains("method=\"post\"") || page.body.contains("method=post"));
+        assert!(!page.body.contains("works only once"), "{}", page.body);
+    }
+    let legacy = app
+        .state
+        .signer()
+        .mint_itsdangerous("g1@example.com", OffsetDateTime::now_utc());
+    let json = app.get_json(&format!("/confirm/{legacy}")).await;
+    assert_eq!(json.json()["status"], "confirm_required");
+    assert!(confirmations(&app).await.is_empty());
+    assert!(app.outbox().await.is_empty());
+
+    // The button's POST confirms, once.
+    let answer = app
+        .call(request("POST", &path, &[("accept", "application/json")]))
+        .await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert_eq!(answer.json()["status"], "verified");
+    assert_eq!(app.outbox().await.len(), 1);
+    let again = app.get_json(&path).await;
+    assert_eq!(again.json()["status"], "already_verified");
+    let again = app
+        .call(request("POST", &path, &[("accept", "application/json")]))
+        .await;
+    assert_eq!(again.json()["status"], "already_verified");
+    assert_eq!(app.outbox().await.len(), 1);
+    app.cleanup().await;
+}

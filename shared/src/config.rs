@@ -241,6 +241,10 @@ pub struct Config {
     /// [`defaults::GATEWAY_METRICS_ADDR`], so a worker and a gateway started
     /// side by side with the defaults do not fight over one port.
     pub gateway_metrics_addr: SocketAddr,
+    /// Whether `GET /confirm/{token}` confirms a `verify_email` link at once
+    /// (`CONFIRM_ON_GET`); by default every purpose shows the button page and
+    /// only `POST` confirms, because mail scanners fetch links.
+    pub confirm_on_get: bool,
     /// Confirm requests per client address per minute (`CONFIRM_RATE_LIMIT_PER_MINUTE`).
     pub confirm_rate_limit_per_minute: u32,
     /// Peers whose `X-Forwarded-For` is believed (`TRUSTED_PROXIES`).
@@ -361,6 +365,7 @@ impl Config {
             metrics_addr: env.parse("METRICS_ADDR", parse_addr(defaults::METRICS_ADDR))?,
             gateway_metrics_addr: env
                 .parse("METRICS_ADDR", parse_addr(defaults::GATEWAY_METRICS_ADDR))?,
+            confirm_on_get: env.bool("CONFIRM_ON_GET", false)?,
             confirm_rate_limit_per_minute: env.number("CONFIRM_RATE_LIMIT_PER_MINUTE", 30, 1)?,
             trusted_proxies: env.trusted_proxies()?,
             retention,
@@ -678,6 +683,7 @@ mod tests {
         assert_eq!(c.metrics_addr.to_string(), "127.0.0.1:9464");
         assert_eq!(c.gateway_metrics_addr.to_string(), "127.0.0.1:9465");
         assert_eq!(c.confirm_rate_limit_per_minute, 30);
+        assert!(!c.confirm_on_get);
         assert!(c.trusted_proxies.is_empty());
         assert_eq!(c.retention, Duration::from_secs(168 * 3600));
         Ok(())
@@ -733,6 +739,7 @@ mod tests {
             ("GATEWAY_ADDR", "localhost"),
             ("METRICS_ADDR", "9464"),
             ("CONFIRM_RATE_LIMIT_PER_MINUTE", "0"),
+            ("CONFIRM_ON_GET", "maybe"),
             ("TRUSTED_PROXIES", "10.0.0.0/33"),
             ("RETENTION_HOURS", "1"),
             ("LOG_FORMAT", "xml"),

@@ -38,7 +38,11 @@ impl Pages {
 
     /// The page for `reply` in `locale` (one of [`LOCALES`]).
     pub fn render(&self, reply: &Reply, locale: &'static str) -> String {
-        let t = texts(reply.status, locale);
+        let mut t = texts(reply.status, locale);
+        if reply.status == Status::ConfirmRequired && !reply.single_use {
+            // "This link works only once" is true of single-use links only.
+            t.detail = None;
+        }
         let (tone, icon) = match reply.status {
             Status::Verified | Status::AlreadyVerified => ("ok", "check"),
             Status::ConfirmRequired => ("info", "key"),

@@ -102,13 +102,17 @@ async fn handle(state: &AppState, method: &Method, token: &str) -> Result<Reply,
         reply.status = Status::ConfirmRequired;
         return Ok(reply);
     }
-    // Single-use links: a GET only shows the button (scanners must not spend them).
-    if subject.purpose.single_use() && *method != Method::POST {
+    reply.single_use = subject.purpose.single_use();
+    // A GET only shows the button (mail scanners fetch links and must not
+    // spend them), unless CONFIRM_ON_GET lets it confirm a verify_email link
+    // (the seed's behaviour, which legacy links were mailed for).
+    let get_confirms = state.inner.config.confirm_on_get && !subject.purpose.single_use();
+    if *method != Method::POST && !get_confirms {
         let used = deadline(store::is_confirmed(&state.inner.pool, &subject.key)).await?;
-        reply.status = if used {
-            Status::Used
-        } else {
-            Status::ConfirmRequired
+        reply.status = match (used, subject.purpose.single_use()) {
+            (false, _) => Status::ConfirmRequired,
+            (true, true) => Status::Used,
+            (true, false) => Status::AlreadyVerified,
         };
         return Ok(reply);
     }

@@ -41,6 +41,10 @@ pub fn config(extra: &[(&str, &str)]) -> (Config, String, String) {
         ("CONFIRM_RATE_LIMIT_PER_MINUTE", "100000".to_owned()),
         ("GATEWAY_ADDR", "127.0.0.1:0".to_owned()),
         ("METRICS_ADDR", "127.0.0.1:0".to_owned()),
+        // Most tests click verify_email links with GET and expect them to
+        // confirm; the default (button page) has tests of its own that set
+        // CONFIRM_ON_GET=false.
+        ("CONFIRM_ON_GET", "true".to_owned()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
