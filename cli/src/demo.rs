@@ -95,10 +95,13 @@ async fn walk_through(
 ) -> anyhow::Result<()> {
     let gateway = format!("http://{}", config.gateway_addr);
     let metrics = format!("http://{}", config.metrics_addr);
+    // The gateway serves its health endpoints on its own operational address,
+    // never beside `/confirm`.
+    let gateway_ops = format!("http://{}", config.gateway_metrics_addr);
     tokio::select! {
         r = async {
             wait_ready(&format!("{metrics}/readyz"), "verimail-worker").await?;
-            wait_ready(&format!("{gateway}/readyz"), "verimail-gateway").await
+            wait_ready(&format!("{gateway_ops}/readyz"), "verimail-gateway").await
         } => r?,
         () = shutdown.cancelled() => bail!("interrupted"),
         name = first_exit(children) => bail!("{name} exited during start-up"),
@@ -144,8 +147,14 @@ async fn walk_through(
     println!("    {}", path.display());
     println!("    link: {link}");
 
-    let status = http_get_status(&link).await?;
-    step(4, &format!("clicked the link over HTTP: {status}"));
+    // Opening the link shows the page with its button (mail scanners open
+    // links too, so a GET never confirms); pressing the button POSTs.
+    let page = http_status("GET", &link).await?;
+    let status = http_status("POST", &link).await?;
+    step(
+        4,
+        &format!("opened the link ({page}: the page with its button) and pressed the button: {status}"),
+    );
 
     let verified = wait_event(&mut events, |e| {
         e["type"] == "verimail.email.verified" && e["data"]["request_id"] == id.as_str()
@@ -216,7 +225,7 @@ async fn terminate(child: &mut Child) {
 async fn wait_ready(url: &str, what: &str) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + STEP;
     while tokio::time::Instant::now() < deadline {
-        if matches!(http_get_status(url).await, Ok(200)) {
+        if matches!(http_status("GET", url).await, Ok(200)) {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -296,9 +305,9 @@ async fn find_mail(outbox: &Path, id: &str) -> anyhow::Result<(PathBuf, String)>
     }
 }
 
-/// `GET url` over a plain socket; returns the status code. Enough for the
-/// demo's own loopback calls, so the CLI carries no HTTP client library.
-async fn http_get_status(url: &str) -> anyhow::Result<u16> {
+/// `METHOD url` (no body) over a plain socket; returns the status code. Enough
+/// for the demo's own loopback calls, so the CLI carries no HTTP client library.
+async fn http_status(method: &str, url: &str) -> anyhow::Result<u16> {
     let rest = url
         .strip_prefix("http://")
         .context("the demo only speaks http://")?;
@@ -306,7 +315,7 @@ async fn http_get_status(url: &str) -> anyhow::Result<u16> {
     let path = if path.is_empty() { "/" } else { path };
     let mut stream = tokio::net::TcpStream::connect(authority).await?;
     let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {authority}\r\nAccept: text/html\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {authority}\r\nAccept: text/html\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     );
     stream.write_all(request.as_bytes()).await?;
     let mut head = [0u8; 16];
@@ -398,7 +407,7 @@ fn try_it(config: &Config, outbox: &Path, logs: &Path) -> String {
          \x20   id=$({verimail} publish --user-id 7 --email you@example.com --name You)\n\
          \x20   {verimail} outbox \"$id\" --wait 10\n\
          \x20   link=$({verimail} outbox \"$id\" | jq -r .link)\n\
-         \x20   curl -s -H 'Accept: application/json' \"$link\"; echo\n\
+         \x20   curl -s -X POST -H 'Accept: application/json' \"$link\"; echo\n\
          \x20   {verimail} token inspect \"$link\"\n\
          \x20   kill %1\n\
          \nMails land in {} ; links point at {} ; logs are in {}\n\
