@@ -47,6 +47,8 @@ pub(crate) fn mint_tokens(env: &TestEnv, n: usize, file: &Path) -> Result<f64> {
 pub(crate) async fn gateway(out: &Results, tokens: usize, lua: &Path, wrk: &WrkArgs) -> Result<()> {
     let mut env = TestEnv::new("bgw");
     env.set("CONFIRM_RATE_LIMIT_PER_MINUTE", "100000000");
+    // The reference app confirms on GET, and wrk sends GETs: compare like for like.
+    env.set("CONFIRM_ON_GET", "true");
     env.set("LOG_FORMAT", "json");
     env.set("RUST_LOG", "warn");
     let file = std::env::temp_dir().join(format!("{}-tokens.txt", env.namespace));
@@ -82,10 +84,11 @@ pub(crate) async fn gateway_in(
 
     let mut gw = Proc::start("verimail-gateway", &[], env);
     let base = env.gateway_url();
-    if !wait_http_ok(&format!("{base}/readyz"), Duration::from_secs(30)).await {
+    let ops = env.gateway_ops_url();
+    if !wait_http_ok(&format!("{ops}/readyz"), Duration::from_secs(30)).await {
         println!("--- gateway log (tail) ---\n{}", log_tail(&gw, 20));
         gw.stop(Duration::from_secs(10)).await;
-        bail!("the gateway did not become ready at {base}/readyz");
+        bail!("the gateway did not become ready at {ops}/readyz");
     }
     let (status, _, body) =
         verimail_tests::http::get(&format!("{base}/confirm/{probe}"), &[]).await?;
@@ -116,7 +119,7 @@ pub(crate) async fn gateway_in(
         mib(rss),
         mib(hwm)
     );
-    print_step_means("gateway", &format!("{base}/metrics")).await;
+    print_step_means("gateway", &format!("{ops}/metrics")).await;
     let requests = load.requests.max(1) as f64;
     println!(
         "  CPU: gateway used {cpu_ms:.0} ms during the load ({:.0} % of one core), {:.3} ms per request; \

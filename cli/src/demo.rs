@@ -153,7 +153,9 @@ async fn walk_through(
     let status = http_status("POST", &link).await?;
     step(
         4,
-        &format!("opened the link ({page}: the page with its button) and pressed the button: {status}"),
+        &format!(
+            "opened the link ({page}: the page with its button) and pressed the button: {status}"
+        ),
     );
 
     let verified = wait_event(&mut events, |e| {

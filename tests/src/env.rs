@@ -16,6 +16,9 @@ pub struct TestEnv {
     pub database: String,
     /// Every variable handed to the binaries.
     pub vars: BTreeMap<String, String>,
+    /// The gateway's `METRICS_ADDR` (its `/healthz`, `/readyz`, `/metrics`):
+    /// a port of its own, so a worker and a gateway of one test never collide.
+    pub gateway_ops_addr: String,
 }
 
 /// A free TCP port on 127.0.0.1 (bound then released; good enough for tests).
@@ -66,6 +69,7 @@ impl TestEnv {
             namespace,
             database,
             vars,
+            gateway_ops_addr: format!("127.0.0.1:{}", free_port()),
         }
     }
 
@@ -90,6 +94,11 @@ impl TestEnv {
     /// The gateway's base URL.
     pub fn gateway_url(&self) -> String {
         self.get("PUBLIC_BASE_URL").unwrap_or_default().to_owned()
+    }
+
+    /// The base URL of the gateway's operational endpoints.
+    pub fn gateway_ops_url(&self) -> String {
+        format!("http://{}", self.gateway_ops_addr)
     }
 
     /// Deletes the namespace's queues and exchange and drops the database

@@ -51,11 +51,16 @@ impl Proc {
         ));
         let file = std::fs::File::create(&log).unwrap_or_else(|e| panic!("log file: {e}"));
         let err = file.try_clone().unwrap_or_else(|e| panic!("log file: {e}"));
-        let child = Command::new(bin_path(name))
+        let mut command = Command::new(bin_path(name));
+        command
             .args(args)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .envs(&env.vars)
+            .envs(&env.vars);
+        if name == "verimail-gateway" {
+            command.env("METRICS_ADDR", &env.gateway_ops_addr);
+        }
+        let child = command
             .stdin(Stdio::null())
             .stdout(file)
             .stderr(err)

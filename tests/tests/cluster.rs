@@ -401,7 +401,7 @@ async fn click_links(
                     let mut tries = 0;
                     let answer = loop {
                         tries += 1;
-                        let answer = http::get(&link, &[("Accept", "application/json")]).await;
+                        let answer = http::post(&link, &[("Accept", "application/json")]).await;
                         match answer {
                             Ok((503, _, _)) if tries < 10 => {
                                 lock(&clicks).retried_503 += 1;
@@ -583,7 +583,7 @@ async fn losing_the_worker_queues_leader_node_under_load_loses_and_doubles_nothi
     };
     let gateway = Proc::start("verimail-gateway", &[], &env);
     ensure!(
-        wait_http_ok(&format!("{}/readyz", env.gateway_url()), WAIT).await,
+        wait_http_ok(&format!("{}/readyz", env.gateway_ops_url()), WAIT).await,
         "gateway never ready:\n{}",
         gateway.log()
     );

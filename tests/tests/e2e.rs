@@ -60,7 +60,7 @@ impl Pipeline {
         }
         let gateway = Proc::start("verimail-gateway", &[], &env);
         assert!(
-            wait_http_ok(&format!("{}/readyz", env.gateway_url()), WAIT).await,
+            wait_http_ok(&format!("{}/readyz", env.gateway_ops_url()), WAIT).await,
             "gateway never ready:\n{}",
             gateway.log()
         );
@@ -173,9 +173,21 @@ async fn a_request_travels_from_publish_to_mail_to_click_to_verified_event() {
     assert!(mails[0].html.contains("Alice"));
     let link = mails[0].link.clone().expect("a /confirm/ link in the mail");
 
-    let page = http::get(&link_path(&link), &[]).await.expect("click");
+    // Opening the link (as a mail scanner would) only shows the button.
+    let page = http::get(&link_path(&link), &[]).await.expect("open");
     assert_eq!(page.0, 200, "{}", page.2);
     assert_eq!(header(&page, "referrer-policy"), Some("no-referrer"));
+    assert!(
+        page.2.contains("<form") && page.2.contains("method=\"post\""),
+        "{}",
+        page.2
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(p.tap.of_type("verimail.email.verified").is_empty());
+
+    // Pressing the button confirms.
+    let pressed = http::post(&link_path(&link), &[]).await.expect("press");
+    assert_eq!(pressed.0, 200, "{}", pressed.2);
 
     let verified = p.tap.wait_for("verimail.email.verified", 1, WAIT).await;
     assert_eq!(verified.len(), 1);
@@ -335,7 +347,7 @@ async fn a_confirmed_link_redirects_to_an_allowlisted_return_url() {
         .link
         .clone()
         .expect("link");
-    let answer = http::get(&link, &[]).await.expect("click");
+    let answer = http::post(&link, &[]).await.expect("press");
     assert_eq!(answer.0, 303);
     let location = header(&answer, "location").unwrap_or_default();
     assert!(
@@ -400,7 +412,7 @@ async fn itsdangerous_links_work_in_both_directions() {
          print(S(sys.argv[1]).dumps('frank@example.com', salt='email-confirm'))",
         &[&secret],
     );
-    let answer = http::get(
+    let answer = http::post(
         &format!("{}/confirm/{minted}", p.env.gateway_url()),
         &[("Accept", "application/json")],
     )

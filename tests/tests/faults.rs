@@ -447,7 +447,9 @@ impl Pipeline {
             }
         }
         match &self.gateway {
-            Some(_) => wait_http_ok(&format!("{}/readyz", self.env.gateway_url()), timeout).await,
+            Some(_) => {
+                wait_http_ok(&format!("{}/readyz", self.env.gateway_ops_url()), timeout).await
+            }
             None => true,
         }
     }
@@ -506,7 +508,7 @@ impl Pipeline {
 async fn start_gateway(env: &TestEnv) -> Proc {
     let g = Proc::start("verimail-gateway", &[], env);
     assert!(
-        wait_http_ok(&format!("{}/healthz", env.gateway_url()), READY).await,
+        wait_http_ok(&format!("{}/healthz", env.gateway_ops_url()), READY).await,
         "gateway never answered:\n{}",
         tail(&g.log(), 30)
     );
@@ -665,7 +667,7 @@ async fn click_all(smtp: &SmtpServer, want: usize, deadline: Instant) -> Clicks 
                 continue;
             };
             loop {
-                match http::get(&link, &[("Accept", "application/json")]).await {
+                match http::post(&link, &[("Accept", "application/json")]).await {
                     Ok((200, _, body)) if body.contains("verified") => {
                         clicks.confirmed.insert(request.clone());
                         break;
@@ -1331,7 +1333,7 @@ async fn clicks_succeed_without_a_broker_and_their_verified_events_go_out_once_i
     );
 
     let clicks = click_all(&p.smtp, N, Instant::now() + Duration::from_secs(30)).await;
-    let readyz = http::get(&format!("{}/readyz", genv.gateway_url()), &[])
+    let readyz = http::get(&format!("{}/readyz", genv.gateway_ops_url()), &[])
         .await
         .map(|a| a.0)
         .unwrap_or(0);

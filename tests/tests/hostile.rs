@@ -65,7 +65,7 @@ impl Pipeline {
         );
         let gateway = Proc::start("verimail-gateway", &[], &env);
         assert!(
-            wait_http_ok(&format!("{}/readyz", env.gateway_url()), WAIT).await,
+            wait_http_ok(&format!("{}/readyz", env.gateway_ops_url()), WAIT).await,
             "gateway never ready:\n{}",
             gateway.log()
         );
@@ -1060,7 +1060,7 @@ async fn hostile_tokens_get_400_never_5xx_and_confirm_nothing() {
         .await
         .expect("count");
     let verified_early = p.tap.of_type("verimail.email.verified").len();
-    let real = http::get(&link, &[("Accept", "application/json")])
+    let real = http::post(&link, &[("Accept", "application/json")])
         .await
         .map(|a| a.0)
         .unwrap_or(0);
