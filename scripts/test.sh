@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # Runs every test of verimail against the real RabbitMQ and PostgreSQL of this
-# machine: the Python and Node examples, then the whole Cargo workspace (unit,
-# integration, end-to-end and doc tests). `.ci/run` calls exactly this.
+# machine: the Python and Node examples, the gateway's pages in a browser, then
+# the whole Cargo workspace (unit, integration, end-to-end and doc tests).
+# `.ci/run` calls exactly this.
+#
+# Test binaries that share the machine's broker and database without stopping
+# them run in parallel groups; the two tests that stop the machine's RabbitMQ
+# or PostgreSQL, and the three-node cluster test, run afterwards, alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,9 +22,49 @@ if [ -x examples/run-examples.sh ]; then
   examples/run-examples.sh
 fi
 
-# The gateway's pages in headless Chromium, and the reset-password button clicked.
+# The gateway's pages in headless Chromium, and the buttons pressed.
 scripts/browser-test.sh
 
-# The end-to-end tests start the real binaries: build them first, once.
-cargo build --workspace --bins
-cargo test --workspace
+# Build the binaries the end-to-end tests start and every test binary once,
+# before the groups start (they share the target dir). One build with every
+# target keeps one feature set, so the binaries are not compiled twice.
+cargo build --workspace --all-targets
+
+# The tests that stop the machine's broker or database (in tests/tests/faults.rs).
+machine_tests=(a_broker_restart_while_requests_and_clicks_flow_loses_nothing
+  a_database_restart_while_requests_and_clicks_flow_loses_nothing_and_nothing_crash_loops)
+skip_machine=()
+for t in "${machine_tests[@]}"; do skip_machine+=(--skip "$t"); done
+
+logs=$(mktemp -d)
+declare -A groups=(
+  [crates]="cargo test --workspace --exclude verimail-tests"
+  [e2e]="cargo test -p verimail-tests --test e2e --test hostile"
+  [faults]="cargo test -p verimail-tests --test faults -- ${skip_machine[*]}"
+)
+declare -A pids=()
+for name in "${!groups[@]}"; do
+  echo "== tests: $name (${groups[$name]})"
+  bash -c "${groups[$name]}" >"$logs/$name.log" 2>&1 &
+  pids[$name]=$!
+done
+failed=()
+for name in "${!pids[@]}"; do
+  if wait "${pids[$name]}"; then
+    echo "== tests: $name passed"
+  else
+    failed+=("$name")
+  fi
+  # Every group's summary, and the whole log of a failed one.
+  grep -E "^test result|^     Running|FAILED|panicked" "$logs/$name.log" || true
+done
+for name in "${failed[@]}"; do
+  echo "== tests: $name FAILED; its log:"
+  cat "$logs/$name.log"
+done
+[ ${#failed[@]} -eq 0 ] || exit 1
+
+echo "== tests: the machine's broker and database restarted (alone)"
+cargo test -p verimail-tests --test faults -- --exact "${machine_tests[@]}"
+echo "== tests: a three-node RabbitMQ cluster loses a node (alone)"
+cargo test -p verimail-tests --test cluster
