@@ -15,13 +15,16 @@ COPY cli/Cargo.toml cli/
 COPY worker/Cargo.toml worker/
 COPY confirm-gateway/Cargo.toml confirm-gateway/
 COPY tests/Cargo.toml tests/
-RUN for crate in shared producer cli worker confirm-gateway tests; do \
+COPY bench/Cargo.toml bench/
+# The patched sqlx-core that [patch.crates-io] points at (vendor/README.md).
+COPY vendor vendor
+RUN for crate in shared producer cli worker confirm-gateway tests bench; do \
         mkdir -p $crate/src $crate/benches && echo "" > $crate/src/lib.rs; \
     done \
- && for crate in cli worker confirm-gateway; do echo "fn main() {}" > $crate/src/main.rs; done \
+ && for crate in cli worker confirm-gateway bench; do echo "fn main() {}" > $crate/src/main.rs; done \
  && sed -i '/^\[\[bench\]\]/,/^$/d' shared/Cargo.toml worker/Cargo.toml confirm-gateway/Cargo.toml producer/Cargo.toml \
  && cargo build --release --locked -p verimail-cli -p verimail-worker -p verimail-gateway \
- && rm -rf shared producer cli worker confirm-gateway tests
+ && rm -rf shared producer cli worker confirm-gateway tests bench
 
 # Now the real sources.
 COPY . .

@@ -11,7 +11,7 @@
 #   BENCH_N=5000 bench/run.sh    # fewer requests per throughput run
 #
 # Environment: BENCH_N (20000: requests per worker/ceiling run), BENCH_CONCURRENCY (256: the
-# workers' WORKER_CONCURRENCY and the ceiling's prefetch; the contract default 64 is run too),
+# workers' WORKER_CONCURRENCY and the ceiling's prefetch; the former default 64 is run too),
 # BENCH_REF_N (2000: the reference worker is ~100x slower, so it drains fewer), BENCH_TOKENS (150000: gateway tokens,
 # each used once while they last), BENCH_RATES (200,500,1000), BENCH_RATE_SECONDS (10),
 # BENCH_PROCESSES (1,2,4), BENCH_SKIP_BUILD=1, BENCH_ONLY (space-separated subset of:
@@ -133,7 +133,7 @@ fi
 if wants worker; then
   say "2. verimail-worker throughput: $N requests preloaded, $PROCESSES process(es), WORKER_CONCURRENCY $CONCURRENCY"
   step worker "$BENCH" worker --n "$N" --processes "$PROCESSES"
-  say "2b. the same, 1 process at the contract's default WORKER_CONCURRENCY (64)"
+  say "2b. the same, 1 process at the former default WORKER_CONCURRENCY (64; the default is 256)"
   step worker_default "$BENCH" worker --n "$N" --processes 1 --concurrency 64 --label worker_default
 fi
 if wants latency; then

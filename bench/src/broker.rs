@@ -72,12 +72,12 @@ pub(crate) fn event_props(id: &str, ty: &str) -> BasicProperties {
 }
 
 /// WORKER_CONCURRENCY of the throughput and latency runs, and the ceiling's
-/// prefetch. At the contract's default (64) a worker is latency-bound on this
+/// prefetch. At the former default (64) a worker is latency-bound on this
 /// machine (each prefetch slot turns over in about 15 ms: 11-12 ms from
 /// delivery to ack, then the broker's round trip for the next delivery; so
 /// about 4,000 mails/s by Little's law, with the CPU not saturated); at 256
 /// the database batches grow and the machine's CPU becomes the limit. The
-/// default is measured too (`worker_default`).
+/// former default is measured too (`worker_default`); 256 is now the default.
 pub(crate) const TUNED_CONCURRENCY: u16 = 256;
 
 /// The outcome types (a `verimail.verification.*` binding would also catch the requests).

@@ -71,7 +71,7 @@ pub(crate) fn report(out: &Results) -> Result<()> {
     if let Some(v) = num("worker_default_1_mps") {
         row(
             &format!(
-                "verimail worker, 1 process, contract default WORKER_CONCURRENCY {} (N={})",
+                "verimail worker, 1 process, former default WORKER_CONCURRENCY {} (N={})",
                 get("worker_default_1_concurrency"),
                 get("worker_default_1_n")
             ),

@@ -160,24 +160,25 @@ pub fn outbox_file_name(request_id: &str) -> String {
     name
 }
 
+/// Decodes the `user` or `pass` of a mail URL, which `url` hands over still
+/// percent-encoded. Stricter than [`percent_encoding::percent_decode_str`],
+/// which passes a malformed `%` through: a `%` not followed by two hex digits
+/// is an error here, as a typo in a password should be.
 fn percent_decode(s: &str) -> Result<String, String> {
     let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = s
+    let well_formed = bytes.iter().enumerate().all(|(i, &b)| {
+        b != b'%'
+            || bytes
                 .get(i + 1..i + 3)
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or("bad percent-encoding in credentials")?;
-            out.push(hex);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
+                .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit))
+    });
+    if !well_formed {
+        return Err("bad percent-encoding in credentials".into());
     }
-    String::from_utf8(out).map_err(|_| "credentials are not UTF-8".into())
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8()
+        .map(|decoded| decoded.into_owned())
+        .map_err(|_| "credentials are not UTF-8".into())
 }
 
 /// Log output format (`LOG_FORMAT`).
@@ -849,5 +850,17 @@ mod tests {
         let long = outbox_file_name(&"é".repeat(128));
         assert!(long.len() <= 255 && long.ends_with(".eml"), "{long}");
         assert_ne!(long, outbox_file_name(&format!("{}x", "é".repeat(127))));
+    }
+
+    #[test]
+    fn credentials_are_percent_decoded_strictly() {
+        assert_eq!(percent_decode("u%40x").as_deref(), Ok("u@x"));
+        assert_eq!(percent_decode("%E9t%C3%A9").ok(), None, "not UTF-8");
+        assert_eq!(percent_decode("%C3%A9t%C3%A9").as_deref(), Ok("été"));
+        assert_eq!(percent_decode("plain").as_deref(), Ok("plain"));
+        for bad in ["%", "a%4", "%zz", "%+1", "50%"] {
+            assert!(percent_decode(bad).is_err(), "{bad}");
+        }
+        assert!("smtp://u:p%zz@mail.example.com".parse::<MailUrl>().is_err());
     }
 }
