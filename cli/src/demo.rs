@@ -142,10 +142,15 @@ async fn walk_through(
         sent["data"]["sent_at"], sent["data"]["expires_at"]
     );
 
-    let (path, link) = find_mail(outbox, &id).await?;
+    let (path, link, code) = find_mail(outbox, &id).await?;
     step(3, "the mail is in the outbox");
     println!("    {}", path.display());
     println!("    link: {link}");
+    if let Some(code) = code {
+        // The app would take this code in a form and ask the gateway
+        // (POST /v1/codes/verify); the demo confirms with the button instead.
+        println!("    code: {code}  (the same mail's code; either confirms, once)");
+    }
 
     // Opening the link shows the page with its button (mail scanners open
     // links too, so a GET never confirms); pressing the button POSTs.
@@ -288,17 +293,22 @@ async fn wait_event(
     }
 }
 
-/// The mail of request `id` in the outbox (`{id}.eml`) and its confirm link.
-async fn find_mail(outbox: &Path, id: &str) -> anyhow::Result<(PathBuf, String)> {
+/// The mail of request `id` in the outbox (`{id}.eml`), its confirm link and
+/// its code (`CONFIRM_METHOD=link` mails none).
+async fn find_mail(outbox: &Path, id: &str) -> anyhow::Result<(PathBuf, String, Option<String>)> {
     let path = outbox.join(outbox_file_name(id));
     let deadline = tokio::time::Instant::now() + STEP;
     loop {
         if path.is_file() {
             let mail = crate::cli::outbox::read(&path)?;
-            let link = mail
-                .link
-                .with_context(|| format!("no confirm link in {}", path.display()))?;
-            return Ok((path, link));
+            let link = mail.link.with_context(|| {
+                format!(
+                    "no confirm link in {} (the demo presses the link's button: \
+                         CONFIRM_METHOD must be both or link)",
+                    path.display()
+                )
+            })?;
+            return Ok((path, link, mail.code));
         }
         if tokio::time::Instant::now() >= deadline {
             bail!("no mail {} within {} s", path.display(), STEP.as_secs());
