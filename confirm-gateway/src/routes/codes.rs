@@ -70,6 +70,23 @@ pub enum CodeStatus {
 }
 
 impl CodeStatus {
+    /// The wire name (`wrong_code`), also the metric's label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Verified => "verified",
+            Self::AlreadyVerified => "already_verified",
+            Self::WrongCode => "wrong_code",
+            Self::Locked => "locked",
+            Self::Expired => "expired",
+            Self::Used => "used",
+            Self::NoCode => "no_code",
+            Self::Unauthorized => "unauthorized",
+            Self::Invalid => "invalid",
+            Self::RateLimited => "rate_limited",
+            Self::Unavailable => "unavailable",
+        }
+    }
+
     /// The HTTP status code: the only place code statuses become codes.
     pub fn http(self) -> StatusCode {
         match self {
@@ -224,31 +241,43 @@ pub async fn verify(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let started = Instant::now();
+    let reply = decide(&state, &headers, connect, body, started).await;
+    state.inner.metrics.code_checked(reply.status.as_str());
+    reply.into_response()
+}
+
+/// Everything [`verify`] answers, before rendering.
+async fn decide(
+    state: &AppState,
+    headers: &HeaderMap,
+    connect: Option<Extension<ConnectInfo<SocketAddr>>>,
+    body: Result<Bytes, BytesRejection>,
+    started: Instant,
+) -> CodeReply {
     let peer = connect.map_or(
         IpAddr::V4(Ipv4Addr::UNSPECIFIED),
         |Extension(ConnectInfo(a))| a.ip(),
     );
-    let client = client_ip(peer, &headers, &state.inner.config.trusted_proxies);
+    let client = client_ip(peer, headers, &state.inner.config.trusted_proxies);
     // The rate limit comes first: it also slows down anyone guessing keys.
     if let Decision::Limit { retry_after } = state.inner.limiter.check(client, started) {
         return CodeReply {
             retry_after: Some(retry_after),
             ..CodeReply::new(CodeStatus::RateLimited)
-        }
-        .into_response();
+        };
     }
-    if !bearer(&headers).is_some_and(|key| state.inner.api_keys.accepts(key)) {
+    if !bearer(headers).is_some_and(|key| state.inner.api_keys.accepts(key)) {
         tracing::info!("code check refused: no or wrong API key");
-        return CodeReply::new(CodeStatus::Unauthorized).into_response();
+        return CodeReply::new(CodeStatus::Unauthorized);
     }
     let check = match body
         .map_err(|e| format!("body: {e}"))
         .and_then(|b| parse_body(&b))
     {
         Ok(check) => check,
-        Err(detail) => return CodeReply::invalid(detail).into_response(),
+        Err(detail) => return CodeReply::invalid(detail),
     };
-    let reply = match handle(&state, &check).await {
+    let reply = match handle(state, &check).await {
         Ok(reply) => reply,
         Err(e) => {
             let status = match e.status() {
@@ -263,10 +292,10 @@ pub async fn verify(
         user_id = %check.user_id,
         purpose = check.purpose.as_str(),
         request_id = ?reply.request_id,
-        status = ?reply.status,
+        status = reply.status.as_str(),
         "code checked"
     );
-    reply.into_response()
+    reply
 }
 
 /// The check proper, free of HTTP details.
