@@ -17,8 +17,15 @@ const BIN: &str = env!("CARGO_BIN_EXE_verimail-gateway");
 
 /// `GET path` over a plain socket: the status code, or `None` when nothing answers.
 async fn get_status(addr: &str, path: &str) -> Option<u16> {
+    request_status("GET", addr, path).await
+}
+
+/// `METHOD path` (no body) over a plain socket: the status code.
+async fn request_status(method: &str, addr: &str, path: &str) -> Option<u16> {
     let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
     stream.write_all(request.as_bytes()).await.ok()?;
     let mut answer = String::new();
     stream.read_to_string(&mut answer).await.ok()?;
@@ -79,12 +86,15 @@ async fn sigterm_after_a_published_event_stops_with_exit_0_and_no_error_line() -
         .await?;
 
     let addr = format!("127.0.0.1:{}", free_port());
+    // `/readyz` is served on the gateway's operational address, never beside `/confirm`.
+    let ops = format!("127.0.0.1:{}", free_port());
     let mut gateway = Command::new(BIN)
         .env_clear()
         .env("DATABASE_URL", format!("{PG}/{}", app.db_name))
         .env("VERIMAIL_NAMESPACE", &app.namespace)
         .env("VERIMAIL_SECRET_KEY", SECRET)
         .env("GATEWAY_ADDR", &addr)
+        .env("METRICS_ADDR", &ops)
         .env("PUBLIC_BASE_URL", format!("http://{addr}"))
         .current_dir(std::env::temp_dir())
         .stdout(Stdio::null())
@@ -99,12 +109,13 @@ async fn sigterm_after_a_published_event_stops_with_exit_0_and_no_error_line() -
     });
 
     let ready = eventually(Duration::from_secs(30), || async {
-        get_status(&addr, "/readyz").await == Some(200)
+        get_status(&ops, "/readyz").await == Some(200)
     })
     .await;
     assert!(ready, "the gateway became ready");
+    // Pressing the button (a GET only shows it).
     assert_eq!(
-        get_status(&addr, &format!("/confirm/{token}")).await,
+        request_status("POST", &addr, &format!("/confirm/{token}")).await,
         Some(200)
     );
     // The relay published the event: its channel is open when the stop comes.
