@@ -515,9 +515,25 @@ async fn a_reset_password_code_answers_a_proof_and_spends_the_link_and_the_other
     assert!(json.get("proof").is_none());
     assert_eq!(d.wait_verified(&other).await["data"]["method"], "link");
 
+    // Link and code at the same instant: one of them confirms, the other
+    // hears `used`, and one event goes out.
+    let (raced, mail) = d.request_mail(&reset("52")).await;
+    let code = code_in(&mail.text).expect("a code");
+    let link = mail.link.clone().expect("a link");
+    let body = json!({"user_id": "52", "purpose": "reset_password", "code": code});
+    let (pressed, (status, json)) = tokio::join!(http::post(&link, &[]), d.check(&body));
+    let pressed = pressed.expect("press").0;
+    let winners = usize::from(pressed == 303) + usize::from(status == 200);
+    assert_eq!(winners, 1, "link {pressed}, code {status} {json}");
+    assert!(
+        pressed == 410 || status == 410,
+        "link {pressed}, code {status}"
+    );
+
     d.barrier().await;
     assert_eq!(d.verified_of(&id).len(), 1);
     assert_eq!(d.verified_of(&other).len(), 1);
+    assert_eq!(d.verified_of(&raced).len(), 1);
     d.stop().await;
 }
 
@@ -627,6 +643,22 @@ async fn ten_thousand_guesses_through_three_gateways_count_at_most_the_limit() {
         .expect("the request row");
     pool.close().await;
     assert_eq!(tries, 5);
+
+    // The operator sees the guessing in the metrics, by status only.
+    let metrics = http::get(&format!("{}/metrics", d.env.gateway_ops_url()), &[])
+        .await
+        .expect("metrics");
+    assert!(
+        metrics
+            .2
+            .contains(r#"verimail_gateway_code_checks_total{status="locked"}"#),
+        "{}",
+        metrics.2
+    );
+    assert!(
+        !metrics.2.contains(&format!("\"{code}\"")),
+        "the code is a metric label"
+    );
 
     // The right code is dead now, on every gateway.
     for g in 0..3 {
