@@ -563,6 +563,27 @@ async fn with_confirm_method_code_the_mail_has_a_code_and_no_link() {
         assert!(!part.contains("/confirm/"), "{part}");
         assert!(!part.contains("href"), "{part}");
     }
+
+    // The same request published again: the worker sees the duplicate (its
+    // metric is the signal to wait for), mails nothing, and the one code
+    // mailed is still the one that works.
+    let again = d
+        .publish(&["--id", &id, "--user-id", "7", "--email", "dan@example.com"])
+        .await;
+    assert_eq!(again, id);
+    let metrics = format!(
+        "http://{}/metrics",
+        d.env.get("METRICS_ADDR").unwrap_or_default()
+    );
+    let seen = verimail_tests::tap::eventually(WAIT, || async {
+        let text = http::get(&metrics, &[]).await.ok()?.2;
+        text.contains(r#"verimail_worker_duplicates_total{state="done"} 1"#)
+            .then_some(())
+    })
+    .await;
+    assert!(seen.is_some(), "the worker never saw the duplicate");
+    assert_eq!(d.smtp.count(), 1, "a duplicate mails no second code");
+
     let (status, json) = d.check(&json!({"user_id": 7, "code": code})).await;
     assert_eq!(
         (status, &json["status"]),
