@@ -24,8 +24,8 @@
 //!
 //! `name` (string or none: test it with `{% if name %}`), `email`, `link`
 //! (none with `CONFIRM_METHOD=code`), `code` (the one-time code's digits;
-//! none with `CONFIRM_METHOD=link`), `purpose`, `locale` (the one chosen), `expires_at` (RFC 3339, UTC),
-//! `ttl_seconds`, `valid_for` ("1 hour", "30 minutes"; "1 小时" for `zh*`),
+//! none with `CONFIRM_METHOD=link`), `purpose`, `locale` (the one chosen),
+//! `expires_at` (RFC 3339, UTC), `ttl_seconds`, `valid_for` ("1 hour", "30 minutes"; "1 小时" for `zh*`),
 //! `valid_for_amount` and `valid_for_unit` (`second`/`minute`/`hour`/`day`, to
 //! word it in another language), and in the text and HTML parts `subject`.
 //! Undefined variables are errors (strict mode), so a typo fails at start:
