@@ -267,7 +267,9 @@ async fn decide(
         };
     }
     if !bearer(headers).is_some_and(|key| state.inner.api_keys.accepts(key)) {
-        tracing::info!("code check refused: no or wrong API key");
+        // Debug, not info: a flood of bad keys must not flood the logs; the
+        // metric counts them (`status="unauthorized"`).
+        tracing::debug!("code check refused: no or wrong API key");
         return CodeReply::new(CodeStatus::Unauthorized);
     }
     let check = match body
