@@ -57,7 +57,7 @@ def emit_verified(event_id):
         "type": "verimail.email.verified", "time": "2026-11-24T10:05:00Z",
         "datacontenttype": "application/json",
         "data": {"request_id": "req-1", "user_id": "42", "email": "alice@example.com",
-                 "purpose": "verify_email", "context": None, "verified_at": "2026-11-24T10:05:00Z"},
+                 "purpose": "verify_email", "context": None, "verified_at": "2026-11-24T10:05:00Z", "method": "link"},
     }
     ch = channel()
     ch.confirm_delivery()

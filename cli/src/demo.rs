@@ -64,6 +64,18 @@ pub async fn run(config: &Config) -> anyhow::Result<()> {
         extra_env.push(("VERIMAIL_SECRET_KEY".to_owned(), secret));
     }
 
+    // The app's side of codes (POST /v1/codes/verify) needs an API key. A
+    // demo without one gives its gateway a throwaway key, printed below for
+    // the second terminal: it lives as long as this demo's gateway.
+    let api_key = match config.gateway_api_keys.is_empty() {
+        true => {
+            let key = format!("demo-api-{}", uuid::Uuid::new_v4().simple());
+            extra_env.push(("GATEWAY_API_KEYS".to_owned(), key.clone()));
+            Some(key)
+        }
+        false => None,
+    };
+
     step(0, "starting verimail-worker and verimail-gateway");
     let mut children = Vec::new();
     for name in ["verimail-worker", "verimail-gateway"] {
@@ -73,7 +85,7 @@ pub async fn run(config: &Config) -> anyhow::Result<()> {
     if let Err(e) = &outcome {
         println!("\n✗ {e:#}\n  logs: {}", logs.display());
     } else {
-        println!("{}", try_it(config, &outbox, &logs));
+        println!("{}", try_it(config, &outbox, &logs, api_key.as_deref()));
         tokio::select! {
             () = shutdown.cancelled() => {}
             name = first_exit(&mut children) => println!("\n{name} stopped unexpectedly; see {}", logs.display()),
@@ -142,10 +154,15 @@ async fn walk_through(
         sent["data"]["sent_at"], sent["data"]["expires_at"]
     );
 
-    let (path, link) = find_mail(outbox, &id).await?;
+    let (path, link, code) = find_mail(outbox, &id).await?;
     step(3, "the mail is in the outbox");
     println!("    {}", path.display());
     println!("    link: {link}");
+    if let Some(code) = code {
+        // The app would take this code in a form and ask the gateway
+        // (POST /v1/codes/verify); the demo confirms with the button instead.
+        println!("    code: {code}  (the same mail's code; either confirms, once)");
+    }
 
     // Opening the link shows the page with its button (mail scanners open
     // links too, so a GET never confirms); pressing the button POSTs.
@@ -288,17 +305,22 @@ async fn wait_event(
     }
 }
 
-/// The mail of request `id` in the outbox (`{id}.eml`) and its confirm link.
-async fn find_mail(outbox: &Path, id: &str) -> anyhow::Result<(PathBuf, String)> {
+/// The mail of request `id` in the outbox (`{id}.eml`), its confirm link and
+/// its code (`CONFIRM_METHOD=link` mails none).
+async fn find_mail(outbox: &Path, id: &str) -> anyhow::Result<(PathBuf, String, Option<String>)> {
     let path = outbox.join(outbox_file_name(id));
     let deadline = tokio::time::Instant::now() + STEP;
     loop {
         if path.is_file() {
             let mail = crate::cli::outbox::read(&path)?;
-            let link = mail
-                .link
-                .with_context(|| format!("no confirm link in {}", path.display()))?;
-            return Ok((path, link));
+            let link = mail.link.with_context(|| {
+                format!(
+                    "no confirm link in {} (the demo presses the link's button: \
+                         CONFIRM_METHOD must be both or link)",
+                    path.display()
+                )
+            })?;
+            return Ok((path, link, mail.code));
         }
         if tokio::time::Instant::now() >= deadline {
             bail!("no mail {} within {} s", path.display(), STEP.as_secs());
@@ -384,7 +406,7 @@ fn save_secret(path: &Path, secret: &str) -> std::io::Result<Saved> {
 /// What to try in a second terminal, with commands that run as printed: the
 /// `verimail` on PATH if it is this one, else this binary's path; the
 /// namespace named, since it may come from this terminal's environment.
-fn try_it(config: &Config, outbox: &Path, logs: &Path) -> String {
+fn try_it(config: &Config, outbox: &Path, logs: &Path, api_key: Option<&str>) -> String {
     let exe = std::env::current_exe().ok();
     let on_path = std::env::var_os("PATH").is_some_and(|paths| {
         std::env::split_paths(&paths).any(|dir| {
@@ -411,12 +433,20 @@ fn try_it(config: &Config, outbox: &Path, logs: &Path) -> String {
          \x20   link=$({verimail} outbox \"$id\" | jq -r .link)\n\
          \x20   curl -s -X POST -H 'Accept: application/json' \"$link\"; echo\n\
          \x20   {verimail} token inspect \"$link\"\n\
+         \x20   # or by code, as your app's backend would (another user, another mail):\n\
+         \x20   id=$({verimail} publish --user-id 8 --email you@example.com)\n\
+         \x20   code=$({verimail} outbox \"$id\" --wait 10 | jq -r .code)\n\
+         \x20   curl -s -X POST http://{gateway}/v1/codes/verify -H \"Authorization: Bearer {key}\" \\\n\
+         \x20        -d \"{{\\\"user_id\\\": \\\"8\\\", \\\"code\\\": \\\"$code\\\"}}\"; echo\n\
          \x20   kill %1\n\
          \nMails land in {} ; links point at {} ; logs are in {}\n\
          Press Ctrl-C to stop everything.",
         outbox.display(),
         config.public_base_url,
-        logs.display()
+        logs.display(),
+        gateway = config.gateway_addr,
+        // A key the user configured is theirs to type; ours is a throwaway.
+        key = api_key.unwrap_or("$VERIMAIL_API_KEY"),
     )
 }
 

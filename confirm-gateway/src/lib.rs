@@ -157,6 +157,8 @@ struct Inner {
     /// Records confirmations in batches (group commit).
     writer: writer::Writer,
     pages: pages::Pages,
+    /// `GATEWAY_API_KEYS`, for `/v1/` (constant-time checks).
+    api_keys: verimail_shared::token::ApiKeys,
     /// The Content-Security-Policy header, built once from the allowlist.
     csp: axum::http::HeaderValue,
 }
@@ -179,6 +181,7 @@ impl AppState {
                 bus,
                 outbox_wake,
                 pages: pages::Pages::new(),
+                api_keys: config.api_keys(),
                 csp: routes::csp(&config.return_url_allowlist),
             }),
         })

@@ -17,6 +17,7 @@ const PUBLISH_FAILURES: &str = "verimail_gateway_publish_failures_total";
 const EXPIRED: &str = "verimail_gateway_outbox_expired_total";
 const BATCH_SECONDS: &str = "verimail_gateway_batch_seconds";
 const BATCH_SIZE: &str = "verimail_gateway_batch_size";
+const CODE_CHECKS: &str = "verimail_gateway_code_checks_total";
 
 /// Latency buckets, in seconds: a confirm takes milliseconds; 5 s is the
 /// unavailable deadline.
@@ -81,6 +82,10 @@ impl Metrics {
         );
         describe(PUBLISHED, "Verified events the broker confirmed.");
         describe(
+            CODE_CHECKS,
+            "Answers of /v1/codes/verify by status (a surge of wrong_code or locked is guessing).",
+        );
+        describe(
             PUBLISH_FAILURES,
             "Outbox publish attempts that failed (retried later).",
         );
@@ -115,6 +120,13 @@ impl Metrics {
             counter.increment(1);
         }
         self.duration.record(took.as_secs_f64());
+    }
+
+    /// Counts one `/v1/codes/verify` answer by its status word (never the
+    /// code, the user or the key: labels stay few and say nothing secret).
+    pub fn code_checked(&self, status: &'static str) {
+        let key = Key::from_parts(CODE_CHECKS, vec![Label::new("status", status)]);
+        self.recorder.register_counter(&key, &META).increment(1);
     }
 
     /// Records one written batch of confirmations.

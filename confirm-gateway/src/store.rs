@@ -233,3 +233,82 @@ pub async fn expire_outbox(
         }
     }
 }
+
+/// The code of the latest mail sent to a user for a purpose
+/// ([`latest_code`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MailCode {
+    /// The request the mail answered.
+    pub request_id: String,
+    /// The address it went to.
+    pub email: String,
+    /// The keyed hash of its code; `None`: the mail carried no code
+    /// (`CONFIRM_METHOD=link` when it was sent).
+    pub code_hash: Option<Vec<u8>>,
+    /// Wrong tries counted on it so far.
+    pub attempts: i32,
+    /// When the mail was accepted (a code lives `TOKEN_TTL_SECONDS` from then).
+    pub sent_at: OffsetDateTime,
+    /// Its link or code was confirmed already (or, for `verify_email`, the
+    /// address by a legacy link).
+    pub confirmed: bool,
+}
+
+/// The code of the latest mail sent to `user_id` for `purpose`, with whether
+/// it was confirmed: one statement, served by `requests_user_purpose_sent_at`
+/// and the confirmations' primary key.
+pub async fn latest_code(
+    pool: &PgPool,
+    user_id: &str,
+    purpose: &str,
+) -> Result<Option<MailCode>, sqlx::Error> {
+    type Row = (String, String, Option<Vec<u8>>, i32, OffsetDateTime, bool);
+    let row: Option<Row> = sqlx::query_as(
+        "SELECT r.id, coalesce(r.email, ''), r.code_hash, r.code_attempts, r.sent_at, \
+                EXISTS (SELECT 1 FROM confirmations c \
+                        WHERE c.key IN ('r:' || r.id, \
+                                        CASE WHEN r.purpose = 'verify_email' \
+                                             THEN 'e:' || r.email END)) \
+         FROM requests r \
+         WHERE r.user_id = $1 AND r.purpose = $2 AND r.sent_at IS NOT NULL \
+         ORDER BY r.sent_at DESC, r.id DESC LIMIT 1",
+    )
+    .bind(user_id)
+    .bind(purpose)
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.map(
+        |(request_id, email, code_hash, attempts, sent_at, confirmed)| MailCode {
+            request_id,
+            email,
+            code_hash,
+            attempts,
+            sent_at,
+            confirmed,
+        },
+    ))
+}
+
+/// Counts one wrong try on the code `code_hash` of request `request_id`,
+/// unless `max` tries were counted already: one conditional UPDATE, so
+/// however many gateways race on one code, the row lock serializes them and
+/// no more than `max` tries are ever counted. Returns the count after this
+/// try, or `None` when the code is locked (or was replaced meanwhile by a
+/// new mail for the same request).
+pub async fn count_wrong_try(
+    pool: &PgPool,
+    request_id: &str,
+    code_hash: &[u8],
+    max: i32,
+) -> Result<Option<i32>, sqlx::Error> {
+    sqlx::query_scalar(
+        "UPDATE requests SET code_attempts = code_attempts + 1 \
+         WHERE id = $1 AND code_hash = $2 AND code_attempts < $3 \
+         RETURNING code_attempts",
+    )
+    .bind(request_id)
+    .bind(code_hash)
+    .bind(max)
+    .fetch_optional(pool)
+    .await
+}

@@ -27,7 +27,7 @@ use std::time::Instant;
 use sqlx::PgPool;
 use time::OffsetDateTime;
 use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
-use verimail_shared::events::{CloudEvent, EMAIL_VERIFIED, Purpose, VerifiedData};
+use verimail_shared::events::{CloudEvent, EMAIL_VERIFIED, Purpose, VerifiedData, VerifyMethod};
 
 use crate::metrics::Metrics;
 use crate::store::{self, NewConfirmation};
@@ -66,6 +66,9 @@ pub struct Confirmation {
     pub legacy: bool,
     /// The click's time (`verified_at`).
     pub at: OffsetDateTime,
+    /// The link, or the mail's code (`method` of the event). The key is
+    /// the same for both, so a link and a code of one mail confirm once.
+    pub method: VerifyMethod,
 }
 
 /// What recording one confirmation found.
@@ -346,13 +349,14 @@ async fn write(
     let mut answered = vec![false; rows.len()];
     let recorded = row_of
         .into_iter()
-        .map(|i| {
+        .zip(batch)
+        .map(|(i, c)| {
             let row = &rows[i];
             let f = found.get(row.key);
             // Only the first click of a key in the batch can be the one that confirmed.
             let first = f.is_some_and(|f| f.inserted) && !std::mem::replace(&mut answered[i], true);
             if first {
-                tracing::info!(event_id = %row.event_id, request_id = ?row.request_id, "link confirmed");
+                tracing::info!(event_id = %row.event_id, request_id = ?row.request_id, method = c.method.as_str(), "confirmed");
             }
             Recorded {
                 first,
@@ -387,6 +391,7 @@ fn new_row<'a>(
             // Filled in by the statement from the request's row.
             context: None,
             verified_at: c.at,
+            method: c.method,
         },
     );
     event.time = Some(c.at);
@@ -437,6 +442,7 @@ mod tests {
             purpose: Purpose::VerifyEmail,
             legacy: false,
             at: OffsetDateTime::UNIX_EPOCH,
+            method: VerifyMethod::Code,
         };
         let row = new_row(&c, c.request_id.as_deref(), c.user_id.as_deref());
         let context = br#"{"a": [1, "\"context\":null"]}"#;
@@ -466,6 +472,7 @@ mod tests {
                 serde_json::json!({"a": [1, "\"context\":null"]})
             );
             assert_eq!(parsed["data"]["request_id"], "1");
+            assert_eq!(parsed["data"]["method"], "code");
             assert_eq!(parsed["type"], EMAIL_VERIFIED);
         }
     }

@@ -11,7 +11,7 @@ use futures_util::future::join_all;
 use serde_json::json;
 use time::OffsetDateTime;
 use verimail_gateway::writer::{Confirmation, Writer};
-use verimail_shared::events::Purpose;
+use verimail_shared::events::{Purpose, VerifyMethod};
 
 #[tokio::test]
 async fn a_burst_of_clicks_confirms_each_link_once_with_its_own_event() {
@@ -131,6 +131,7 @@ fn confirmation(key: &str, email: &str) -> Confirmation {
         purpose: Purpose::VerifyEmail,
         legacy: false,
         at: OffsetDateTime::now_utc(),
+        method: VerifyMethod::Link,
     }
 }
 

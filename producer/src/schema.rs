@@ -7,7 +7,8 @@
 //!   "type":"verimail.email.verified","time":"2026-11-24T10:05:00Z",
 //!   "datacontenttype":"application/json",
 //!   "data":{"request_id":"r-1","user_id":"42","email":"alice@example.com",
-//!           "purpose":"verify_email","context":null,"verified_at":"2026-11-24T10:05:00Z"}}"#;
+//!           "purpose":"verify_email","context":null,"verified_at":"2026-11-24T10:05:00Z",
+//!           "method":"link"}}"#;
 //! assert_eq!(verimail_producer::schema::validate_event(body), Ok(()));
 //! ```
 

@@ -160,6 +160,7 @@ fn events_serialized_by_the_shared_types_match_the_schemas() {
             purpose: "verify_email".into(),
             context: None,
             verified_at: t,
+            method: verimail_shared::events::VerifyMethod::Code,
         },
     );
     for body in [

@@ -246,6 +246,15 @@ pub struct Config {
     /// (`CONFIRM_ON_GET`); by default every purpose shows the button page and
     /// only `POST` confirms, because mail scanners fetch links.
     pub confirm_on_get: bool,
+    /// What a mail carries: a link, a code or both (`CONFIRM_METHOD`).
+    pub confirm_method: ConfirmMethod,
+    /// Digits in a mailed code (`CODE_LENGTH`, 6 to 10).
+    pub code_length: u8,
+    /// Wrong tries after which a code is dead (`CODE_MAX_ATTEMPTS`).
+    pub code_max_attempts: u32,
+    /// Keys of the gateway's `/v1/` API (`GATEWAY_API_KEYS`); empty: the API
+    /// answers 401 to everyone.
+    pub gateway_api_keys: Vec<SecretString>,
     /// Confirm requests per client address per minute (`CONFIRM_RATE_LIMIT_PER_MINUTE`).
     pub confirm_rate_limit_per_minute: u32,
     /// Peers whose `X-Forwarded-For` is believed (`TRUSTED_PROXIES`).
@@ -255,6 +264,53 @@ pub struct Config {
     /// Log format (`LOG_FORMAT`).
     pub log_format: LogFormat,
 }
+
+/// What a mail carries (`CONFIRM_METHOD`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ConfirmMethod {
+    /// Only the link.
+    Link,
+    /// Only a one-time code (no link in the mail).
+    Code,
+    /// The link and a code (the default).
+    #[default]
+    Both,
+}
+
+impl ConfirmMethod {
+    /// Whether the mail carries the confirm link.
+    pub fn mails_link(self) -> bool {
+        matches!(self, Self::Link | Self::Both)
+    }
+
+    /// Whether the mail carries a one-time code.
+    pub fn mails_code(self) -> bool {
+        matches!(self, Self::Code | Self::Both)
+    }
+}
+
+impl FromStr for ConfirmMethod {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "link" => Ok(Self::Link),
+            "code" => Ok(Self::Code),
+            "both" => Ok(Self::Both),
+            _ => Err("expected link, code or both".into()),
+        }
+    }
+}
+
+/// The range of `CODE_LENGTH`: six digits are the peers' habit (a million
+/// codes against `CODE_MAX_ATTEMPTS` tries); past ten, people mistype more
+/// than attackers gain.
+pub const CODE_LENGTHS: std::ops::RangeInclusive<u8> = 6..=10;
+
+/// The largest `CODE_MAX_ATTEMPTS`: more tries than this turn a code into
+/// something a patient attacker can guess (1,000 tries on a 6-digit code is a
+/// 1 in 1,000 chance).
+pub const MAX_CODE_ATTEMPTS: u32 = 1000;
 
 /// Default values, as written in the contract.
 pub mod defaults {
@@ -367,6 +423,10 @@ impl Config {
             gateway_metrics_addr: env
                 .parse("METRICS_ADDR", parse_addr(defaults::GATEWAY_METRICS_ADDR))?,
             confirm_on_get: env.bool("CONFIRM_ON_GET", false)?,
+            confirm_method: env.parse("CONFIRM_METHOD", ConfirmMethod::Both)?,
+            code_length: env.code_length()?,
+            code_max_attempts: env.code_max_attempts()?,
+            gateway_api_keys: env.api_keys()?,
             confirm_rate_limit_per_minute: env.number("CONFIRM_RATE_LIMIT_PER_MINUTE", 30, 1)?,
             trusted_proxies: env.trusted_proxies()?,
             retention,
@@ -602,6 +662,64 @@ impl<F: Fn(&str) -> Option<String>> Env<'_, F> {
             .collect()
     }
 
+    fn code_length(&self) -> Result<u8, ConfigError> {
+        let length: u8 = self
+            .number("CODE_LENGTH", 6, 0)
+            .map_err(|_| ConfigError::new("CODE_LENGTH", "must be a whole number from 6 to 10"))?;
+        if !CODE_LENGTHS.contains(&length) {
+            return Err(ConfigError::new(
+                "CODE_LENGTH",
+                format!("{length} digits: must be 6 to 10"),
+            ));
+        }
+        Ok(length)
+    }
+
+    fn code_max_attempts(&self) -> Result<u32, ConfigError> {
+        let attempts: u32 = self.number("CODE_MAX_ATTEMPTS", 5, 1)?;
+        if attempts > MAX_CODE_ATTEMPTS {
+            return Err(ConfigError::new(
+                "CODE_MAX_ATTEMPTS",
+                format!("{attempts}: at most {MAX_CODE_ATTEMPTS}, or codes can be guessed"),
+            ));
+        }
+        Ok(attempts)
+    }
+
+    /// Comma-separated keys; each must fit an `Authorization` header and be
+    /// long enough not to be guessed. An error names the key by position,
+    /// never by value.
+    fn api_keys(&self) -> Result<Vec<SecretString>, ConfigError> {
+        const MIN_KEY_LEN: usize = 16;
+        let Some(raw) = self.get("GATEWAY_API_KEYS") else {
+            return Ok(Vec::new());
+        };
+        raw.split(',')
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+            .enumerate()
+            .map(|(i, key)| {
+                let n = i + 1;
+                if !key.bytes().all(|b| b.is_ascii_graphic()) {
+                    return Err(ConfigError::new(
+                        "GATEWAY_API_KEYS",
+                        format!("key {n} holds a space or a character outside printable ASCII"),
+                    ));
+                }
+                if key.len() < MIN_KEY_LEN {
+                    return Err(ConfigError::new(
+                        "GATEWAY_API_KEYS",
+                        format!(
+                            "key {n} has {} characters: at least {MIN_KEY_LEN} are needed",
+                            key.len()
+                        ),
+                    ));
+                }
+                Ok(SecretString::from(key.to_owned()))
+            })
+            .collect()
+    }
+
     fn log_format(&self) -> Result<LogFormat, ConfigError> {
         match self
             .get("LOG_FORMAT")
@@ -641,6 +759,11 @@ pub fn load_dotenv() -> Result<(), ConfigError> {
 }
 
 impl Config {
+    /// The `/v1/` API keys, ready for constant-time checks.
+    pub fn api_keys(&self) -> crate::token::ApiKeys {
+        crate::token::ApiKeys::new(&self.gateway_api_keys)
+    }
+
     /// The current secret, for code that must hand it to a library (never log it).
     pub fn expose_current_secret(&self) -> Option<&str> {
         self.secret_key.as_ref().map(ExposeSecret::expose_secret)
@@ -685,9 +808,55 @@ mod tests {
         assert_eq!(c.gateway_metrics_addr.to_string(), "127.0.0.1:9465");
         assert_eq!(c.confirm_rate_limit_per_minute, 30);
         assert!(!c.confirm_on_get);
+        assert_eq!(c.confirm_method, ConfirmMethod::Both);
+        assert_eq!(c.code_length, 6);
+        assert_eq!(c.code_max_attempts, 5);
+        assert!(c.gateway_api_keys.is_empty());
         assert!(c.trusted_proxies.is_empty());
         assert_eq!(c.retention, Duration::from_secs(168 * 3600));
         Ok(())
+    }
+
+    #[test]
+    fn code_settings_are_read_and_bounded() -> Result<(), ConfigError> {
+        let c = config(&[
+            ("CONFIRM_METHOD", "Code"),
+            ("CODE_LENGTH", "10"),
+            ("CODE_MAX_ATTEMPTS", "3"),
+            (
+                "GATEWAY_API_KEYS",
+                " key-one-0123456789 , ,key-two-0123456789",
+            ),
+        ])?;
+        assert_eq!(c.confirm_method, ConfirmMethod::Code);
+        assert!(c.confirm_method.mails_code() && !c.confirm_method.mails_link());
+        assert!(ConfirmMethod::Both.mails_code() && ConfirmMethod::Both.mails_link());
+        assert!(!ConfirmMethod::Link.mails_code());
+        assert_eq!(c.code_length, 10);
+        assert_eq!(c.code_max_attempts, 3);
+        let keys: Vec<&str> = c
+            .gateway_api_keys
+            .iter()
+            .map(ExposeSecret::expose_secret)
+            .collect();
+        assert_eq!(keys, ["key-one-0123456789", "key-two-0123456789"]);
+        assert_eq!(config(&[("CODE_LENGTH", "6")])?.code_length, 6);
+        Ok(())
+    }
+
+    #[test]
+    fn a_bad_api_key_is_named_by_position_never_by_value() {
+        let line = config(&[("GATEWAY_API_KEYS", "a-long-enough-key-1,tiny-secret")])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(line.starts_with("GATEWAY_API_KEYS: key 2 "), "{line}");
+        assert!(!line.contains("tiny-secret"), "{line}");
+        let line = config(&[("CODE_LENGTH", "12")])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert_eq!(line, "CODE_LENGTH: 12 digits: must be 6 to 10");
     }
 
     #[test]
@@ -741,6 +910,14 @@ mod tests {
             ("METRICS_ADDR", "9464"),
             ("CONFIRM_RATE_LIMIT_PER_MINUTE", "0"),
             ("CONFIRM_ON_GET", "maybe"),
+            ("CONFIRM_METHOD", "sms"),
+            ("CODE_LENGTH", "5"),
+            ("CODE_LENGTH", "11"),
+            ("CODE_LENGTH", "six"),
+            ("CODE_MAX_ATTEMPTS", "0"),
+            ("CODE_MAX_ATTEMPTS", "1001"),
+            ("GATEWAY_API_KEYS", "short"),
+            ("GATEWAY_API_KEYS", "a-long-enough-key-1,has a space in it!"),
             ("TRUSTED_PROXIES", "10.0.0.0/33"),
             ("RETENTION_HOURS", "1"),
             ("LOG_FORMAT", "xml"),
@@ -762,10 +939,16 @@ mod tests {
         let c = config(&[
             ("VERIMAIL_SECRET_KEY", "hunter2-very-secret"),
             ("VERIMAIL_OLD_SECRET_KEYS", "old-secret-1,old-secret-2"),
+            ("GATEWAY_API_KEYS", "api-key-secret-0123456789"),
             ("MAIL_URL", "smtp://user:mail-password@smtp.example.com:587"),
         ])?;
         let debug = format!("{c:?}");
-        for secret in ["hunter2-very-secret", "old-secret-1", "mail-password"] {
+        for secret in [
+            "hunter2-very-secret",
+            "old-secret-1",
+            "mail-password",
+            "api-key-secret",
+        ] {
             assert!(!debug.contains(secret), "{secret} leaked: {debug}");
         }
         Ok(())

@@ -26,8 +26,23 @@ pub fn header<'a>(answer: &'a Answer, name: &str) -> Option<&'a str> {
         .map(|(_, v)| v.as_str())
 }
 
+/// `POST url` with a body (its `Content-Length` is set here).
+pub async fn post_body(url: &str, headers: &[(&str, &str)], body: &[u8]) -> anyhow::Result<Answer> {
+    request_with_body("POST", url, headers, body).await
+}
+
 /// Sends one request; `url` must be `http://host:port/path`.
 pub async fn request(method: &str, url: &str, headers: &[(&str, &str)]) -> anyhow::Result<Answer> {
+    request_with_body(method, url, headers, b"").await
+}
+
+/// Sends one request with `body` (a POST always states its length).
+pub async fn request_with_body(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> anyhow::Result<Answer> {
     let rest = url
         .strip_prefix("http://")
         .ok_or_else(|| anyhow::anyhow!("only http:// URLs: {url}"))?;
@@ -40,11 +55,13 @@ pub async fn request(method: &str, url: &str, headers: &[(&str, &str)]) -> anyho
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
-    if method == "POST" {
-        req.push_str("Content-Length: 0\r\n");
+    if method == "POST" || !body.is_empty() {
+        req.push_str(&format!("Content-Length: {}\r\n", body.len()));
     }
     req.push_str("\r\n");
-    stream.write_all(req.as_bytes()).await?;
+    let mut bytes = req.into_bytes();
+    bytes.extend_from_slice(body);
+    stream.write_all(&bytes).await?;
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw).await?;
     parse(&raw)

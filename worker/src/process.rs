@@ -46,7 +46,7 @@ use verimail_shared::events::{
     VERIFICATION_THROTTLED, ValidRequest, decode_request, peek_id,
 };
 use verimail_shared::telemetry::token_prefix;
-use verimail_shared::token::{Claims, Signer, TokenFormat};
+use verimail_shared::token::{Claims, Code, Signer, TokenFormat};
 
 use crate::health::Health;
 use crate::mail::{Classification, Envelope, MailContext, Mailer, Templates};
@@ -421,24 +421,40 @@ async fn send(
     // Tokens carry whole seconds: the outcome's expires_at says what the token says.
     let issued_at = now.replace_nanosecond(0).unwrap_or(now);
     let expires_at = issued_at + config.token_ttl;
-    let token = match config.token_format {
-        TokenFormat::V1 => ctx.signer.mint_v1(&Claims {
-            request_id: req.id.clone(),
-            user_id: req.data.user_id.clone(),
-            email: req.data.email.clone(),
-            purpose: req.data.purpose.as_str().to_owned(),
-            locale: req.data.locale.clone(),
-            issued_at,
-            expires_at,
-        }),
-        TokenFormat::Itsdangerous => ctx.signer.mint_itsdangerous(&req.data.email, issued_at),
-    };
-    debug!(token = %token_prefix(&token), "link minted");
-    let link = config.confirm_link(&token);
+    // The link, unless the mail carries only a code (CONFIRM_METHOD=code).
+    let link = config.confirm_method.mails_link().then(|| {
+        let token = match config.token_format {
+            TokenFormat::V1 => ctx.signer.mint_v1(&Claims {
+                request_id: req.id.clone(),
+                user_id: req.data.user_id.clone(),
+                email: req.data.email.clone(),
+                purpose: req.data.purpose.as_str().to_owned(),
+                locale: req.data.locale.clone(),
+                issued_at,
+                expires_at,
+            }),
+            TokenFormat::Itsdangerous => ctx.signer.mint_itsdangerous(&req.data.email, issued_at),
+        };
+        debug!(token = %token_prefix(&token), "link minted");
+        config.confirm_link(&token)
+    });
+    // A fresh code for every mail that goes out: only its keyed hash is
+    // stored, with the mail's `sent_at` (conclude), so the code that works is
+    // always the one in the mail recorded last. A redelivered copy of a
+    // concluded request never gets here (it re-publishes the stored outcome),
+    // so it mails no second code. The code itself is never logged.
+    let code = config
+        .confirm_method
+        .mails_code()
+        .then(|| Code::generate(config.code_length));
+    let code_hash = code
+        .as_ref()
+        .map(|c| ctx.signer.code_hash(&req.id, c.digits()));
     let mail_context = MailContext {
         name: req.data.name.as_deref(),
         email: &req.data.email,
-        link: &link,
+        link: link.as_deref(),
+        code: code.as_ref().map(Code::digits),
         purpose: req.data.purpose,
         expires_at,
         ttl: config.token_ttl,
@@ -483,7 +499,11 @@ async fn send(
             };
             let outcome =
                 Outcome::new(VERIFICATION_SENT, data, req.traceparent.clone()).counted("sent", "");
-            conclude(ctx, &req.id, &outcome, Some(sent_at), true, false).await
+            let sent = Sent {
+                at: sent_at,
+                code_hash: code_hash.as_deref(),
+            };
+            conclude(ctx, &req.id, &outcome, Some(sent), true, false).await
         }
         Err(e) if e.classification() == Classification::RecipientRejected => {
             metrics::smtp(took, "rejected");
@@ -627,12 +647,19 @@ impl Outcome {
     }
 }
 
+/// A mail the SMTP server accepted: when, and the keyed hash of its code.
+#[derive(Debug, Clone, Copy)]
+struct Sent<'a> {
+    at: OffsetDateTime,
+    code_hash: Option<&'a [u8]>,
+}
+
 /// Stores the outcome (`done`) and publishes it; the mark follows the ack.
 async fn conclude(
     ctx: &Ctx,
     id: &str,
     outcome: &Outcome,
-    sent_at: Option<OffsetDateTime>,
+    sent: Option<Sent<'_>>,
     attempted: bool,
     release_throttle: bool,
 ) -> Result<AfterAck, Failure> {
@@ -640,7 +667,8 @@ async fn conclude(
         id,
         outcome_type: outcome.ty,
         outcome: &outcome.bytes,
-        sent_at,
+        sent_at: sent.map(|s| s.at),
+        code_hash: sent.and_then(|s| s.code_hash),
         attempted,
         release_throttle,
     };

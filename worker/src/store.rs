@@ -116,6 +116,9 @@ pub struct Finish<'a> {
     pub outcome: &'a [u8],
     /// When the SMTP server accepted the mail (`sent` only); also refreshes the throttle.
     pub sent_at: Option<OffsetDateTime>,
+    /// The keyed hash of the code in the mail (`sent` with a code only); its
+    /// wrong tries start again at zero.
+    pub code_hash: Option<&'a [u8]>,
     /// Whether this delivery made a send attempt (counts in `attempts`).
     pub attempted: bool,
     /// No mail went out: give the throttle back if this request holds it.
@@ -449,8 +452,8 @@ RETURNING r.id, r.throttle_passed, r.attempts,
         const FINISH_BATCH: &str = r"
 WITH input AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::timestamptz[],
-                         $5::int4[], $6::bool[])
-        AS i(id, outcome_type, outcome, sent_at, attempted, release_throttle)
+                         $5::int4[], $6::bool[], $9::bytea[])
+        AS i(id, outcome_type, outcome, sent_at, attempted, release_throttle, code_hash)
 ),
 held AS (
     SELECT id FROM requests WHERE id = ANY($1::text[] || $8::text[])
@@ -461,7 +464,8 @@ r AS (
     UPDATE requests r
     SET state = 'done', lease_until = now() + $7::float8 * interval '1 second',
         outcome_type = i.outcome_type, outcome = i.outcome,
-        sent_at = i.sent_at, attempts = r.attempts + i.attempted
+        sent_at = i.sent_at, attempts = r.attempts + i.attempted,
+        code_hash = i.code_hash, code_attempts = 0
     FROM input i
     WHERE r.id = i.id AND r.state = 'processing'
     RETURNING r.id, r.user_id, r.purpose, i.sent_at, i.release_throttle
@@ -532,6 +536,12 @@ SELECT id FROM same";
             .bind(order.iter().map(|i| i.release_throttle).collect::<Vec<_>>())
             .bind(self.lease.as_secs_f64())
             .bind(marks)
+            .bind(
+                order
+                    .iter()
+                    .map(|i| i.code_hash.as_deref())
+                    .collect::<Vec<_>>(),
+            )
             .fetch_all(conn)
             .await?;
         let done: std::collections::HashSet<&str> = rows.iter().map(String::as_str).collect();
@@ -603,6 +613,7 @@ pub struct FinishInput {
     outcome_type: String,
     outcome: Vec<u8>,
     sent_at: Option<OffsetDateTime>,
+    code_hash: Option<Vec<u8>>,
     attempted: bool,
     release_throttle: bool,
 }
@@ -615,6 +626,7 @@ impl FinishInput {
             outcome_type: f.outcome_type.to_owned(),
             outcome: f.outcome.to_vec(),
             sent_at: f.sent_at,
+            code_hash: f.code_hash.map(<[u8]>::to_vec),
             attempted: f.attempted,
             release_throttle: f.release_throttle,
         }

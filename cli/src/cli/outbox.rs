@@ -55,6 +55,8 @@ pub struct Mail {
     pub to: Option<String>,
     pub subject: Option<String>,
     pub link: Option<String>,
+    /// The one-time code (`CONFIRM_METHOD` `code` or `both`).
+    pub code: Option<String>,
     pub file: PathBuf,
 }
 
@@ -92,8 +94,7 @@ pub fn run(config: &Config, args: OutboxArgs) -> Outcome {
             "to": mail.to,
             "subject": mail.subject,
             "link": mail.link,
-            // One-time codes are not part of verimail's mails yet.
-            "code": null,
+            "code": mail.code,
             "file": mail.file.display().to_string(),
         })
     );
@@ -141,13 +142,24 @@ pub fn read(path: &Path) -> anyhow::Result<Mail> {
         .body_text(0)
         .and_then(|text| confirm_link(&text))
         .or_else(|| message.body_html(0).and_then(|html| confirm_link(&html)));
+    let code = message.body_text(0).and_then(|text| code_line(&text));
     Ok(Mail {
         request_id: request_id(path),
         to,
         subject: message.subject().map(str::to_owned),
         link,
+        code,
         file: path.to_owned(),
     })
+}
+
+/// The one-time code in a mail's text part: the built-in templates put it on
+/// a line of its own, 6 to 10 digits (`CODE_LENGTH`).
+fn code_line(text: &str) -> Option<String> {
+    text.lines()
+        .map(str::trim)
+        .find(|l| verimail_shared::token::code_well_formed(l))
+        .map(str::to_owned)
 }
 
 /// The first `http(s)://…/confirm/…` in `text`.
@@ -202,6 +214,13 @@ mod tests {
             let path = PathBuf::from("outbox").join(outbox_file_name(id));
             assert_eq!(request_id(&path), id);
         }
+    }
+
+    #[test]
+    fn the_code_is_the_line_of_digits() {
+        let text = "Hello,\n\nOr type this code:\n\n  402917\n\nValid for 1 hour (3600 s).\n";
+        assert_eq!(code_line(text).as_deref(), Some("402917"));
+        assert_eq!(code_line("12345\n12345678901\nno code 123456\n"), None);
     }
 
     #[test]

@@ -13,7 +13,7 @@ use axum::http::{HeaderMap, Method};
 use axum::response::Response;
 use time::OffsetDateTime;
 use url::Url;
-use verimail_shared::events::Purpose;
+use verimail_shared::events::{Purpose, VerifyMethod};
 use verimail_shared::token::{self, MAX_TOKEN_LEN, ProofPayload};
 
 use crate::AppState;
@@ -194,6 +194,7 @@ fn verify(state: &AppState, token: &str, now: OffsetDateTime) -> Result<Subject,
                 purpose,
                 legacy: false,
                 at: now,
+                method: VerifyMethod::Link,
             },
             locale: claims.locale,
         });
@@ -215,6 +216,7 @@ fn verify(state: &AppState, token: &str, now: OffsetDateTime) -> Result<Subject,
             purpose: Purpose::VerifyEmail,
             legacy: true,
             at: now,
+            method: VerifyMethod::Link,
         },
         locale: None,
     })
@@ -231,7 +233,7 @@ fn usable(value: &str) -> Result<(), ConfirmError> {
 }
 
 /// Bounds a database step by [`DB_DEADLINE`].
-async fn deadline<T, E: Into<ConfirmError>>(
+pub(crate) async fn deadline<T, E: Into<ConfirmError>>(
     step: impl Future<Output = Result<T, E>>,
 ) -> Result<T, ConfirmError> {
     match tokio::time::timeout(DB_DEADLINE, step).await {
@@ -242,7 +244,7 @@ async fn deadline<T, E: Into<ConfirmError>>(
 
 /// Sets our query parameters on the return URL, replacing any of the same
 /// name already there (only verimail says what verimail verified).
-fn set_params(url: &mut Url, params: &[(&str, &str)]) {
+pub(crate) fn set_params(url: &mut Url, params: &[(&str, &str)]) {
     let kept: Vec<(String, String)> = url
         .query_pairs()
         .filter(|(k, _)| !k.starts_with("verimail"))

@@ -1,15 +1,18 @@
-//! The routers: the public one (`/confirm/{token}` only, with the layers every
-//! answer goes through: security headers, tracing, timeout) and the
+//! The routers: the public one (`/confirm/{token}` and the app's
+//! `/v1/codes/verify`, with the layers every answer goes through: security
+//! headers, tracing, timeout) and the
 //! operational one (`/healthz`, `/readyz`, `/metrics`), served on
 //! `METRICS_ADDR` so that visitors reach neither the probes (each `/readyz`
 //! asks PostgreSQL and RabbitMQ) nor the metrics, which the rate limit does
 //! not cover.
 
+pub mod codes;
 pub mod confirm;
 
 use std::time::Duration;
 
 use axum::Router;
+use axum::extract::DefaultBodyLimit;
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::header::{
     CACHE_CONTROL, CONTENT_SECURITY_POLICY, CONTENT_TYPE, REFERRER_POLICY, X_CONTENT_TYPE_OPTIONS,
@@ -18,7 +21,7 @@ use axum::http::header::{
 use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::map_response_with_state;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
@@ -58,6 +61,11 @@ pub fn router(state: AppState) -> Router {
             get(confirm::confirm)
                 .post(confirm::confirm)
                 .head(confirm::confirm),
+        )
+        .route(
+            "/v1/codes/verify",
+            // A larger body is answered 400 by the handler, never read whole.
+            post(codes::verify).layer(DefaultBodyLimit::max(codes::MAX_BODY)),
         )
         .with_state(state)
         .layer(TimeoutLayer::with_status_code(

@@ -19,11 +19,12 @@ pub use decode::{decode_request, peek_id};
 pub use envelope::CloudEvent;
 pub use outcome::{
     Event, EventError, FailedData, FailureReason, Outcome, OutcomeFields, SentData, ThrottledData,
-    VerifiedData,
+    VerifiedData, VerifyMethod,
 };
 pub use request::{DecodeError, Echo, Policy, Purpose, RequestData, RuleBroken, ValidRequest};
 pub use validate::{
-    parse_context, parse_return_url, resolve_locale, validate_email, validate_locale, validate_name,
+    parse_context, parse_return_url, parse_user_id, resolve_locale, validate_email,
+    validate_locale, validate_name,
 };
 
 /// `type` of a verification request (also its routing key).

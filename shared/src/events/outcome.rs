@@ -105,6 +105,31 @@ pub struct VerifiedData {
     /// When the link was confirmed.
     #[serde(with = "rfc3339")]
     pub verified_at: OffsetDateTime,
+    /// How: the link, or the code typed into the app. Events from before
+    /// codes existed lack it; they were all links.
+    #[serde(default)]
+    pub method: VerifyMethod,
+}
+
+/// How a confirmation was made (`method` of `verimail.email.verified`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VerifyMethod {
+    /// The link in the mail (legacy itsdangerous links included).
+    #[default]
+    Link,
+    /// The code in the mail, checked through `POST /v1/codes/verify`.
+    Code,
+}
+
+impl VerifyMethod {
+    /// The contract's spelling (`link`, `code`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Link => "link",
+            Self::Code => "code",
+        }
+    }
 }
 
 /// Any outcome, for subscribers that decode all three.

@@ -7,6 +7,13 @@ use url::Url;
 
 use super::MAX_CONTEXT_BYTES;
 
+/// A request's `user_id` rule: a string of 1-128 characters without control
+/// characters, or a JSON integer (taken as its decimal string). The gateway's
+/// code check reads `user_id` by the same rule.
+pub fn parse_user_id(v: Option<&Value>) -> Result<String, String> {
+    field_user_id(v)
+}
+
 pub(super) fn field_user_id(v: Option<&Value>) -> Result<String, String> {
     match v {
         None | Some(Value::Null) => Err("missing".into()),

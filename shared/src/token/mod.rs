@@ -58,7 +58,9 @@
 //! CPython links against: the crate enables flate2's `zlib` feature for that
 //! (miniz_oxide and zlib-rs produce other, equally valid, bytes).
 
+mod api_key;
 mod claims;
+mod code;
 mod inspect;
 mod itsdangerous;
 mod names;
@@ -69,7 +71,9 @@ mod v1;
 #[cfg(test)]
 mod fixtures;
 
+pub use api_key::ApiKeys;
 pub use claims::{Claims, ExpiredToken, LegacyClaims, Malformation, ProofPayload, TokenError};
+pub use code::{Code, well_formed as code_well_formed};
 pub use inspect::{Inspection, InspectionStatus, inspect, looks_like_v1};
 pub use names::{Digest, ParseNameError, TokenFormat};
 pub use signer::{Keys, Signer};

@@ -21,6 +21,7 @@ use time::OffsetDateTime;
 use super::claims::{
     Claims, LegacyClaims, Malformation, ProofPayload, TokenError, check_v1_expiry,
 };
+use super::code::{derive_code_key, hash_with};
 use super::itsdangerous::{LegacyMac, dumps_json, open_legacy, unsign};
 use super::names::Digest;
 use super::pyjson::{py_json, py_json_str};
@@ -87,6 +88,8 @@ struct SignerInner {
     /// itsdangerous SHA-256 keys for `salt + ".proof"`, current first.
     proof: Vec<LegacyMac>,
     proof_salt: String,
+    /// Code-hash keys, one per secret, current first.
+    code: Vec<HmacSha256>,
 }
 
 #[derive(Clone)]
@@ -114,6 +117,10 @@ impl Signer {
             legacy_sha256: legacy(salt, Digest::Sha256),
             proof: legacy(proof_salt.as_bytes(), Digest::Sha256),
             proof_salt,
+            code: keys
+                .secrets()
+                .map(|secret| derive_code_key(secret, salt))
+                .collect(),
             keys: keys.clone(),
             digest,
         };
@@ -301,6 +308,32 @@ impl Signer {
         let value = unsign(&self.inner.proof, proof)?;
         let (payload, _) = open_legacy(value, PROOF_MAX_AGE_SECONDS, now)?;
         serde_json::from_value(payload).map_err(|_| Malformation::Claims.into())
+    }
+
+    // ----- codes -----
+
+    /// The keyed hash stored for `code`, mailed for `request_id` (current key).
+    pub fn code_hash(&self, request_id: &str, code: &str) -> Vec<u8> {
+        match self.inner.code.first() {
+            Some(key) => hash_with(key, request_id, code)
+                .finalize()
+                .into_bytes()
+                .to_vec(),
+            None => Vec::new(),
+        }
+    }
+
+    /// Whether `code` hashes to `stored` for `request_id` under the current
+    /// or a retired key; each comparison takes constant time.
+    pub fn code_matches(&self, request_id: &str, code: &str, stored: &[u8]) -> bool {
+        // Every key is tried (no early exit), so the time says nothing about
+        // which key, if any, matched.
+        self.inner.code.iter().fold(false, |found, key| {
+            hash_with(key, request_id, code)
+                .verify_slice(stored)
+                .is_ok()
+                | found
+        })
     }
 
     pub(super) fn legacy_macs(&self, digest: Digest) -> &[LegacyMac] {

@@ -30,8 +30,10 @@ pub struct MailContext<'a> {
     pub name: Option<&'a str>,
     /// Recipient's address.
     pub email: &'a str,
-    /// The confirm link.
-    pub link: &'a str,
+    /// The confirm link; `None` with `CONFIRM_METHOD=code` (no link in the mail).
+    pub link: Option<&'a str>,
+    /// The one-time code; `None` with `CONFIRM_METHOD=link`. Never logged.
+    pub code: Option<&'a str>,
     /// What the link is for.
     pub purpose: Purpose,
     /// When the link expires.

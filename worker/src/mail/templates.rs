@@ -22,14 +22,15 @@
 //!
 //! # Variables
 //!
-//! `name` (string or none: test it with `{% if name %}`), `email`, `link`,
-//! `purpose`, `locale` (the one chosen), `expires_at` (RFC 3339, UTC),
-//! `ttl_seconds`, `valid_for` ("1 hour", "30 minutes"; "1 小时" for `zh*`),
+//! `name` (string or none: test it with `{% if name %}`), `email`, `link`
+//! (none with `CONFIRM_METHOD=code`), `code` (the one-time code's digits;
+//! none with `CONFIRM_METHOD=link`), `purpose`, `locale` (the one chosen),
+//! `expires_at` (RFC 3339, UTC), `ttl_seconds`, `valid_for` ("1 hour", "30 minutes"; "1 小时" for `zh*`),
 //! `valid_for_amount` and `valid_for_unit` (`second`/`minute`/`hour`/`day`, to
 //! word it in another language), and in the text and HTML parts `subject`.
 //! Undefined variables are errors (strict mode), so a typo fails at start:
 //! [`Templates::load`] renders every template with sample data, with and
-//! without a name.
+//! without a name, and with a link and a code, only a link, and only a code.
 //!
 //! # Locale choice
 //!
@@ -263,16 +264,21 @@ impl Templates {
         let expires_at = OffsetDateTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
         for purpose in Purpose::ALL {
             for locale in self.locales_for(purpose) {
+                let link = Some("https://verify.example.com/confirm/sample-token");
+                let code = Some("123456");
                 for name in [Some("Alice"), None] {
-                    let sample = MailContext {
-                        name,
-                        email: "alice@example.com",
-                        link: "https://verify.example.com/confirm/sample-token",
-                        purpose,
-                        expires_at,
-                        ttl: Duration::from_secs(3600),
-                    };
-                    self.render_in(locale, &sample)?;
+                    for (link, code) in [(link, code), (link, None), (None, code)] {
+                        let sample = MailContext {
+                            name,
+                            email: "alice@example.com",
+                            link,
+                            code,
+                            purpose,
+                            expires_at,
+                            ttl: Duration::from_secs(3600),
+                        };
+                        self.render_in(locale, &sample)?;
+                    }
                 }
             }
         }
@@ -309,6 +315,7 @@ impl Templates {
             name => ctx.name.filter(|n| !n.trim().is_empty()),
             email => ctx.email,
             link => ctx.link,
+            code => ctx.code,
             purpose => ctx.purpose.as_str(),
             locale => locale,
             expires_at => rfc3339::format(ctx.expires_at),
@@ -526,7 +533,8 @@ mod tests {
         MailContext {
             name,
             email: "alice@example.com",
-            link: "http://127.0.0.1:8080/confirm/abc.DEF-123_x",
+            link: Some("http://127.0.0.1:8080/confirm/abc.DEF-123_x"),
+            code: None,
             purpose,
             expires_at: OffsetDateTime::UNIX_EPOCH,
             ttl: Duration::from_secs(3600),
@@ -585,6 +593,67 @@ mod tests {
         let reset_zh = t.render(Some("zh-CN"), &ctx(Some("小明"), Purpose::ResetPassword))?;
         assert_eq!(reset_zh.subject, "重置您的密码");
         assert!(reset_zh.html.contains("小明，您好："));
+        Ok(())
+    }
+
+    #[test]
+    fn the_code_stands_on_a_line_of_its_own_and_large_in_every_built_in_mail() -> TestResult {
+        let t = Templates::load(None)?;
+        for purpose in Purpose::ALL {
+            for locale in ["en", "zh-CN"] {
+                let mut c = ctx(Some("Alice"), purpose);
+                c.code = Some("402917");
+                let mail = t.render(Some(locale), &c)?;
+                assert!(
+                    mail.text.lines().any(|l| l.trim() == "402917"),
+                    "{purpose:?} {locale}: {}",
+                    mail.text
+                );
+                let big = mail
+                    .html
+                    .lines()
+                    .find(|l| l.contains("402917"))
+                    .ok_or("no code in the HTML part")?;
+                assert!(big.contains("font-size:32px"), "{big}");
+                // Both: the link is there too.
+                assert!(mail.text.contains("/confirm/abc.DEF-123_x"));
+                assert!(
+                    mail.html
+                        .contains(r#"href="http://127.0.0.1:8080/confirm/"#)
+                );
+
+                // Code alone: not a trace of a link.
+                c.link = None;
+                let mail = t.render(Some(locale), &c)?;
+                assert!(mail.text.lines().any(|l| l.trim() == "402917"));
+                for part in [&mail.text, &mail.html] {
+                    assert!(!part.contains("/confirm/"), "{part}");
+                    assert!(!part.contains("href"), "{part}");
+                    assert!(!part.contains("none"), "{part}");
+                }
+
+                // Link alone: no code, and no word about one.
+                let mail = t.render(Some(locale), &ctx(None, purpose))?;
+                assert!(!mail.text.contains("402917"));
+                assert!(!mail.text.to_lowercase().contains("code"), "{}", mail.text);
+                assert!(!mail.text.contains("验证码"), "{}", mail.text);
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn an_override_can_show_the_code() -> TestResult {
+        let dir = TempDir::new(&[(
+            "verify_email.en.txt",
+            "{% if code %}Your code: [{{ code }}]{% endif %}{% if link %} or {{ link }}{% endif %}",
+        )])?;
+        let t = Templates::load(Some(&dir.0))?;
+        let mut c = ctx(None, Purpose::VerifyEmail);
+        c.code = Some("0123456789");
+        c.link = None;
+        let mail = t.render(Some("en"), &c)?;
+        assert_eq!(mail.text, "Your code: [0123456789]\n");
         Ok(())
     }
 

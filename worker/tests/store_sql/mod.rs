@@ -104,11 +104,19 @@ async fn a_claim_is_busy_while_leased_and_done_after_finishing() -> Result<()> {
             outcome_type: "verimail.verification.sent",
             outcome: br#"{"id":"o1"}"#,
             sent_at: Some(time::OffsetDateTime::now_utc()),
+            code_hash: Some(&[7; 32]),
             attempted: true,
             release_throttle: false,
         })
         .await?;
     assert!(done);
+    // The mail's code is stored as its hash, with no wrong tries yet.
+    let (hash, tries): (Option<Vec<u8>>, i32) =
+        sqlx::query_as("SELECT code_hash, code_attempts FROM requests WHERE id = 'r1'")
+            .fetch_one(&db.pool)
+            .await?;
+    assert_eq!(hash.as_deref(), Some(&[7u8; 32][..]));
+    assert_eq!(tries, 0);
     // Concluded but not yet confirmed: the concluding delivery is publishing.
     assert_eq!(store.claim(row("r1", &uid), MINUTE).await?, Claim::Busy);
     store.mark_published("r1").await?;
@@ -149,6 +157,7 @@ async fn an_expired_lease_is_taken_over_and_a_failed_request_gives_the_throttle_
             outcome_type: "verimail.verification.failed",
             outcome: br#"{"id":"o1"}"#,
             sent_at: None,
+            code_hash: None,
             attempted: true,
             release_throttle: true,
         })
@@ -187,6 +196,7 @@ fn finish<'a>(id: &'a str, sent: bool, release_throttle: bool) -> Finish<'a> {
         },
         outcome: br#"{"id":"o"}"#,
         sent_at: sent.then(time::OffsetDateTime::now_utc),
+        code_hash: None,
         attempted: true,
         release_throttle,
     }
