@@ -12,10 +12,11 @@
 #
 # Environment: BENCH_N (20000: requests per worker/ceiling run), BENCH_CONCURRENCY (256: the
 # workers' WORKER_CONCURRENCY and the ceiling's prefetch; the former default 64 is run too),
-# BENCH_REF_N (2000: the reference worker is ~100x slower, so it drains fewer), BENCH_TOKENS (150000: gateway tokens,
+# BENCH_REF_N (2000: the reference worker is ~100x slower, so it drains fewer), BENCH_CODES (150000: codes
+# written for the codes run), BENCH_TOKENS (150000: gateway tokens,
 # each used once while they last), BENCH_RATES (200,500,1000), BENCH_RATE_SECONDS (10),
 # BENCH_PROCESSES (1,2,4), BENCH_SKIP_BUILD=1, BENCH_ONLY (space-separated subset of:
-# ceiling worker latency gateway reference). Needs RabbitMQ and PostgreSQL running
+# ceiling worker latency gateway codes reference). Needs RabbitMQ and PostgreSQL running
 # (scripts/services.sh); installs postfix (for smtp-sink), wrk and the reference's venv if missing.
 set -euo pipefail
 
@@ -30,7 +31,7 @@ PROCESSES=${BENCH_PROCESSES:-1,2,4}
 # WORKER_CONCURRENCY of the worker runs and the ceiling's prefetch (one setting for both).
 export BENCH_CONCURRENCY=${BENCH_CONCURRENCY:-256}
 CONCURRENCY=$BENCH_CONCURRENCY
-ONLY=${BENCH_ONLY:-ceiling worker latency gateway reference}
+ONLY=${BENCH_ONLY:-ceiling worker latency gateway codes reference}
 SMTP_PORT=${BENCH_SMTP_PORT:-2525}
 REF_PORT=${BENCH_REF_PORT:-8081}
 RUN=$(date +%Y%m%d-%H%M%S)-$$
@@ -143,6 +144,10 @@ fi
 if wants gateway; then
   say "4. verimail-gateway: wrk -t2 -c32 -d10s over fresh v1 tokens (each used once while they last)"
   step gateway "$BENCH" gateway --lua "$REF/confirm.lua" --tokens "${BENCH_TOKENS:-150000}"
+fi
+if wants codes; then
+  say "4b. verimail-gateway codes: wrk -t2 -c32 -d10s, POST /v1/codes/verify with right, fresh codes"
+  step codes "$BENCH" codes --lua "$ROOT/bench/codes.lua" --n "${BENCH_CODES:-150000}"
 fi
 
 # --- 5: the reference ------------------------------------------------------------------------

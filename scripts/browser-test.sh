@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The gateway's pages in a real browser: headless Chromium renders each page,
-# and Playwright clicks the reset-password button: the click must land on the
-# app with verimail=verified&verimail_proof=…, and a second use must answer 410.
+# The gateway's pages in a real browser: headless Chromium renders each page and
+# a worker-rendered mail with its code; Playwright presses the verify-email
+# button (opening the link confirms nothing, the press verifies) and the
+# reset-password button: that press must land on the app with
+# verimail=verified&verimail_proof=…, and a second use must answer 410.
 # Installs Debian's chromium (+ CJK fonts for the zh-CN pages) and
 # playwright-core (under /tmp, not in the repository) when missing.
 set -euo pipefail
@@ -24,9 +26,15 @@ log=$(confirm-gateway/scripts/screenshots.sh "$out" 2>&1) || { echo "$log"; exit
 echo "$log"
 shots=$(find "$out" -name '*.png' -size +1k | wc -l)
 rm -rf "$out"
-if ! grep -q "click flow ok" <<<"$log"; then
-  echo "browser-test: the reset-password click flow did not pass"
-  echo "browser: 0 passed, 1 failed"
+for flow in "verify flow ok" "click flow ok"; do
+  if ! grep -q "$flow" <<<"$log"; then
+    echo "browser-test: a button flow did not pass (no \"$flow\")"
+    echo "browser: 0 passed, 1 failed"
+    exit 1
+  fi
+done
+if ! grep -q "code-mail-en.png" <<<"$log"; then
+  echo "browser-test: the mail with its code was not rendered"
   exit 1
 fi
-echo "browser-test: $shots pages rendered, click flow ok"
+echo "browser-test: $shots pages rendered, both button flows ok"

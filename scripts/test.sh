@@ -22,13 +22,14 @@ if [ -x examples/run-examples.sh ]; then
   examples/run-examples.sh
 fi
 
-# The gateway's pages in headless Chromium, and the buttons pressed.
-scripts/browser-test.sh
-
 # Build the binaries the end-to-end tests start and every test binary once,
 # before the groups start (they share the target dir). One build with every
 # target keeps one feature set, so the binaries are not compiled twice.
 cargo build --workspace --all-targets
+
+# The gateway's pages and a mail with its code in headless Chromium, and the
+# buttons pressed (it runs the binaries just built).
+scripts/browser-test.sh
 
 # The tests that stop the machine's broker or database (in tests/tests/faults.rs).
 machine_tests=(a_broker_restart_while_requests_and_clicks_flow_loses_nothing
@@ -39,9 +40,17 @@ for t in "${machine_tests[@]}"; do skip_machine+=(--skip "$t"); done
 logs=$(mktemp -d)
 declare -A groups=(
   [crates]="cargo test --workspace --exclude verimail-tests"
-  [e2e]="cargo test -p verimail-tests --test e2e --test hostile"
+  [e2e]="cargo test -p verimail-tests --test e2e --test hostile --test codes"
   [faults]="cargo test -p verimail-tests --test faults -- ${skip_machine[*]}"
 )
+# A new file in tests/tests/ must join a group: fail rather than skip it.
+for f in tests/tests/*.rs; do
+  t=$(basename "$f" .rs)
+  [ "$t" = cluster ] || grep -q -- "--test $t\b" <<<"${groups[*]}" || {
+    echo "scripts/test.sh: tests/tests/$t.rs is in no group"
+    exit 1
+  }
+done
 declare -A pids=()
 for name in "${!groups[@]}"; do
   echo "== tests: $name (${groups[$name]})"

@@ -10,6 +10,7 @@
 
 mod broker;
 mod ceiling;
+mod codes;
 mod gateway;
 mod http_load;
 mod latency;
@@ -29,6 +30,7 @@ use verimail_tests::env::TestEnv;
 
 use crate::broker::*;
 use crate::ceiling::*;
+use crate::codes::*;
 use crate::gateway::*;
 use crate::http_load::*;
 use crate::latency::*;
@@ -111,6 +113,18 @@ enum Cmd {
         #[arg(long, env = "BENCH_TOKENS", default_value_t = 150_000)]
         tokens: usize,
         /// The wrk script (bench/reference/confirm.lua).
+        #[arg(long)]
+        lua: PathBuf,
+        #[command(flatten)]
+        wrk: WrkArgs,
+    },
+    /// verimail-gateway `POST /v1/codes/verify` per second under wrk with right,
+    /// fresh codes (each used once while they last).
+    Codes {
+        /// Sent requests with codes written first.
+        #[arg(long, env = "BENCH_CODES", default_value_t = 150_000)]
+        n: usize,
+        /// The wrk script (bench/codes.lua).
         #[arg(long)]
         lua: PathBuf,
         #[command(flatten)]
@@ -214,6 +228,7 @@ async fn main() -> Result<()> {
             concurrency,
         } => latency(&out, &rates, seconds, &mail_url, concurrency).await,
         Cmd::Gateway { tokens, lua, wrk } => gateway(&out, tokens, &lua, &wrk).await,
+        Cmd::Codes { n, lua, wrk } => codes(&out, n, &lua, &wrk).await,
         Cmd::HttpLoad {
             label,
             url,

@@ -206,6 +206,21 @@ pub(crate) fn report(out: &Results) -> Result<()> {
         "≤ 60 MB",
         status(g_hwm.map(|h| h / 1024.0 <= 60.0)),
     );
+    let c = num("codes_rps");
+    let c99 = num("codes_p99_ms");
+    row(
+        "verimail gateway code checks/s, right codes (wrk -t2 -c32 -d10s)",
+        format!(
+            "{} ({} verified, {} already_verified, {} other), p99 {}",
+            fmt_num(c, "req/s"),
+            r.get("codes_ok").map_or("?", String::as_str),
+            r.get("codes_already").map_or("?", String::as_str),
+            r.get("codes_other").map_or("?", String::as_str),
+            c99.map_or("—".into(), |v| format!("{v:.2} ms"))
+        ),
+        "≥ 5,000/s, p99 ≤ 20 ms",
+        status(c.zip(c99).map(|(v, p)| v >= 5000.0 && p <= 20.0)),
+    );
     let rc = num("ref_confirm_rps");
     row(
         "reference confirm, gunicorn -w 2 (same wrk)",
