@@ -74,6 +74,6 @@ done
 [ ${#failed[@]} -eq 0 ] || exit 1
 
 echo "== tests: the machine's broker and database restarted (alone)"
-cargo test -p verimail-tests --test faults -- --exact "${machine_tests[@]}"
+VERIMAIL_FAULT_TESTS=1 cargo test -p verimail-tests --test faults -- --exact "${machine_tests[@]}"
 echo "== tests: a three-node RabbitMQ cluster loses a node (alone)"
 cargo test -p verimail-tests --test cluster

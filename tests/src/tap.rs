@@ -13,6 +13,8 @@ use serde_json::Value;
 #[derive(Debug, Clone)]
 pub struct EventTap {
     events: Arc<Mutex<Vec<Value>>>,
+    /// The broker's name for the tap's queue (server-named).
+    queue: String,
     _conn: Arc<lapin::Connection>,
 }
 
@@ -25,6 +27,7 @@ impl EventTap {
         let ch = conn.create_channel().await?;
         verimail_shared::bus::declare(&ch, &verimail_shared::bus::Topology::new(namespace)).await?;
         let queue = verimail_shared::bus::bind_temporary_queue(&ch, namespace, patterns).await?;
+        let queue_name = queue.to_string();
         let mut consumer = ch
             .basic_consume(
                 queue,
@@ -46,8 +49,14 @@ impl EventTap {
         });
         Ok(Self {
             events,
+            queue: queue_name,
             _conn: Arc::new(conn),
         })
+    }
+
+    /// The broker's name for the tap's queue.
+    pub fn queue_name(&self) -> &str {
+        &self.queue
     }
 
     /// Every event so far.

@@ -8,6 +8,7 @@ use serde_json::Value;
 use verimail_tests::env::TestEnv;
 use verimail_tests::http::{self, header};
 use verimail_tests::procs::{Proc, cli, wait_http_ok};
+use verimail_tests::settle::settled;
 use verimail_tests::smtp::SmtpServer;
 use verimail_tests::tap::EventTap;
 
@@ -182,7 +183,10 @@ async fn a_request_travels_from_publish_to_mail_to_click_to_verified_event() {
         "{}",
         page.2
     );
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        settled(&p.env, &p.tap, WAIT).await,
+        "the deployment settles"
+    );
     assert!(p.tap.of_type("verimail.email.verified").is_empty());
 
     // Pressing the button confirms.
@@ -205,7 +209,10 @@ async fn a_request_travels_from_publish_to_mail_to_click_to_verified_event() {
     assert_eq!(again.0, 200);
     let body: Value = serde_json::from_str(&again.2).expect("JSON answer");
     assert_eq!(body["status"], "already_verified");
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        settled(&p.env, &p.tap, WAIT).await,
+        "the deployment settles"
+    );
     assert_eq!(p.tap.of_type("verimail.email.verified").len(), 1);
     p.stop().await;
 }
@@ -257,7 +264,10 @@ async fn three_workers_send_one_mail_for_simultaneous_requests_of_one_user() {
             .iter()
             .all(|e| e["data"]["retry_after_seconds"].as_u64() >= Some(1))
     );
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        settled(&p.env, &p.tap, WAIT).await,
+        "the deployment settles"
+    );
     assert_eq!(p.smtp.mails().len(), 1);
     p.stop().await;
 }
@@ -276,8 +286,11 @@ async fn the_same_event_id_published_twice_sends_one_mail_and_one_outcome() {
     assert_eq!(p.publish(&args).await, "fixed-id-1");
     p.outcome_of("fixed-id-1").await;
     assert_eq!(p.publish(&args).await, "fixed-id-1");
-    // Let the duplicate be processed, then count.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Once every message is handled (none ready or unacknowledged), count.
+    assert!(
+        settled(&p.env, &p.tap, WAIT).await,
+        "the deployment settles"
+    );
     let outcomes = p
         .tap
         .all()

@@ -20,6 +20,7 @@ use verimail_shared::token::{Claims, Signer};
 use verimail_tests::env::TestEnv;
 use verimail_tests::http;
 use verimail_tests::procs::{Proc, cli, wait_http_ok};
+use verimail_tests::settle::settled;
 use verimail_tests::smtp::{CapturedMail, SmtpServer};
 use verimail_tests::tap::EventTap;
 
@@ -688,8 +689,12 @@ async fn run_cases(label: &str, cases: Vec<Case>) {
         .filter(|c| matches!(c.expect, Expect::Sent(_)))
         .count();
     p.smtp.wait_for_mails(sent_expected, WAIT).await;
-    // Late extras (a second outcome, a stray mail) would arrive within a moment.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Late extras (a second outcome, a stray mail) would come from a message
+    // still queued or held: wait until none is.
+    assert!(
+        settled(&p.env, &p.tap, WAIT).await,
+        "the deployment settles"
+    );
     let all = p.tap.all();
     let mails = p.smtp.mails();
     let dead = peek_dead(&p.env).await;
