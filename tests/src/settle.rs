@@ -10,18 +10,42 @@
 //!   published event reached the tap. (The dead-letter queue is left out:
 //!   dead letters stay there until replayed.)
 
+use std::future::Future;
 use std::time::Duration;
 
 use crate::env::TestEnv;
 use crate::tap::EventTap;
 
-/// Waits until `env`'s deployment has settled (see the module docs), seen
-/// twice in a row; false after `timeout`.
+/// Waits until `env`'s deployment on the machine's broker has settled (see
+/// the module docs), seen twice in a row; false after `timeout`.
 pub async fn settled(env: &TestEnv, tap: &EventTap, timeout: Duration) -> bool {
+    settled_by(env, tap.queue_name(), timeout, || {
+        list_queues("rabbitmqctl", &[])
+    })
+    .await
+}
+
+/// [`settled`] for any broker: `list` returns `rabbitmqctl list_queues -q
+/// --no-table-headers name messages_ready messages_unacknowledged` as run
+/// against it (`None` when it could not), e.g. a cluster node's.
+pub async fn settled_by<F, Fut>(
+    env: &TestEnv,
+    tap_queue: &str,
+    timeout: Duration,
+    mut list: F,
+) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<String>>,
+{
     let deadline = tokio::time::Instant::now() + timeout;
     let mut quiet_rounds = 0;
     while tokio::time::Instant::now() < deadline {
-        if outbox_empty(env).await && queues_empty(env, tap).await {
+        let quiet = outbox_empty(env).await
+            && list()
+                .await
+                .is_some_and(|listing| queues_quiet(&listing, env, tap_queue));
+        if quiet {
             quiet_rounds += 1;
             if quiet_rounds == 2 {
                 return true;
@@ -34,9 +58,33 @@ pub async fn settled(env: &TestEnv, tap: &EventTap, timeout: Duration) -> bool {
     false
 }
 
+/// The arguments after `rabbitmqctl` (or a wrapper such as
+/// `rabbitmq-cluster.sh ctl 1`) that list every queue's counts.
+pub const LIST_QUEUES: &[&str] = &[
+    "list_queues",
+    "-q",
+    "--no-table-headers",
+    "name",
+    "messages_ready",
+    "messages_unacknowledged",
+];
+
+/// Runs `program` with `prefix` then [`LIST_QUEUES`]; its stdout, or `None`.
+pub async fn list_queues(program: &str, prefix: &[&str]) -> Option<String> {
+    let out = tokio::process::Command::new(program)
+        .args(prefix)
+        .args(LIST_QUEUES)
+        .output()
+        .await
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// The gateway's outbox has no row left (a database without the table, as
 /// before the first migration, has none either).
-async fn outbox_empty(env: &TestEnv) -> bool {
+pub async fn outbox_empty(env: &TestEnv) -> bool {
     let Some(url) = env.get("DATABASE_URL") else {
         return true;
     };
@@ -54,38 +102,20 @@ async fn outbox_empty(env: &TestEnv) -> bool {
     }
 }
 
-/// Every queue of the namespace, and the tap's, holds no message (ready or
-/// unacknowledged), as `rabbitmqctl list_queues` reports them.
-async fn queues_empty(env: &TestEnv, tap: &EventTap) -> bool {
-    let Ok(out) = tokio::process::Command::new("rabbitmqctl")
-        .args([
-            "list_queues",
-            "-q",
-            "--no-table-headers",
-            "name",
-            "messages_ready",
-            "messages_unacknowledged",
-        ])
-        .output()
-        .await
-    else {
-        return false;
-    };
-    if !out.status.success() {
-        return false;
-    }
+/// In a `list_queues` listing, every queue of the namespace and the tap's
+/// holds no message, ready or unacknowledged, and the tap's queue is there.
+pub fn queues_quiet(listing: &str, env: &TestEnv, tap_queue: &str) -> bool {
     let prefix = format!("{}.", env.namespace);
     let dead = verimail_shared::bus::Topology::new(&env.namespace).dead_queue();
-    let text = String::from_utf8_lossy(&out.stdout);
     let mut saw_tap = false;
-    for line in text.lines() {
+    for line in listing.lines() {
         let mut fields = line.split_whitespace();
         let (Some(name), Some(ready), Some(unacked)) =
             (fields.next(), fields.next(), fields.next())
         else {
             continue;
         };
-        let is_tap = name == tap.queue_name();
+        let is_tap = name == tap_queue;
         // Dead letters stay where they are until an operator replays them.
         if !(is_tap || name.starts_with(&prefix)) || name == dead {
             continue;
@@ -96,4 +126,25 @@ async fn queues_empty(env: &TestEnv, tap: &EventTap) -> bool {
         }
     }
     saw_tap
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_listing_is_quiet_only_with_empty_queues_and_the_tap_present() {
+        let env = TestEnv::new("settle");
+        let ns = &env.namespace;
+        let quiet = format!("{ns}.worker\t0\t0\n{ns}.dead\t3\t0\ntap\t0\t0\nother.worker\t9\t9\n");
+        assert!(queues_quiet(&quiet, &env, "tap"));
+        let held = format!("{ns}.worker\t0\t1\ntap\t0\t0\n");
+        assert!(!queues_quiet(&held, &env, "tap"));
+        let queued = format!("{ns}.retry.5s\t2\t0\ntap\t0\t0\n");
+        assert!(!queues_quiet(&queued, &env, "tap"));
+        let unread = format!("{ns}.worker\t0\t0\ntap\t1\t0\n");
+        assert!(!queues_quiet(&unread, &env, "tap"));
+        let no_tap = format!("{ns}.worker\t0\t0\n");
+        assert!(!queues_quiet(&no_tap, &env, "tap"));
+    }
 }

@@ -41,6 +41,7 @@ use verimail_shared::token::Signer;
 use verimail_tests::env::{TestEnv, free_port};
 use verimail_tests::http;
 use verimail_tests::procs::{Proc, cli, wait_http_ok};
+use verimail_tests::settle::{LIST_QUEUES, settled_by};
 use verimail_tests::smtp::SmtpServer;
 
 /// Serialises the tests that kill and restart the shared cluster's nodes.
@@ -726,8 +727,24 @@ async fn losing_the_worker_queues_leader_node_under_load_loses_and_doubles_nothi
     };
     let drain_secs = t_load.elapsed().as_secs_f64();
     let (new_leader, leader_trace) = leader_poll.await?;
-    // Late duplicates (a re-sent copy after a reconnect) get a moment to show.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Late duplicates (a re-sent copy after a reconnect) would come from a
+    // message still queued or held, or an outbox row not yet relayed: wait
+    // until the cluster holds none, as a running node reports it.
+    let tap_name = tap_queue.to_string();
+    ensure!(
+        settled_by(&env, &tap_name, WAIT, || async {
+            for node in ["1", "2", "3"] {
+                let mut args = vec!["ctl", node];
+                args.extend_from_slice(LIST_QUEUES);
+                if let Ok(listing) = cluster(&args).await {
+                    return Some(listing);
+                }
+            }
+            None
+        })
+        .await,
+        "the cluster's queues and the outbox did not settle"
+    );
     stop.cancel();
     let _ = clicker.await;
     let _ = tap.await;
