@@ -93,6 +93,17 @@ impl FromStr for MailUrl {
             }
             return Ok(Self::File(PathBuf::from(dir)));
         }
+        // The contract's HTTP API targets (`postmark://TOKEN@` is no valid URL
+        // to the parser): say plainly that this build lacks them rather than
+        // calling a documented scheme unknown.
+        if let Some((api @ ("ses" | "postmark" | "sendgrid" | "mailgun" | "https" | "http"), _)) =
+            raw.split_once("://")
+        {
+            return Err(format!(
+                "`{api}://` (delivery through an HTTP API) is not built into this \
+                 version yet; use smtp, smtps, smtp+plain or file"
+            ));
+        }
         let url = Url::parse(raw).map_err(|e| format!("not a URL ({e})"))?;
         let (security, default_port) = match url.scheme() {
             "smtp" => (SmtpSecurity::Opportunistic, 25),
@@ -965,6 +976,18 @@ mod tests {
         std::fs::remove_file(&path)?;
         assert_eq!(c.expose_current_secret(), Some("from-a-file"));
         Ok(())
+    }
+
+    #[test]
+    fn http_api_mail_urls_say_they_are_not_built_yet() {
+        for raw in [
+            "ses://eu-west-1",
+            "postmark://token@",
+            "https://relay.example.com/mail",
+        ] {
+            let err = raw.parse::<MailUrl>().err().unwrap_or_default();
+            assert!(err.contains("not built into this version"), "{raw}: {err}");
+        }
     }
 
     #[test]
