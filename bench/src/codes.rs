@@ -9,18 +9,15 @@ use std::io::Write as _;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, Result, bail};
-use verimail_shared::bus::Topology;
-use verimail_shared::events::EMAIL_VERIFIED;
+use anyhow::{Context as _, Result};
 use verimail_shared::token::{Code, Signer};
 use verimail_tests::env::TestEnv;
-use verimail_tests::procs::{Proc, wait_http_ok};
 
 use crate::broker::*;
+use crate::gateway::{ready_gateway, verified_tap};
 use crate::http_load::*;
 use crate::results::*;
 use crate::system::*;
-use crate::tap::*;
 
 /// The API key wrk sends (the lua script reads it from its arguments' file).
 const API_KEY: &str = "bench-api-key-0123456789";
@@ -87,24 +84,12 @@ async fn codes_in(
     wrk: &WrkArgs,
     file: &Path,
 ) -> Result<()> {
-    let url = env.get("AMQP_URL").context("AMQP_URL")?.to_owned();
-    let topology = Topology::new(env.namespace.clone());
-    prepare_db(env).await?;
-    let conn = amqp(&url).await?;
-    verimail_shared::bus::declare(&conn.create_channel().await?, &topology).await?;
-    // A subscriber, so the outbox relay's publishes are routable (and counted).
-    let tap = Tap::start(&conn, topology.exchange(), &[EMAIL_VERIFIED], false).await?;
+    let (conn, tap) = verified_tap(env).await?;
     let secs = seed(env, n, file).await?;
     println!("  wrote {n} sent requests with codes in {secs:.2} s");
 
-    let gw = Proc::start("verimail-gateway", &[], env);
+    let gw = ready_gateway(env).await?;
     let base = env.gateway_url();
-    let ops = env.gateway_ops_url();
-    if !wait_http_ok(&format!("{ops}/readyz"), Duration::from_secs(30)).await {
-        println!("--- gateway log (tail) ---\n{}", log_tail(&gw, 20));
-        gw.stop(Duration::from_secs(10)).await;
-        bail!("the gateway did not become ready at {ops}/readyz");
-    }
     let pid = gw.pid().unwrap_or(0);
     let cpu0 = cpu_ticks(pid).unwrap_or(0);
     let load = run_wrk(&base, file, lua, wrk, "once").await;

@@ -66,13 +66,7 @@ pub(crate) async fn gateway_in(
     wrk: &WrkArgs,
     file: &Path,
 ) -> Result<()> {
-    let url = env.get("AMQP_URL").context("AMQP_URL")?.to_owned();
-    let topology = Topology::new(env.namespace.clone());
-    prepare_db(env).await?;
-    let conn = amqp(&url).await?;
-    verimail_shared::bus::declare(&conn.create_channel().await?, &topology).await?;
-    // A subscriber, so the outbox relay's mandatory publishes are routable (and counted).
-    let tap = Tap::start(&conn, topology.exchange(), &[EMAIL_VERIFIED], false).await?;
+    let (conn, tap) = verified_tap(env).await?;
     let secs = mint_tokens(env, tokens + 1, file)?;
     println!("  minted {} v1 tokens in {secs:.2} s", tokens + 1);
     // The last token is the probe; wrk reads the file as is (the probe is then `already`).
@@ -82,14 +76,9 @@ pub(crate) async fn gateway_in(
         .unwrap_or_default()
         .to_owned();
 
-    let mut gw = Proc::start("verimail-gateway", &[], env);
+    let mut gw = ready_gateway(env).await?;
     let base = env.gateway_url();
     let ops = env.gateway_ops_url();
-    if !wait_http_ok(&format!("{ops}/readyz"), Duration::from_secs(30)).await {
-        println!("--- gateway log (tail) ---\n{}", log_tail(&gw, 20));
-        gw.stop(Duration::from_secs(10)).await;
-        bail!("the gateway did not become ready at {ops}/readyz");
-    }
     let (status, _, body) =
         verimail_tests::http::get(&format!("{base}/confirm/{probe}"), &[]).await?;
     println!("  probe: GET /confirm/<fresh token> answered {status}");
@@ -157,4 +146,29 @@ pub(crate) async fn gateway_in(
     out.put("gateway_events", relayed)?;
     let _ = conn.close(200, "done".into()).await;
     Ok(())
+}
+
+/// The database migrated, the namespace's topology declared and a tap counting
+/// `verimail.email.verified`, so the outbox relay's mandatory publishes are
+/// routable (and counted). The connection must outlive the tap.
+pub(crate) async fn verified_tap(env: &TestEnv) -> Result<(lapin::Connection, Tap)> {
+    let url = env.get("AMQP_URL").context("AMQP_URL")?.to_owned();
+    let topology = Topology::new(env.namespace.clone());
+    prepare_db(env).await?;
+    let conn = amqp(&url).await?;
+    verimail_shared::bus::declare(&conn.create_channel().await?, &topology).await?;
+    let tap = Tap::start(&conn, topology.exchange(), &[EMAIL_VERIFIED], false).await?;
+    Ok((conn, tap))
+}
+
+/// Starts the gateway and waits for its `/readyz` (on its own METRICS_ADDR).
+pub(crate) async fn ready_gateway(env: &TestEnv) -> Result<Proc> {
+    let gw = Proc::start("verimail-gateway", &[], env);
+    let ops = env.gateway_ops_url();
+    if !wait_http_ok(&format!("{ops}/readyz"), Duration::from_secs(30)).await {
+        println!("--- gateway log (tail) ---\n{}", log_tail(&gw, 20));
+        gw.stop(Duration::from_secs(10)).await;
+        bail!("the gateway did not become ready at {ops}/readyz");
+    }
+    Ok(gw)
 }
