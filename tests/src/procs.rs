@@ -145,3 +145,38 @@ pub async fn wait_http_ok(url: &str, timeout: Duration) -> bool {
     }
     false
 }
+
+/// `verimail migrate`, once before any service starts, so several services
+/// never race to create a new database's tables.
+pub async fn migrate(env: &TestEnv) {
+    let (code, _, err) = cli(&["migrate"], env).await;
+    assert_eq!(code, 0, "verimail migrate failed: {err}");
+}
+
+/// Starts a worker with `env` (its `METRICS_ADDR` must be its own) and waits
+/// until its `/readyz` answers 200.
+pub async fn ready_worker(env: &TestEnv, timeout: Duration) -> Proc {
+    let worker = Proc::start("verimail-worker", &[], env);
+    let ready = format!(
+        "http://{}/readyz",
+        env.get("METRICS_ADDR").unwrap_or_default()
+    );
+    assert!(
+        wait_http_ok(&ready, timeout).await,
+        "worker never ready:\n{}",
+        worker.log()
+    );
+    worker
+}
+
+/// Starts a gateway with `env` and waits until its `/readyz` (on its own
+/// `METRICS_ADDR`, [`TestEnv::gateway_ops_url`]) answers 200.
+pub async fn ready_gateway(env: &TestEnv, timeout: Duration) -> Proc {
+    let gateway = Proc::start("verimail-gateway", &[], env);
+    assert!(
+        wait_http_ok(&format!("{}/readyz", env.gateway_ops_url()), timeout).await,
+        "gateway never ready:\n{}",
+        gateway.log()
+    );
+    gateway
+}

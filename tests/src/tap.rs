@@ -54,6 +54,17 @@ impl EventTap {
         })
     }
 
+    /// A tap on every event (`verimail.#`) of `env`'s namespace.
+    pub async fn everything(env: &crate::env::TestEnv) -> Self {
+        Self::start(
+            env.get("AMQP_URL").unwrap_or_default(),
+            &env.namespace,
+            &["verimail.#"],
+        )
+        .await
+        .expect("event tap")
+    }
+
     /// The broker's name for the tap's queue.
     pub fn queue_name(&self) -> &str {
         &self.queue

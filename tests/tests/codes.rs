@@ -11,7 +11,7 @@ use time::OffsetDateTime;
 use verimail_shared::token::Signer;
 use verimail_tests::env::{TestEnv, free_port};
 use verimail_tests::http::{self, Answer, header};
-use verimail_tests::procs::{Proc, cli, wait_http_ok};
+use verimail_tests::procs::{Proc, cli, migrate, ready_gateway, ready_worker};
 use verimail_tests::smtp::{CapturedMail, SmtpServer};
 use verimail_tests::tap::EventTap;
 
@@ -40,25 +40,9 @@ impl Deployment {
         // A new request for the same user may be mailed at once.
         env.set("THROTTLE_SECONDS", "0");
         tweak(&mut env);
-        let (code, _, err) = cli(&["migrate"], &env).await;
-        assert_eq!(code, 0, "verimail migrate failed: {err}");
-        let tap = EventTap::start(
-            env.get("AMQP_URL").unwrap_or_default(),
-            &env.namespace,
-            &["verimail.#"],
-        )
-        .await
-        .expect("event tap");
-        let worker = Proc::start("verimail-worker", &[], &env);
-        let ready = format!(
-            "http://{}/readyz",
-            env.get("METRICS_ADDR").unwrap_or_default()
-        );
-        assert!(
-            wait_http_ok(&ready, WAIT).await,
-            "worker never ready:\n{}",
-            worker.log()
-        );
+        migrate(&env).await;
+        let tap = EventTap::everything(&env).await;
+        let worker = ready_worker(&env, WAIT).await;
         let mut started = Vec::new();
         for i in 0..gateways {
             let mut genv = env.clone();
@@ -67,12 +51,7 @@ impl Deployment {
                 genv.set("GATEWAY_ADDR", format!("127.0.0.1:{}", free_port()));
                 genv.gateway_ops_addr = format!("127.0.0.1:{}", free_port());
             }
-            let gateway = Proc::start("verimail-gateway", &[], &genv);
-            assert!(
-                wait_http_ok(&format!("{}/readyz", genv.gateway_ops_url()), WAIT).await,
-                "gateway {i} never ready:\n{}",
-                gateway.log()
-            );
+            let gateway = ready_gateway(&genv, WAIT).await;
             let url = format!("http://{}", genv.get("GATEWAY_ADDR").unwrap_or_default());
             started.push((gateway, url));
         }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde_json::Value;
 use verimail_tests::env::TestEnv;
 use verimail_tests::http::{self, header};
-use verimail_tests::procs::{Proc, cli, wait_http_ok};
+use verimail_tests::procs::{Proc, cli, migrate, ready_gateway, ready_worker};
 use verimail_tests::settle::settled;
 use verimail_tests::smtp::SmtpServer;
 use verimail_tests::tap::EventTap;
@@ -29,42 +29,19 @@ impl Pipeline {
         let smtp = SmtpServer::start();
         env.set("MAIL_URL", smtp.mail_url());
         tweak(&mut env);
-        // Migrate once up front so several workers don't race on a new database.
-        let (code, _, err) = cli(&["migrate"], &env).await;
-        assert_eq!(code, 0, "verimail migrate failed: {err}");
-        let tap = EventTap::start(
-            env.get("AMQP_URL").unwrap_or_default(),
-            &env.namespace,
-            &["verimail.#"],
-        )
-        .await
-        .expect("event tap");
+        migrate(&env).await;
+        let tap = EventTap::everything(&env).await;
         let mut procs = Vec::new();
-        for i in 0..workers {
+        for _ in 0..workers {
             let mut wenv = env.clone();
             // Each worker needs its own metrics port.
             wenv.set(
                 "METRICS_ADDR",
                 format!("127.0.0.1:{}", verimail_tests::env::free_port()),
             );
-            let p = Proc::start("verimail-worker", &[], &wenv);
-            let ready = format!(
-                "http://{}/readyz",
-                wenv.get("METRICS_ADDR").unwrap_or_default()
-            );
-            assert!(
-                wait_http_ok(&ready, WAIT).await,
-                "worker {i} never ready:\n{}",
-                p.log()
-            );
-            procs.push(p);
+            procs.push(ready_worker(&wenv, WAIT).await);
         }
-        let gateway = Proc::start("verimail-gateway", &[], &env);
-        assert!(
-            wait_http_ok(&format!("{}/readyz", env.gateway_ops_url()), WAIT).await,
-            "gateway never ready:\n{}",
-            gateway.log()
-        );
+        let gateway = ready_gateway(&env, WAIT).await;
         Self {
             env,
             smtp,

@@ -19,7 +19,7 @@ use verimail_shared::events::{VERIFICATION_FAILED, VERIFICATION_REQUESTED, VERIF
 use verimail_shared::token::{Claims, Signer};
 use verimail_tests::env::TestEnv;
 use verimail_tests::http;
-use verimail_tests::procs::{Proc, cli, wait_http_ok};
+use verimail_tests::procs::{Proc, migrate, ready_gateway, ready_worker};
 use verimail_tests::settle::settled;
 use verimail_tests::smtp::{CapturedMail, SmtpServer};
 use verimail_tests::tap::EventTap;
@@ -48,28 +48,10 @@ impl Pipeline {
         env.set("RETURN_URL_ALLOWLIST", APP);
         // Every click comes from 127.0.0.1: the rate limit is not under test.
         env.set("CONFIRM_RATE_LIMIT_PER_MINUTE", "1000000");
-        let (code, _, err) = cli(&["migrate"], &env).await;
-        assert_eq!(code, 0, "verimail migrate failed: {err}");
-        let url = env.get("AMQP_URL").unwrap_or_default().to_owned();
-        let tap = EventTap::start(&url, &env.namespace, &["verimail.#"])
-            .await
-            .expect("event tap");
-        let worker = Proc::start("verimail-worker", &[], &env);
-        let ready = format!(
-            "http://{}/readyz",
-            env.get("METRICS_ADDR").unwrap_or_default()
-        );
-        assert!(
-            wait_http_ok(&ready, WAIT).await,
-            "worker never ready:\n{}",
-            worker.log()
-        );
-        let gateway = Proc::start("verimail-gateway", &[], &env);
-        assert!(
-            wait_http_ok(&format!("{}/readyz", env.gateway_ops_url()), WAIT).await,
-            "gateway never ready:\n{}",
-            gateway.log()
-        );
+        migrate(&env).await;
+        let tap = EventTap::everything(&env).await;
+        let worker = ready_worker(&env, WAIT).await;
+        let gateway = ready_gateway(&env, WAIT).await;
         let bus_stop = CancellationToken::new();
         let bus = Bus::connect(&env.config().amqp_urls, "hostile-publisher", &bus_stop)
             .await
