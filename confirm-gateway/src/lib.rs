@@ -6,6 +6,9 @@
 //! - [`routes`]: the router and the `/confirm` handler; [`answer`]: statuses,
 //!   the status → HTTP code mapping and rendering; [`pages`]: the HTML.
 //! - [`client`]: client address behind trusted proxies and the rate limiter.
+//! - [`webhooks`]: the providers' bounce and complaint notifications
+//!   (signatures, payloads, recording with the suppression and the event);
+//!   `routes::suppressions`: the suppression list over the API.
 //! - [`writer`]: group commit of confirmations (one statement per batch);
 //!   [`store`]: SQL; [`outbox`]: the relay; [`metrics`]: Prometheus.
 //!
@@ -19,6 +22,7 @@ pub mod outbox;
 pub mod pages;
 pub mod routes;
 pub mod store;
+pub mod webhooks;
 pub mod writer;
 
 use std::net::SocketAddr;
@@ -161,11 +165,29 @@ struct Inner {
     api_keys: verimail_shared::token::ApiKeys,
     /// The Content-Security-Policy header, built once from the allowlist.
     csp: axum::http::HeaderValue,
+    /// SNS signing certificates, and the fetcher that confirms subscriptions.
+    sns: webhooks::sns::CertCache,
 }
 
 impl AppState {
     /// State for `config` on `pool`; the signing keys are required.
     pub fn new(config: &Config, pool: PgPool, bus: BusSlot) -> Result<Self, ConfigError> {
+        Self::with_fetch(
+            config,
+            pool,
+            bus,
+            Arc::new(webhooks::sns::HttpsFetch::default()),
+        )
+    }
+
+    /// [`AppState::new`] with the fetcher of SNS URLs (certificates,
+    /// subscription confirmations) given: tests watch what is fetched.
+    pub fn with_fetch(
+        config: &Config,
+        pool: PgPool,
+        bus: BusSlot,
+        fetch: Arc<dyn webhooks::sns::Fetch>,
+    ) -> Result<Self, ConfigError> {
         let keys = config.keys()?;
         let outbox_wake = Arc::new(Notify::new());
         let metrics = metrics::Metrics::new();
@@ -183,6 +205,7 @@ impl AppState {
                 pages: pages::Pages::new(),
                 api_keys: config.api_keys(),
                 csp: routes::csp(&config.return_url_allowlist),
+                sns: webhooks::sns::CertCache::new(fetch),
             }),
         })
     }

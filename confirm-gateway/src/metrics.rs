@@ -18,6 +18,8 @@ const EXPIRED: &str = "verimail_gateway_outbox_expired_total";
 const BATCH_SECONDS: &str = "verimail_gateway_batch_seconds";
 const BATCH_SIZE: &str = "verimail_gateway_batch_size";
 const CODE_CHECKS: &str = "verimail_gateway_code_checks_total";
+const WEBHOOKS: &str = "verimail_gateway_webhook_notifications_total";
+const SUPPRESSIONS: &str = "verimail_suppressions";
 
 /// Latency buckets, in seconds: a confirm takes milliseconds; 5 s is the
 /// unavailable deadline.
@@ -86,6 +88,15 @@ impl Metrics {
             "Answers of /v1/codes/verify by status (a surge of wrong_code or locked is guessing).",
         );
         describe(
+            WEBHOOKS,
+            "Provider notifications (/v1/webhooks/{provider}) by provider and result: acted, duplicate, ignored, confirmed, unauthorized, invalid, not_found, unavailable.",
+        );
+        recorder.describe_gauge(
+            KeyName::from_const_str(SUPPRESSIONS),
+            None,
+            "Entries of the suppression list by reason (read at scrape time).".into(),
+        );
+        describe(
             PUBLISH_FAILURES,
             "Outbox publish attempts that failed (retried later).",
         );
@@ -127,6 +138,29 @@ impl Metrics {
     pub fn code_checked(&self, status: &'static str) {
         let key = Key::from_parts(CODE_CHECKS, vec![Label::new("status", status)]);
         self.recorder.register_counter(&key, &META).increment(1);
+    }
+
+    /// Counts `n` webhook notices (or calls) of `provider` with `result`.
+    pub fn webhook(&self, provider: &'static str, result: &'static str, n: u64) {
+        if n == 0 {
+            return;
+        }
+        let key = Key::from_parts(
+            WEBHOOKS,
+            vec![
+                Label::new("provider", provider),
+                Label::new("result", result),
+            ],
+        );
+        self.recorder.register_counter(&key, &META).increment(n);
+    }
+
+    /// Sets the suppression list's size per reason.
+    pub fn suppressions(&self, counts: &[(verimail_shared::suppression::SuppressionReason, i64)]) {
+        for (reason, n) in counts {
+            let key = Key::from_parts(SUPPRESSIONS, vec![Label::new("reason", reason.as_str())]);
+            self.recorder.register_gauge(&key, &META).set(*n as f64);
+        }
     }
 
     /// Records one written batch of confirmations.

@@ -107,6 +107,8 @@ impl Received {
             Event::Outcome(verimail_shared::events::Outcome::Failed(e)) => &e.id,
             Event::Verified(e) => &e.id,
             Event::Requested(e) => &e.id,
+            Event::Bounced(e) => &e.id,
+            Event::Complained(e) => &e.id,
         }
     }
 

@@ -266,6 +266,10 @@ pub struct Config {
     /// Keys of the gateway's `/v1/` API (`GATEWAY_API_KEYS`); empty: the API
     /// answers 401 to everyone.
     pub gateway_api_keys: Vec<SecretString>,
+    /// `SUPPRESS_ON_REJECT`: a permanent refusal of the recipient suppresses it.
+    pub suppress_on_reject: bool,
+    /// `WEBHOOK_SECRETS`: the providers whose webhooks the gateway serves.
+    pub webhook_secrets: crate::webhooks::WebhookSecrets,
     /// Confirm requests per client address per minute (`CONFIRM_RATE_LIMIT_PER_MINUTE`).
     pub confirm_rate_limit_per_minute: u32,
     /// Peers whose `X-Forwarded-For` is believed (`TRUSTED_PROXIES`).
@@ -438,6 +442,11 @@ impl Config {
             code_length: env.code_length()?,
             code_max_attempts: env.code_max_attempts()?,
             gateway_api_keys: env.api_keys()?,
+            suppress_on_reject: env.bool("SUPPRESS_ON_REJECT", true)?,
+            webhook_secrets: crate::webhooks::WebhookSecrets::parse(
+                &env.get("WEBHOOK_SECRETS").unwrap_or_default(),
+            )
+            .map_err(|p| ConfigError::new("WEBHOOK_SECRETS", p))?,
             confirm_rate_limit_per_minute: env.number("CONFIRM_RATE_LIMIT_PER_MINUTE", 30, 1)?,
             trusted_proxies: env.trusted_proxies()?,
             retention,

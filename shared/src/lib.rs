@@ -6,6 +6,7 @@
 //! - [`bus`]: exchange and queue names, declaration, connections, confirmed publishing.
 //! - `db` (feature `db`, on by default): the PostgreSQL pool and embedded
 //!   migrations; `retention`: the clean-up of old records.
+//! - [`suppression`]: the suppression list (reasons, entries; its SQL with `db`).
 //! - [`telemetry`], [`shutdown`]: logging and signal handling for the binaries.
 
 pub mod bus;
@@ -16,7 +17,9 @@ pub mod events;
 #[cfg(feature = "db")]
 pub mod retention;
 pub mod shutdown;
+pub mod suppression;
 pub mod telemetry;
 pub mod token;
+pub mod webhooks;
 
 pub use config::{Config, ConfigError};

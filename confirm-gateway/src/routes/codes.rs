@@ -223,7 +223,7 @@ fn parse_body(body: &[u8]) -> Result<CodeCheck, String> {
 }
 
 /// The token after `Bearer ` in `Authorization`, if any.
-fn bearer(headers: &HeaderMap) -> Option<&str> {
+pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(AUTHORIZATION)?.to_str().ok()?;
     let (scheme, key) = value.split_once(' ')?;
     scheme

@@ -1,5 +1,6 @@
-//! The routers: the public one (`/confirm/{token}` and the app's
-//! `/v1/codes/verify`, with the layers every answer goes through: security
+//! The routers: the public one (`/confirm/{token}`, the app's
+//! `/v1/codes/verify`, the providers' `/v1/webhooks/{provider}` and
+//! `/v1/suppressions`, with the layers every answer goes through: security
 //! headers, tracing, timeout) and the
 //! operational one (`/healthz`, `/readyz`, `/metrics`), served on
 //! `METRICS_ADDR` so that visitors reach neither the probes (each `/readyz`
@@ -8,6 +9,8 @@
 
 pub mod codes;
 pub mod confirm;
+pub mod suppressions;
+pub mod webhooks;
 
 use std::time::Duration;
 
@@ -21,7 +24,7 @@ use axum::http::header::{
 use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::map_response_with_state;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
@@ -66,6 +69,17 @@ pub fn router(state: AppState) -> Router {
             "/v1/codes/verify",
             // A larger body is answered 400 by the handler, never read whole.
             post(codes::verify).layer(DefaultBodyLimit::max(codes::MAX_BODY)),
+        )
+        .route(
+            "/v1/webhooks/{provider}",
+            post(webhooks::receive).layer(DefaultBodyLimit::max(crate::webhooks::MAX_BODY)),
+        )
+        .route("/v1/suppressions", get(suppressions::lookup))
+        .route(
+            "/v1/suppressions/{email}",
+            put(suppressions::put)
+                .delete(suppressions::delete)
+                .layer(DefaultBodyLimit::max(suppressions::MAX_BODY)),
         )
         .with_state(state)
         .layer(TimeoutLayer::with_status_code(
@@ -135,6 +149,16 @@ async fn readyz(State(state): State<AppState>) -> Response {
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
+    // The list's size by reason, read at scrape time (an index-only count);
+    // a database that does not answer at once leaves the last figures.
+    let counted = tokio::time::timeout(
+        Duration::from_secs(1),
+        verimail_shared::suppression::count_by_reason(&state.inner.pool),
+    )
+    .await;
+    if let Ok(Ok(counts)) = counted {
+        state.inner.metrics.suppressions(&counts);
+    }
     let mut response = state.inner.metrics.render().into_response();
     response.headers_mut().insert(
         CONTENT_TYPE,

@@ -1,5 +1,5 @@
 //! CloudEvents 1.0 (structured JSON mode) envelopes and the typed `data` of
-//! the five verimail event types.
+//! the seven verimail event types.
 //!
 //! Decoding a request is strict and explains itself: a body that is not a
 //! CloudEvent is [`DecodeError::Undecodable`] (nobody to answer, so it is
@@ -10,12 +10,14 @@
 pub mod rfc3339;
 
 mod decode;
+mod deliverability;
 mod envelope;
 mod outcome;
 mod request;
 mod validate;
 
 pub use decode::{decode_request, peek_id};
+pub use deliverability::{BounceKind, BouncedData, ComplainedData, MailProvider};
 pub use envelope::CloudEvent;
 pub use outcome::{
     Event, EventError, FailedData, FailureReason, Outcome, OutcomeFields, SentData, ThrottledData,
@@ -37,6 +39,10 @@ pub const VERIFICATION_THROTTLED: &str = "verimail.verification.throttled";
 pub const VERIFICATION_FAILED: &str = "verimail.verification.failed";
 /// `type` of the gateway's event: a link was confirmed.
 pub const EMAIL_VERIFIED: &str = "verimail.email.verified";
+/// `type` of the gateway's event: a provider reported a bounce.
+pub const EMAIL_BOUNCED: &str = "verimail.email.bounced";
+/// `type` of the gateway's event: a provider reported a spam complaint.
+pub const EMAIL_COMPLAINED: &str = "verimail.email.complained";
 /// AMQP `content_type` of every message.
 pub const CONTENT_TYPE: &str = "application/cloudevents+json";
 /// A request body larger than this is refused (`invalid_request`, field `body`).

@@ -5,11 +5,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use time::OffsetDateTime;
 
+use super::deliverability::{BouncedData, ComplainedData};
 use super::envelope::CloudEvent;
 use super::rfc3339;
 use super::{
-    EMAIL_VERIFIED, VERIFICATION_FAILED, VERIFICATION_REQUESTED, VERIFICATION_SENT,
-    VERIFICATION_THROTTLED,
+    EMAIL_BOUNCED, EMAIL_COMPLAINED, EMAIL_VERIFIED, VERIFICATION_FAILED, VERIFICATION_REQUESTED,
+    VERIFICATION_SENT, VERIFICATION_THROTTLED,
 };
 
 /// Why a `failed` outcome was given.
@@ -24,6 +25,8 @@ pub enum FailureReason {
     RecipientRejected,
     /// Transient failures lasted past `MAIL_RETRY_WINDOW_SECONDS`.
     DeliveryFailed,
+    /// The address is on the suppression list; nothing was sent.
+    Suppressed,
 }
 
 impl FailureReason {
@@ -34,6 +37,7 @@ impl FailureReason {
             Self::ReturnUrlNotAllowed => "return_url_not_allowed",
             Self::RecipientRejected => "recipient_rejected",
             Self::DeliveryFailed => "delivery_failed",
+            Self::Suppressed => "suppressed",
         }
     }
 }
@@ -152,6 +156,10 @@ pub enum Event {
     Verified(CloudEvent<VerifiedData>),
     /// A request (seen by subscribers bound to `verimail.#`).
     Requested(CloudEvent<Value>),
+    /// A provider reported a bounce.
+    Bounced(CloudEvent<BouncedData>),
+    /// A provider reported a spam complaint.
+    Complained(CloudEvent<ComplainedData>),
 }
 
 /// Decoding an emitted event failed.
@@ -182,6 +190,8 @@ impl Event {
             VERIFICATION_FAILED => Self::Outcome(Outcome::Failed(serde_json::from_slice(body)?)),
             EMAIL_VERIFIED => Self::Verified(serde_json::from_slice(body)?),
             VERIFICATION_REQUESTED => Self::Requested(serde_json::from_slice(body)?),
+            EMAIL_BOUNCED => Self::Bounced(serde_json::from_slice(body)?),
+            EMAIL_COMPLAINED => Self::Complained(serde_json::from_slice(body)?),
             _ => return Err(EventError::UnknownType(ty)),
         })
     }
