@@ -50,7 +50,7 @@ impl SendgridKey {
         let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8.as_ref(), &rng)
             .expect("read it back");
         let spki = [
-            &verimail_shared::webhooks::P256_SPKI_PREFIX[..],
+            &verimail_shared::config::webhooks::P256_SPKI_PREFIX[..],
             pair.public_key().as_ref(),
         ]
         .concat();

@@ -20,6 +20,5 @@ pub mod shutdown;
 pub mod suppression;
 pub mod telemetry;
 pub mod token;
-pub mod webhooks;
 
 pub use config::{Config, ConfigError};

@@ -41,7 +41,7 @@ use verimail_shared::token::Signer;
 use crate::health::Health;
 use crate::mail::{Mailer, MailerError, TemplateError, Templates};
 use crate::process::Ctx;
-use crate::store::{Batches, Store};
+use crate::store::{BatchedStore, Store};
 
 /// How long a claim holds a request: longer than a send with its in-process
 /// retries, so only a crashed worker's lease ever runs out.
@@ -122,7 +122,7 @@ impl Worker {
         let metrics = metrics::handle();
 
         // The common path (claim, conclusion, mark) runs batched on the
-        // batching tasks' own connections (`store::Batches`, at most
+        // batching tasks' own connections (`store::BatchedStore`, at most
         // `batch::IN_FLIGHT` per kind); the pool
         // serves the rest (duplicates, throttled requests, retries, readiness)
         // and the fallback when a batch fails, so an eighth of the
@@ -167,7 +167,7 @@ impl Worker {
         health.set_bus(true);
         let store = Store::new(pool, lease);
         let ctx = Arc::new(Ctx {
-            batches: Batches::spawn(store.clone(), health.clone()),
+            batches: BatchedStore::spawn(store.clone(), health.clone()),
             store,
             publisher: Publisher::new(bus.clone()),
             topology,

@@ -22,8 +22,8 @@ use hmac::{Hmac, Mac};
 use serde_json::{Map, Value};
 use sha2::Sha256;
 use time::OffsetDateTime;
+use verimail_shared::config::webhooks::WebhookSecrets;
 use verimail_shared::events::{BounceKind, MailProvider};
-use verimail_shared::webhooks::WebhookSecrets;
 
 use crate::AppState;
 
