@@ -85,6 +85,13 @@ pub(super) enum Attempt<'a> {
     /// A send was tried and no mail went out: it counts as an attempt, and
     /// the throttle is given back.
     Failed,
+    /// [`Attempt::Failed`] because the recipient itself was refused for
+    /// good; with `SUPPRESS_ON_REJECT` the detail to suppress it with (in
+    /// the statement that stores the outcome).
+    Rejected(Option<&'a str>),
+    /// The address is suppressed: no send was tried, and a throttle slot an
+    /// earlier attempt of this request took is given back.
+    Suppressed,
 }
 
 /// Stores the outcome (`done`) and publishes it; the mark follows the ack.
@@ -96,7 +103,7 @@ pub(super) async fn conclude(
 ) -> Result<AfterAck, Failure> {
     let sent = match attempt {
         Attempt::Sent(sent) => Some(sent),
-        Attempt::None | Attempt::Failed => None,
+        Attempt::None | Attempt::Failed | Attempt::Rejected(_) | Attempt::Suppressed => None,
     };
     let finish = Finish {
         id,
@@ -104,8 +111,15 @@ pub(super) async fn conclude(
         outcome: &outcome.bytes,
         sent_at: sent.map(|s| s.at),
         code_hash: sent.and_then(|s| s.code_hash),
-        attempted: !matches!(attempt, Attempt::None),
-        release_throttle: matches!(attempt, Attempt::Failed),
+        attempted: !matches!(attempt, Attempt::None | Attempt::Suppressed),
+        release_throttle: matches!(
+            attempt,
+            Attempt::Failed | Attempt::Rejected(_) | Attempt::Suppressed
+        ),
+        suppress: match attempt {
+            Attempt::Rejected(suppress) => suppress,
+            _ => None,
+        },
     };
     // Retried in place for as long as it takes: a mail may already be out, and
     // handing the delivery back now could send it twice.

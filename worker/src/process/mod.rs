@@ -7,9 +7,10 @@
 //!                            ├ busy (live lease elsewhere) ─► retry queue (5 s) ─► ack
 //!                            ├ done ─► re-publish the stored outcome if unconfirmed ─► ack
 //!                            │         (a replay of its delivery_failed letter reopens it)
-//!                            └ claimed ─┬ throttle refused ─► throttled outcome ─┐
+//!                            └ claimed ─┬ suppressed address ─► failed/suppressed ─┐
+//!                                       ├ throttle refused ─► throttled outcome ─┐
 //!                                       └ sign, render, send ─┬ accepted ─► sent ┤
-//!                                                 ├ recipient refused ─► failed/recipient_rejected ┤
+//!                                                 ├ recipient refused ─► failed/recipient_rejected (+ suppressed) ┤
 //!                                                 ├ sender/auth/policy refused ─► dead letter + failed/delivery_failed ┤
 //!                                                 ├ 4xx, window left ─► retry queue ─► release ─► ack
 //!                                                 └ 4xx, window spent ─► dead letter + failed/delivery_failed ┤
@@ -241,6 +242,18 @@ async fn valid(ctx: &Ctx, d: &Delivery, req: &ValidRequest) -> Result<AfterAck, 
         },
     };
     let claimed_at = Instant::now();
+    if let Some(reason) = claimed.suppressed {
+        // Found by the claim statement itself: no connection, no slot.
+        debug!(reason = reason.as_str(), "suppressed");
+        let data = FailedData {
+            fields: req.echo().outcome_fields(),
+            reason: FailureReason::Suppressed,
+            detail: format!("the address is on the suppression list: {reason}"),
+        };
+        let outcome = OutcomeEvent::new(VERIFICATION_FAILED, data, req.traceparent.clone())
+            .counted("failed", FailureReason::Suppressed.as_str());
+        return conclude(ctx, &req.id, &outcome, Attempt::Suppressed).await;
+    }
     if !claimed.throttle_passed {
         let remaining = match interval {
             Some(interval) => {
@@ -416,7 +429,11 @@ async fn send(
             };
             let outcome = OutcomeEvent::new(VERIFICATION_FAILED, data, req.traceparent.clone())
                 .counted("failed", FailureReason::RecipientRejected.as_str());
-            conclude(ctx, &req.id, &outcome, Attempt::Failed).await
+            // SUPPRESS_ON_REJECT: the same statement that stores the outcome
+            // puts the address on the list.
+            let detail = e.to_string();
+            let suppress = ctx.config.suppress_on_reject.then_some(detail.as_str());
+            conclude(ctx, &req.id, &outcome, Attempt::Rejected(suppress)).await
         }
         Err(e) if matches!(e.classification(), Classification::Refused(_)) => {
             // The server refuses us (sender, credentials, policy), not the

@@ -8,6 +8,8 @@ use sqlx::Row;
 use sqlx::postgres::PgConnection;
 use time::OffsetDateTime;
 
+use verimail_shared::suppression::SuppressionReason;
+
 use super::{Claimed, Finish, RequestRow, Store};
 use crate::batch::{self, Keyed};
 
@@ -35,7 +37,10 @@ impl Store {
         inputs: &[ClaimInput],
     ) -> Result<Vec<Option<Claimed>>, sqlx::Error> {
         // Over `unnest` arrays; a throttle of NULL is "no throttle" for that
-        // row. Locks are taken in the order every statement here keeps (see
+        // row. Each input's address is looked up on the suppression list
+        // here (`input.suppressed`, by the `lower(email)` index): a
+        // suppressed request takes no throttle slot and is answered
+        // `failed`/`suppressed`, with no statement of its own. Locks are taken in the order every statement here keeps (see
         // the lock order (module docs)): the existing `requests` rows in id order (`held`,
         // read whole by the first throttle row's `array_agg`), then the
         // `throttle` rows in key order (`thr`, run whole before the main
@@ -43,8 +48,10 @@ impl Store {
         // order.
         const CLAIM_BATCH: &str = r"
 WITH input AS (
-    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
-                         $6::text[], $7::text[], $8::float8[])
+    SELECT i.*, (SELECT s.reason FROM suppressions s
+                 WHERE lower(s.email) = lower(i.email)) AS suppressed
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                $6::text[], $7::text[], $8::float8[])
         AS i(id, user_id, email, purpose, locale, return_url, context, throttle)
 ),
 held AS (
@@ -57,7 +64,7 @@ held AS (
 thr AS (
     INSERT INTO throttle AS t (user_id, purpose, last_sent_at, request_id)
     SELECT i.user_id, i.purpose, now(), i.id FROM input i
-    WHERE i.throttle IS NOT NULL
+    WHERE i.throttle IS NOT NULL AND i.suppressed IS NULL
       AND i.id <> ALL (COALESCE((SELECT array_agg(h.id) FILTER (WHERE h.settled) FROM held h),
                                 '{}'::text[]))
     ORDER BY i.user_id, i.purpose
@@ -72,7 +79,7 @@ INSERT INTO requests AS r (id, user_id, email, purpose, locale, return_url, cont
                            lease_until, first_attempt_at, throttle_passed)
 SELECT i.id, i.user_id, i.email, i.purpose, i.locale, i.return_url, i.context::jsonb,
        now() + $9::float8 * interval '1 second', now(),
-       i.throttle IS NULL OR i.id IN (SELECT request_id FROM thr)
+       i.suppressed IS NULL AND (i.throttle IS NULL OR i.id IN (SELECT request_id FROM thr))
 FROM input i
 WHERE (SELECT count(*) FROM thr) >= 0
 ORDER BY i.id
@@ -83,7 +90,8 @@ ON CONFLICT (id) DO UPDATE
     WHERE r.state = 'processing'
       AND (r.lease_until IS NULL OR (r.lease_until < now() AND r.id = ANY ($10::text[])))
 RETURNING r.id, r.throttle_passed, r.attempts,
-          EXTRACT(EPOCH FROM (now() - r.first_attempt_at))::float8 AS elapsed";
+          EXTRACT(EPOCH FROM (now() - r.first_attempt_at))::float8 AS elapsed,
+          (SELECT i.suppressed FROM input i WHERE i.id = r.id) AS suppressed";
         let order: Vec<&ClaimInput> = inputs.iter().collect();
         let column = |f: fn(&ClaimInput) -> Option<&str>| -> Vec<Option<&str>> {
             order.iter().map(|i| f(i)).collect()
@@ -144,8 +152,9 @@ RETURNING r.id, r.throttle_passed, r.attempts,
         const FINISH_BATCH: &str = r"
 WITH input AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::timestamptz[],
-                         $5::int4[], $6::bool[], $9::bytea[])
-        AS i(id, outcome_type, outcome, sent_at, attempted, release_throttle, code_hash)
+                         $5::int4[], $6::bool[], $9::bytea[], $10::text[])
+        AS i(id, outcome_type, outcome, sent_at, attempted, release_throttle, code_hash,
+             suppress)
 ),
 held AS (
     SELECT id FROM requests WHERE id = ANY($1::text[] || $8::text[])
@@ -160,7 +169,7 @@ r AS (
         code_hash = i.code_hash, code_attempts = 0
     FROM input i
     WHERE r.id = i.id AND r.state = 'processing'
-    RETURNING r.id, r.user_id, r.purpose, i.sent_at, i.release_throttle
+    RETURNING r.id, r.user_id, r.purpose, r.email, i.sent_at, i.release_throttle, i.suppress
 ),
 thr AS (
     SELECT t.user_id, t.purpose, r.sent_at, r.release_throttle
@@ -180,6 +189,17 @@ touched AS (
 released AS (
     DELETE FROM throttle t USING thr x
     WHERE x.release_throttle AND t.user_id = x.user_id AND t.purpose = x.purpose
+    RETURNING 1
+),
+-- SUPPRESS_ON_REJECT: the refused recipient goes on the list with the
+-- conclusion (an address already there keeps its entry). Its unique index
+-- is the last lock taken, after every `requests` and `throttle` row.
+suppressed AS (
+    INSERT INTO suppressions (email, reason, source, detail)
+    SELECT DISTINCT ON (lower(r.email)) r.email, 'recipient_rejected', 'worker', r.suppress
+    FROM r WHERE r.suppress IS NOT NULL AND r.email IS NOT NULL
+    ORDER BY lower(r.email)
+    ON CONFLICT ((lower(email))) DO NOTHING
     RETURNING 1
 ),
 marked AS (
@@ -232,6 +252,12 @@ SELECT id FROM same";
                 order
                     .iter()
                     .map(|i| i.code_hash.as_deref())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                order
+                    .iter()
+                    .map(|i| i.suppress.as_deref())
                     .collect::<Vec<_>>(),
             )
             .fetch_all(conn)
@@ -308,6 +334,7 @@ pub struct FinishInput {
     code_hash: Option<Vec<u8>>,
     attempted: bool,
     release_throttle: bool,
+    suppress: Option<String>,
 }
 
 impl FinishInput {
@@ -321,6 +348,7 @@ impl FinishInput {
             code_hash: f.code_hash.map(<[u8]>::to_vec),
             attempted: f.attempted,
             release_throttle: f.release_throttle,
+            suppress: f.suppress.map(str::to_owned),
         }
     }
 }
@@ -347,7 +375,10 @@ impl Keyed for Write {
 
 pub(super) fn claimed_from(r: &sqlx::postgres::PgRow) -> Result<Claimed, sqlx::Error> {
     let elapsed: Option<f64> = r.try_get("elapsed")?;
+    let suppressed: Option<String> = r.try_get("suppressed")?;
     Ok(Claimed {
+        // An unknown reason (a newer release's) still suppresses.
+        suppressed: suppressed.map(|s| s.parse().unwrap_or(SuppressionReason::Manual)),
         throttle_passed: r.try_get("throttle_passed")?,
         attempts: r.try_get("attempts")?,
         elapsed: Duration::try_from_secs_f64(elapsed.unwrap_or(0.0).max(0.0)).unwrap_or_default(),

@@ -50,6 +50,7 @@ use std::time::Duration;
 use serde_json::{Map, Value};
 use sqlx::{PgPool, Row};
 use time::OffsetDateTime;
+use verimail_shared::suppression::SuppressionReason;
 
 mod batch;
 mod session;
@@ -93,6 +94,9 @@ pub enum Claim {
 /// A request this worker holds.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Claimed {
+    /// The address is on the suppression list (read by the claim itself):
+    /// no mail, no connection, no throttle slot.
+    pub suppressed: Option<SuppressionReason>,
     /// The throttle let this request through (now or on an earlier attempt).
     pub throttle_passed: bool,
     /// Delivery attempts before this one.
@@ -130,6 +134,10 @@ pub struct Finish<'a> {
     pub attempted: bool,
     /// No mail went out: give the throttle back if this request holds it.
     pub release_throttle: bool,
+    /// The recipient was refused for good and `SUPPRESS_ON_REJECT` is on:
+    /// the address goes on the suppression list (reason
+    /// `recipient_rejected`, this detail) in the same statement.
+    pub suppress: Option<&'a str>,
 }
 
 /// Access to the worker's tables.
@@ -292,7 +300,8 @@ FROM requests WHERE id = $1",
 UPDATE requests SET attempts = 0, first_attempt_at = now()
 WHERE id = $1 AND state = 'processing'
 RETURNING throttle_passed, attempts,
-          EXTRACT(EPOCH FROM (now() - first_attempt_at))::float8 AS elapsed",
+          EXTRACT(EPOCH FROM (now() - first_attempt_at))::float8 AS elapsed,
+          (SELECT s.reason FROM suppressions s WHERE lower(s.email) = lower(requests.email)) AS suppressed",
         )
         .bind(id)
         .fetch_optional(&self.pool)
@@ -314,7 +323,8 @@ SET state = 'processing', lease_until = now() + $3::float8 * interval '1 second'
 WHERE id = $1 AND state = 'done' AND outcome_type = $4
   AND convert_from(outcome, 'UTF8')::jsonb ->> 'id' = $2
 RETURNING throttle_passed, attempts,
-          EXTRACT(EPOCH FROM (now() - first_attempt_at))::float8 AS elapsed",
+          EXTRACT(EPOCH FROM (now() - first_attempt_at))::float8 AS elapsed,
+          (SELECT s.reason FROM suppressions s WHERE lower(s.email) = lower(requests.email)) AS suppressed",
         )
         .bind(id)
         .bind(outcome_id)

@@ -89,9 +89,11 @@ async fn a_permanent_smtp_refusal_fails_with_recipient_rejected_and_frees_the_th
     Ok(())
 }
 
-/// A refusal of the recipient ends `recipient_rejected`; a refusal of the
-/// sender, of our credentials or by policy ends `delivery_failed` at once,
-/// dead-lettered for replay, with a detail saying which.
+/// A refusal of the recipient ends `recipient_rejected` and (with
+/// `SUPPRESS_ON_REJECT`'s default) puts the address on the suppression list;
+/// a refusal of the sender, of our credentials or by policy ends
+/// `delivery_failed` at once, dead-lettered for replay, with a detail saying
+/// which, and never suppresses the recipient.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smtp_refusals_are_told_apart_by_step_and_enhanced_code() -> Result<()> {
     let cases = [
@@ -169,10 +171,116 @@ async fn smtp_refusals_are_told_apart_by_step_and_enhanced_code() -> Result<()> 
             assert!(env.drain_dead().await?.is_empty(), "nothing to replay");
         }
         assert_eq!(smtp.count(), 0);
+        let pool = env.pool().await?;
+        let entry: Option<(String, String, Option<String>)> = sqlx::query_as(
+            "SELECT reason, source, detail FROM suppressions WHERE email = 'someone@example.com'",
+        )
+        .fetch_optional(&pool)
+        .await?;
+        pool.close().await;
+        if reason == "recipient_rejected" {
+            let (why, source, said) = entry.context("the refused recipient is suppressed")?;
+            assert_eq!(
+                (why.as_str(), source.as_str()),
+                ("recipient_rejected", "worker")
+            );
+            assert!(said.unwrap_or_default().contains(text), "{step:?}");
+        } else {
+            assert_eq!(entry, None, "{step:?}: the recipient is not at fault");
+        }
 
         worker.stop().await?;
         env.cleanup().await;
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_suppress_on_reject_off_a_refused_recipient_stays_off_the_list() -> Result<()> {
+    let smtp = SmtpServer::start();
+    smtp.refuse(Step::Rcpt, 550, "5.1.1 No such user");
+    let mut env = env_with(&smtp).await?;
+    env.set("SUPPRESS_ON_REJECT", "false");
+    let capture = env.capture().await?;
+    let worker = env.start_worker().await?;
+    let req = request(&user(), "gone@example.com");
+    let o = {
+        env.publish(&req).await?;
+        capture
+            .outcome_of(req["id"].as_str().context("id")?, WAIT)
+            .await?
+    };
+    assert_eq!(o["data"]["reason"], "recipient_rejected", "{o}");
+    let pool = env.pool().await?;
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM suppressions")
+        .fetch_one(&pool)
+        .await?;
+    assert_eq!(n, 0);
+    pool.close().await;
+    worker.stop().await?;
+    env.cleanup().await;
+    Ok(())
+}
+
+/// A suppressed address (any case) is answered `failed`/`suppressed`, naming
+/// the reason, without a mail transaction and without taking the user's
+/// throttle slot; once lifted, the address is mailed again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_suppressed_address_fails_without_a_mail_or_a_throttle_slot() -> Result<()> {
+    let smtp = SmtpServer::start();
+    let env = env_with(&smtp).await?;
+    let capture = env.capture().await?;
+    let worker = env.start_worker().await?;
+    let pool = env.pool().await?;
+    sqlx::query(
+        "INSERT INTO suppressions (email, reason, source) VALUES ('Zed@Example.com', 'complaint', 'ses')",
+    )
+    .execute(&pool)
+    .await?;
+
+    let uid = user();
+    let req = request(&uid, "zed@example.COM");
+    env.publish(&req).await?;
+    let o = capture
+        .outcome_of(req["id"].as_str().context("id")?, WAIT)
+        .await?;
+    assert_eq!(o["type"], "verimail.verification.failed", "{o}");
+    assert_eq!(o["data"]["reason"], "suppressed", "{o}");
+    assert!(
+        o["data"]["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .ends_with("complaint"),
+        "{o}"
+    );
+    assert_eq!(smtp.stats().transactions, 0, "no mail transaction for it");
+    let slots: i64 = sqlx::query_scalar("SELECT count(*) FROM throttle")
+        .fetch_one(&pool)
+        .await?;
+    assert_eq!(slots, 0, "no throttle slot taken");
+
+    // The same user, another address, at once: not throttled.
+    let next = request(&uid, "yves@example.com");
+    env.publish(&next).await?;
+    let o = capture
+        .outcome_of(next["id"].as_str().context("id")?, WAIT)
+        .await?;
+    assert_eq!(o["type"], "verimail.verification.sent", "{o}");
+
+    // Lifted: mailed again.
+    sqlx::query("DELETE FROM suppressions")
+        .execute(&pool)
+        .await?;
+    let again = request(&user(), "zed@example.com");
+    env.publish(&again).await?;
+    let o = capture
+        .outcome_of(again["id"].as_str().context("id")?, WAIT)
+        .await?;
+    assert_eq!(o["type"], "verimail.verification.sent", "{o}");
+    assert_eq!(smtp.wait_for_mails(2, WAIT).await.len(), 2);
+    pool.close().await;
+    worker.stop().await?;
+    env.cleanup().await;
     Ok(())
 }
 

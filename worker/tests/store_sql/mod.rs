@@ -107,6 +107,7 @@ async fn a_claim_is_busy_while_leased_and_done_after_finishing() -> Result<()> {
             code_hash: Some(&[7; 32]),
             attempted: true,
             release_throttle: false,
+            suppress: None,
         })
         .await?;
     assert!(done);
@@ -160,6 +161,7 @@ async fn an_expired_lease_is_taken_over_and_a_failed_request_gives_the_throttle_
             code_hash: None,
             attempted: true,
             release_throttle: true,
+            suppress: None,
         })
         .await?;
     // The concluding delivery died before publishing: once its lease ran
@@ -199,6 +201,7 @@ fn finish<'a>(id: &'a str, sent: bool, release_throttle: bool) -> Finish<'a> {
         code_hash: None,
         attempted: true,
         release_throttle,
+        suppress: None,
     }
 }
 
