@@ -1,6 +1,8 @@
-//! Keeps the tables small: a periodic task deletes request, throttle and
-//! confirmation records older than `RETENTION_HOURS`, in small batches so no
-//! statement holds locks for long or bloats one transaction.
+//! Keeps the tables small: a periodic task deletes request, throttle,
+//! confirmation and webhook-receipt records older than `RETENTION_HOURS`, in
+//! small batches so no statement holds locks for long or bloats one
+//! transaction. The suppression list is never swept: its entries are what
+//! protects the sender, and only an operator lifts one.
 
 use std::time::Duration;
 
@@ -19,11 +21,13 @@ pub struct Swept {
     pub throttle: u64,
     /// Rows of `confirmations`.
     pub confirmations: u64,
+    /// Rows of `webhook_receipts` (providers stopped retrying long before).
+    pub webhook_receipts: u64,
 }
 
 /// Each table's age column. Only finished requests (`state = 'done'`) go: one
 /// still being retried keeps its idempotency record however old it is.
-const STATEMENTS: [(&str, &str); 3] = [
+const STATEMENTS: [(&str, &str); 4] = [
     (
         "requests",
         "DELETE FROM requests WHERE id IN (SELECT id FROM requests \
@@ -39,6 +43,12 @@ const STATEMENTS: [(&str, &str); 3] = [
         "confirmations",
         "DELETE FROM confirmations WHERE key IN (SELECT key FROM confirmations \
          WHERE verified_at < now() - make_interval(secs => $1) LIMIT $2 FOR UPDATE SKIP LOCKED)",
+    ),
+    (
+        "webhook_receipts",
+        "DELETE FROM webhook_receipts WHERE (provider, event_key) IN (SELECT provider, event_key \
+         FROM webhook_receipts WHERE received_at < now() - make_interval(secs => $1) \
+         LIMIT $2 FOR UPDATE SKIP LOCKED)",
     ),
 ];
 
@@ -58,6 +68,7 @@ pub async fn sweep(pool: &PgPool, retention: Duration) -> Result<Swept, sqlx::Er
             match table {
                 "requests" => swept.requests += deleted,
                 "throttle" => swept.throttle += deleted,
+                "webhook_receipts" => swept.webhook_receipts += deleted,
                 _ => swept.confirmations += deleted,
             }
             if deleted < BATCH as u64 {
@@ -84,6 +95,7 @@ pub async fn run(pool: PgPool, retention: Duration, every: Duration, shutdown: C
                 requests = s.requests,
                 throttle = s.throttle,
                 confirmations = s.confirmations,
+                webhook_receipts = s.webhook_receipts,
                 "retention: deleted old records"
             ),
             Ok(_) => {}

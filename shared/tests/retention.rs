@@ -69,6 +69,21 @@ async fn old_records_are_deleted_in_batches_and_fresh_ones_stay() {
     .execute(&pool)
     .await
     .expect("confirmations");
+    // Suppressions are never swept, however old; webhook receipts are.
+    sqlx::query(
+        "INSERT INTO suppressions (email, reason, source, created_at) VALUES \
+         ('dead@example.com','bounce','ses',now() - interval '400 days')",
+    )
+    .execute(&pool)
+    .await
+    .expect("suppressions");
+    sqlx::query(
+        "INSERT INTO webhook_receipts (provider, event_key, received_at) VALUES \
+         ('ses','old',now() - interval '10 days'), ('ses','new',now())",
+    )
+    .execute(&pool)
+    .await
+    .expect("receipts");
 
     let swept = retention::sweep(&pool, Duration::from_secs(168 * 3600))
         .await
@@ -83,6 +98,9 @@ async fn old_records_are_deleted_in_batches_and_fresh_ones_stay() {
     );
     assert_eq!(count(&pool, "throttle").await, 1);
     assert_eq!(count(&pool, "confirmations").await, 1);
+    assert_eq!(swept.webhook_receipts, 1);
+    assert_eq!(count(&pool, "webhook_receipts").await, 1);
+    assert_eq!(count(&pool, "suppressions").await, 1, "suppressions stay");
 
     // A second sweep finds nothing more.
     let again = retention::sweep(&pool, Duration::from_secs(168 * 3600))
