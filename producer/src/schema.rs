@@ -18,7 +18,7 @@ use jsonschema::Validator;
 use serde_json::Value;
 
 /// Each event type with its schema, as published in `docs/schemas/`.
-pub const SCHEMAS: [(&str, &str); 5] = [
+pub const SCHEMAS: [(&str, &str); 7] = [
     (
         "verimail.verification.requested",
         include_str!("../../docs/schemas/verimail.verification.requested.json"),
@@ -38,6 +38,14 @@ pub const SCHEMAS: [(&str, &str); 5] = [
     (
         "verimail.email.verified",
         include_str!("../../docs/schemas/verimail.email.verified.json"),
+    ),
+    (
+        "verimail.email.bounced",
+        include_str!("../../docs/schemas/verimail.email.bounced.json"),
+    ),
+    (
+        "verimail.email.complained",
+        include_str!("../../docs/schemas/verimail.email.complained.json"),
     ),
 ];
 

@@ -163,11 +163,48 @@ fn events_serialized_by_the_shared_types_match_the_schemas() {
             method: verimail_shared::events::VerifyMethod::Code,
         },
     );
+    let bounced = CloudEvent::new(
+        verimail_shared::events::EMAIL_BOUNCED,
+        "/verimail/gateway",
+        verimail_shared::events::BouncedData {
+            email: "alice@example.com".into(),
+            provider: verimail_shared::events::MailProvider::Ses,
+            occurred_at: t,
+            detail: "smtp; 550 5.1.1".into(),
+            request_id: Some("r-1".into()),
+            user_id: None,
+            kind: verimail_shared::events::BounceKind::Hard,
+        },
+    );
+    let complained = CloudEvent::new(
+        verimail_shared::events::EMAIL_COMPLAINED,
+        "/verimail/gateway",
+        verimail_shared::events::ComplainedData {
+            email: "alice@example.com".into(),
+            provider: verimail_shared::events::MailProvider::Postmark,
+            occurred_at: t,
+            detail: "SpamComplaint".into(),
+            request_id: None,
+            user_id: None,
+        },
+    );
+    let suppressed = CloudEvent::new(
+        VERIFICATION_FAILED,
+        "/verimail/worker",
+        FailedData {
+            fields: fields(),
+            reason: FailureReason::Suppressed,
+            detail: "the address is on the suppression list: bounce".into(),
+        },
+    );
     for body in [
         sent.to_bytes(),
         throttled.to_bytes(),
         failed.to_bytes(),
         verified.to_bytes(),
+        bounced.to_bytes(),
+        complained.to_bytes(),
+        suppressed.to_bytes(),
     ] {
         assert_eq!(
             validate_event(&body),
