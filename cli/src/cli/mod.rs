@@ -5,6 +5,7 @@ mod listen;
 mod migrate;
 pub(crate) mod outbox;
 mod publish;
+mod suppression;
 mod token;
 
 use std::process::ExitCode;
@@ -23,7 +24,8 @@ const LONG_ABOUT: &str = "\
 verimail: operate the email-verification pipeline from a shell.
 
 Ask for a verification mail, watch the events, inspect and replay dead letters,
-mint and inspect link tokens, read the local outbox, migrate the database.
+mint and inspect link tokens, read the local outbox, keep the suppression list,
+migrate the database.
 
 Results go to stdout (an id, a token, one JSON object or one JSON line per item);
 logs and errors go to stderr, so `verimail listen | jq` and `id=$(verimail publish ...)`
@@ -65,6 +67,10 @@ Examples:
 
   # The link and code of the latest mail in a file:// outbox (MAIL_URL's default)
   verimail outbox
+
+  # The suppression list: who is not mailed, and why; lift one
+  verimail suppression list
+  verimail suppression remove alice@example.com
 
   # Apply database migrations
   verimail migrate";
@@ -129,6 +135,9 @@ enum Command {
                       is created if missing) and exit. What was applied is written to stderr."
     )]
     Migrate(migrate::MigrateArgs),
+    /// List, add and remove suppressed addresses (in PostgreSQL).
+    #[command(subcommand, long_about = suppression::LONG_ABOUT, after_long_help = suppression::EXAMPLES)]
+    Suppression(suppression::SuppressionCommand),
     /// Print the mail of a request from the file:// outbox (link, code, file).
     #[command(long_about = outbox::LONG_ABOUT, after_long_help = outbox::EXAMPLES)]
     Outbox(outbox::OutboxArgs),
@@ -228,6 +237,7 @@ async fn run(command: Command, config: &Config) -> Outcome {
         Command::Dead(command) => dead::run(config, command).await,
         Command::Token(command) => token::run(config, command),
         Command::Migrate(args) => migrate::run(config, args).await,
+        Command::Suppression(command) => suppression::run(config, command).await,
         Command::Outbox(args) => outbox::run(config, args),
         Command::Demo(DemoArgs {}) => crate::demo::run(config).await.map_err(Exit::Failed),
     }
@@ -260,6 +270,7 @@ fn variables(command: &Command) -> Option<&'static [&'static str]> {
         Command::Listen(_) | Command::Dead(_) => Some(BUS),
         Command::Token(_) => Some(TOKENS),
         Command::Migrate(_) => Some(&["DATABASE_URL", "LOG_FORMAT"]),
+        Command::Suppression(_) => Some(&["DATABASE_URL", "VERIMAIL_AUTO_MIGRATE", "LOG_FORMAT"]),
         Command::Outbox(_) => Some(&["MAIL_URL", "LOG_FORMAT"]),
         Command::Demo(_) => None,
     }
