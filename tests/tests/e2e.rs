@@ -415,3 +415,122 @@ async fn itsdangerous_links_work_in_both_directions() {
     assert_eq!(verified[0]["data"]["request_id"], id.as_str());
     p.stop().await;
 }
+
+/// The deliverability loop: a mail goes out, the provider reports a hard
+/// bounce through its signed webhook (signed here with Python's hmac, as
+/// Mailgun documents), the gateway suppresses the address and publishes the
+/// bounce tied to the mail by our Message-ID; the next request for the
+/// address ends `failed`/`suppressed` and nothing reaches the mail server;
+/// once lifted with the CLI, the address is mailed again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bounce_reported_by_webhook_suppresses_the_address_for_the_next_request() {
+    const SIGNING_KEY: &str = "e2e-mailgun-signing-key-0123456789";
+    let p = Pipeline::start("bounce", 1, |env| {
+        env.set("WEBHOOK_SECRETS", format!("mailgun={SIGNING_KEY}"));
+    })
+    .await;
+    let id = p
+        .publish(&["--user-id", "77", "--email", "Dora@Example.com"])
+        .await;
+    assert_eq!(
+        p.outcome_of(&id).await["type"],
+        "verimail.verification.sent"
+    );
+    let mails = p.smtp.wait_for_mails(1, WAIT).await;
+    let message_id = mails[0].message_id.clone().expect("our Message-ID");
+
+    // Mailgun's "failed"/"permanent" event, as its webhook posts it.
+    let token = "e2e0123456789abcdef0123456789abcdef0123456789abcd";
+    let timestamp = "1764950400";
+    let signature = python(
+        "import sys, hmac, hashlib; \
+         print(hmac.new(sys.argv[1].encode(), (sys.argv[2] + sys.argv[3]).encode(), hashlib.sha256).hexdigest())",
+        &[SIGNING_KEY, timestamp, token],
+    );
+    let body = serde_json::json!({
+        "signature": {"timestamp": timestamp, "token": token, "signature": signature},
+        "event-data": {"event": "failed", "severity": "permanent", "reason": "bounce",
+            "recipient": "dora@example.com", "timestamp": 1764950399.5, "log-level": "error",
+            "id": "G9Bn5sl1TC6nu79C8C0bwg",
+            "delivery-status": {"code": 550, "attempt-no": 1,
+                "message": "550 5.1.1 The email account that you tried to reach does not exist",
+                "description": ""},
+            "message": {"headers": {"to": "dora@example.com", "message-id": message_id,
+                "from": "no-reply@example.com", "subject": "Confirm"}}}
+    })
+    .to_string();
+    let url = format!("{}/v1/webhooks/mailgun", p.env.gateway_url());
+    let json = [("Content-Type", "application/json")];
+    let forged = body.replace(&signature, &"0".repeat(64));
+    let refused = http::post_body(&url, &json, forged.as_bytes())
+        .await
+        .expect("post");
+    assert_eq!(refused.0, 401, "{}", refused.2);
+    let answer = http::post_body(&url, &json, body.as_bytes())
+        .await
+        .expect("post");
+    assert_eq!(answer.0, 200, "{}", answer.2);
+    // The provider retries: one effect.
+    let again = http::post_body(&url, &json, body.as_bytes())
+        .await
+        .expect("post");
+    assert_eq!(again.0, 200, "{}", again.2);
+
+    let bounced = p.tap.wait_for("verimail.email.bounced", 1, WAIT).await;
+    assert_eq!(bounced.len(), 1);
+    let b = &bounced[0]["data"];
+    assert_eq!(b["email"], "dora@example.com");
+    assert_eq!(b["provider"], "mailgun");
+    assert_eq!(b["kind"], "hard");
+    assert_eq!(b["request_id"], id.as_str(), "tied by our Message-ID");
+    assert_eq!(b["user_id"], "77");
+
+    let (code, out, err) = cli(
+        &["suppression", "list", "--email", "DORA@example.com"],
+        &p.env,
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let entry: Value = serde_json::from_str(out.trim()).expect("one JSON line");
+    assert_eq!(
+        (entry["reason"].as_str(), entry["source"].as_str()),
+        (Some("bounce"), Some("mailgun"))
+    );
+
+    // The next request for the address: failed/suppressed, no mail.
+    let next = p
+        .publish(&["--user-id", "78", "--email", "dora@example.com"])
+        .await;
+    let failed = p.outcome_of(&next).await;
+    assert_eq!(failed["type"], "verimail.verification.failed", "{failed}");
+    assert_eq!(failed["data"]["reason"], "suppressed", "{failed}");
+    assert!(
+        failed["data"]["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("bounce")
+    );
+    assert!(
+        settled(&p.env, &p.tap, WAIT).await,
+        "the deployment settles"
+    );
+    assert_eq!(
+        p.smtp.mails().len(),
+        1,
+        "nothing more reached the mail server"
+    );
+    assert_eq!(p.tap.of_type("verimail.email.bounced").len(), 1);
+
+    // Lifted: mailed again.
+    let (code, _, err) = cli(&["suppression", "remove", "dora@example.com"], &p.env).await;
+    assert_eq!(code, 0, "{err}");
+    let third = p
+        .publish(&["--user-id", "79", "--email", "dora@example.com"])
+        .await;
+    assert_eq!(
+        p.outcome_of(&third).await["type"],
+        "verimail.verification.sent"
+    );
+    assert_eq!(p.smtp.wait_for_mails(2, WAIT).await.len(), 2);
+    p.stop().await;
+}
