@@ -59,11 +59,12 @@ fn authorized(state: &AppState, headers: &HeaderMap) -> bool {
     bearer(headers).is_some_and(|key| state.inner.api_keys.accepts(key))
 }
 
-fn checked(email: &str) -> Result<&str, Response> {
+/// The address, trimmed; else what is wrong with it.
+fn checked(email: &str) -> Result<&str, String> {
     let email = email.trim();
     validate_email(email)
         .map(|()| email)
-        .map_err(|p| invalid(format!("email: {p}")))
+        .map_err(|p| format!("email: {p}"))
 }
 
 fn entry(s: &suppression::Suppression) -> Value {
@@ -90,7 +91,7 @@ pub async fn lookup(
     };
     let email = match checked(&email) {
         Ok(e) => e,
-        Err(r) => return r,
+        Err(detail) => return invalid(detail),
     };
     match deadline(suppression::find(state.pool(), email)).await {
         Ok(Some(s)) => reply(StatusCode::OK, entry(&s)),
@@ -111,7 +112,7 @@ pub async fn put(
     }
     let email = match checked(&email) {
         Ok(e) => e,
-        Err(r) => return r,
+        Err(detail) => return invalid(detail),
     };
     let body = match body {
         Ok(b) => b,
@@ -164,7 +165,7 @@ pub async fn delete(
     }
     let email = match checked(&email) {
         Ok(e) => e,
-        Err(r) => return r,
+        Err(detail) => return invalid(detail),
     };
     match deadline(suppression::remove(state.pool(), email)).await {
         Ok(true) => {

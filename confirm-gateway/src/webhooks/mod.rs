@@ -163,7 +163,7 @@ fn json(body: &[u8]) -> Result<Value, Outcome> {
 }
 
 fn hex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len())
@@ -284,10 +284,10 @@ async fn ses(state: &AppState, headers: &HeaderMap, body: &[u8]) -> Outcome {
     let Some(ty) = field("Type") else {
         return Outcome::Invalid("Type: missing".into());
     };
-    if let Some(header) = headers.get("x-amz-sns-message-type") {
-        if header.to_str().ok() != Some(ty) {
-            return Outcome::Invalid("x-amz-sns-message-type does not match Type".into());
-        }
+    if let Some(header) = headers.get("x-amz-sns-message-type")
+        && header.to_str().ok() != Some(ty)
+    {
+        return Outcome::Invalid("x-amz-sns-message-type does not match Type".into());
     }
     if !matches!(
         ty,
