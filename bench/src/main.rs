@@ -86,6 +86,13 @@ enum Cmd {
         /// Prefix of the figures' keys in the results (`worker_1_mps`, ...).
         #[arg(long, default_value = "worker")]
         label: String,
+        /// Suppression-list sizes, one run each per process count: entries
+        /// loaded (addresses none of the requests use) before the workers
+        /// start, so the claim's lookup runs against a list that size
+        /// (`--suppressions 0,100000` compares both in one run; keys of a
+        /// non-empty list get `_supp{N}` after the label).
+        #[arg(long, value_delimiter = ',', default_values_t = [0])]
+        suppressions: Vec<usize>,
     },
     /// Publish→SMTP-acceptance latency (data.sent_at − publish time) at fixed offered rates,
     /// one worker process.
@@ -215,9 +222,17 @@ async fn main() -> Result<()> {
             mail_url,
             concurrency,
             label,
+            suppressions,
         } => {
             for p in processes {
-                worker_run(&out, &label, n, p, &mail_url, concurrency).await?;
+                for &s in &suppressions {
+                    let label = if s == 0 {
+                        label.clone()
+                    } else {
+                        format!("{label}_supp{s}")
+                    };
+                    worker_run(&out, &label, n, p, &mail_url, concurrency, s).await?;
+                }
             }
             Ok(())
         }

@@ -20,11 +20,45 @@ pub(crate) async fn worker_run(
     processes: usize,
     mail_url: &str,
     concurrency: u16,
+    suppressions: usize,
 ) -> Result<()> {
     let env = bench_env(&format!("bw{processes}"), mail_url, concurrency);
-    let result = worker_run_in(&env, out, label, n, processes, concurrency).await;
+    let result = async {
+        prepare_db(&env).await?;
+        if suppressions > 0 {
+            load_suppressions(&env, suppressions).await?;
+        }
+        worker_run_in(&env, out, label, n, processes, concurrency).await
+    }
+    .await;
     env.cleanup().await;
     result
+}
+
+/// Fills the suppression list with `n` addresses no request of the bench
+/// uses, then refreshes the planner's statistics, as a long-running
+/// deployment's would be.
+async fn load_suppressions(env: &TestEnv, n: usize) -> Result<()> {
+    let url = env.get("DATABASE_URL").context("DATABASE_URL")?;
+    let pool =
+        verimail_shared::db::connect(url, true, verimail_shared::db::PoolSettings::default())
+            .await?;
+    let t = Instant::now();
+    sqlx::query(
+        "INSERT INTO suppressions (email, reason, source) \
+         SELECT 'gone-' || g || '@suppressed.bench.invalid', 'bounce', 'bench' \
+         FROM generate_series(1, $1) g",
+    )
+    .bind(i64::try_from(n).unwrap_or(i64::MAX))
+    .execute(&pool)
+    .await?;
+    sqlx::query("ANALYZE suppressions").execute(&pool).await?;
+    pool.close().await;
+    println!(
+        "  suppression list: {n} entries loaded in {:.2} s",
+        t.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 pub(crate) async fn worker_run_in(
