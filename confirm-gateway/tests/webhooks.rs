@@ -880,3 +880,121 @@ async fn metrics_count_notifications_by_provider_and_result_and_suppressions_by_
     }
     app.cleanup().await;
 }
+
+#[tokio::test]
+async fn bounced_and_complained_events_reach_a_queue_bound_on_the_bus() {
+    use lapin::options::{
+        BasicGetOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    };
+    use lapin::types::FieldTable;
+    use verimail_shared::bus::{Bus, Topology};
+    use verimail_shared::events::Event;
+
+    let sg = SendgridKey::new();
+    let (probe, _) = app(&sg, &[]).await;
+    let namespace = probe.namespace.clone();
+    let bus = Bus::connect_once(
+        &[verimail_shared::config::defaults::AMQP_URL.to_owned()],
+        "gateway-webhook-test",
+    )
+    .await
+    .expect("RabbitMQ runs locally");
+    let channel = bus.channel().await.expect("a channel");
+    let topology = Topology::new(&namespace);
+    verimail_shared::bus::declare_exchange(&channel, &topology)
+        .await
+        .expect("declare the exchange");
+    let queue = topology.subscriber_queue("deliverability");
+    channel
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("declare");
+    channel
+        .queue_bind(
+            queue.as_str().into(),
+            topology.exchange().into(),
+            "verimail.email.#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind");
+    // The same database and namespace, now with the broker.
+    let state = AppState::with_fetch(
+        &probe.config,
+        probe.pool().clone(),
+        BusSlot::with(bus.clone()),
+        Arc::new(Watcher::default()),
+    )
+    .expect("configured");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let relay = tokio::spawn(state.relay().run(stop.clone()));
+
+    let body = json!([
+        {"email": "quinn@example.com", "event": "bounce", "type": "bounce", "reason": "550 5.1.1",
+         "sg_event_id": "bus-1", "timestamp": 1764950400},
+        {"email": "rita@example.com", "event": "spamreport", "sg_event_id": "bus-2", "timestamp": 1764950400}
+    ])
+    .to_string();
+    let answer = call(
+        &state,
+        post("sendgrid", &body, &sg.sign("1764950401", &body)),
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while got.len() < 2 && tokio::time::Instant::now() < deadline {
+        match channel
+            .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true })
+            .await
+            .expect("basic.get")
+        {
+            Some(m) => got.push(m.delivery),
+            None => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    assert_eq!(got.len(), 2, "both events arrive");
+    for d in &got {
+        let event = Event::decode(&d.data).expect("a verimail event");
+        let message_id = d.properties.message_id().as_ref().map(|s| s.to_string());
+        match event {
+            Event::Bounced(e) => {
+                assert_eq!(d.routing_key.as_str(), "verimail.email.bounced");
+                assert_eq!(message_id.as_deref(), Some(e.id.as_str()));
+                assert_eq!(e.data.email, "quinn@example.com");
+            }
+            Event::Complained(e) => {
+                assert_eq!(d.routing_key.as_str(), "verimail.email.complained");
+                assert_eq!(message_id.as_deref(), Some(e.id.as_str()));
+                assert_eq!(e.data.email, "rita@example.com");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            probe.outbox().await.is_empty()
+        })
+        .await
+    );
+
+    stop.cancel();
+    let _ = relay.await;
+    let _ = channel
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await;
+    let _ = channel
+        .exchange_delete(
+            topology.exchange().into(),
+            lapin::options::ExchangeDeleteOptions::default(),
+        )
+        .await;
+    bus.close().await;
+    probe.cleanup().await;
+}
