@@ -998,3 +998,105 @@ async fn bounced_and_complained_events_reach_a_queue_bound_on_the_bus() {
     bus.close().await;
     probe.cleanup().await;
 }
+
+/// No input makes a webhook answer 5xx: garbage, wrong shapes, signed
+/// nonsense, oversized bodies. The database is reachable, so 503 is wrong
+/// too (except an SNS certificate that cannot be fetched, tested above).
+#[tokio::test]
+async fn no_webhook_input_is_answered_with_a_server_error() {
+    let sg = SendgridKey::new();
+    let (app, _) = app(&sg, &[]).await;
+    let cert = SnsCert::new();
+    sqlx::query("INSERT INTO sns_certificates (url, pem) VALUES ($1, $2)")
+        .bind(CERT_URL)
+        .bind(&cert.pem)
+        .execute(app.pool())
+        .await
+        .expect("cache the certificate");
+    let mut cases: Vec<(&str, String, Vec<(String, String)>)> = Vec::new();
+    let garbage = [
+        String::new(),
+        "null".into(),
+        "[]".into(),
+        "{}".into(),
+        "\u{0}\u{1}\u{2}".into(),
+        "[".repeat(10_000),
+        "{\"a\":".repeat(5_000),
+        json!({"signature": "x", "event-data": []}).to_string(),
+        json!({"signature": {"timestamp": [], "token": {}, "signature": "zz"}}).to_string(),
+        json!({"Type": 5}).to_string(),
+        json!({"Type": "Notification", "SignatureVersion": "1", "Signature": "%%%",
+               "SigningCertURL": CERT_URL, "Message": "m", "MessageId": "i",
+               "Timestamp": "t", "TopicArn": TOPIC})
+        .to_string(),
+        json!({"RecordType": "Bounce", "ID": [], "Type": {}, "Email": 5}).to_string(),
+        "x".repeat(5 * 1024 * 1024),
+    ];
+    for provider in ["mailgun", "sendgrid", "postmark", "ses"] {
+        for body in &garbage {
+            cases.push((provider, body.clone(), Vec::new()));
+        }
+    }
+    // Authentic (signed) but malformed: the signature holds, the content does not.
+    for body in [
+        "[1, \"two\", null, {\"event\": 3}]",
+        "[{\"email\": \"not an address\", \"event\": \"bounce\", \"sg_event_id\": \"h1\"}]",
+        "[{\"email\": \"a@b.example\", \"event\": \"bounce\"}]",
+        "{\"not\": \"an array\"}",
+    ] {
+        cases.push(("sendgrid", body.to_owned(), sg.sign("1", body).to_vec()));
+    }
+    let basic = vec![(
+        "Authorization".to_owned(),
+        format!("Basic {}", b64(POSTMARK.as_bytes())),
+    )];
+    for body in [
+        "[]",
+        "{\"RecordType\": \"Bounce\", \"Type\": \"HardBounce\"}",
+        "{\"ID\": 1, \"Type\": \"HardBounce\", \"Email\": \"@@\"}",
+    ] {
+        cases.push(("postmark", body.to_owned(), basic.clone()));
+    }
+    let weird_message = cert.message(
+        "2",
+        CERT_URL,
+        json!({"Type": "Notification", "MessageId": "w1", "TopicArn": TOPIC,
+               "Message": "{\"notificationType\": \"Bounce\", \"bounce\": {\"bouncedRecipients\": [1, {\"emailAddress\": []}]}}",
+               "Timestamp": "2026-12-05T10:00:00.000Z"}),
+    );
+    cases.push(("ses", weird_message.to_string(), Vec::new()));
+    cases.push((
+        "mailgun",
+        mailgun_body(
+            "t-1",
+            json!({"event": "failed", "recipient": ["x"]}),
+            MAILGUN_KEY,
+        ),
+        Vec::new(),
+    ));
+    cases.push((
+        "mailgun",
+        mailgun_body("t-2", json!("a string"), MAILGUN_KEY),
+        Vec::new(),
+    ));
+    for (provider, body, headers) in cases {
+        let answer = app.call(post(provider, &body, &headers)).await;
+        let shown: String = body.chars().take(80).collect();
+        assert!(
+            matches!(answer.status.as_u16(), 200 | 400 | 401 | 413),
+            "{provider} {shown}: {} {}",
+            answer.status,
+            answer.body
+        );
+        if answer.status == StatusCode::BAD_REQUEST {
+            assert!(answer.json()["detail"].is_string(), "{}", answer.body);
+        }
+    }
+    // Only the one authentic, well-formed bounce (keyed without an
+    // sg_event_id) suppressed anything.
+    assert_eq!(
+        suppressions(&app).await,
+        [("a@b.example".into(), "bounce".into(), "sendgrid".into())]
+    );
+    app.cleanup().await;
+}
