@@ -1013,7 +1013,9 @@ async fn no_webhook_input_is_answered_with_a_server_error() {
         .execute(app.pool())
         .await
         .expect("cache the certificate");
-    let mut cases: Vec<(&str, String, Vec<(String, String)>)> = Vec::new();
+    /// Provider, body, headers.
+    type Case = (&'static str, String, Vec<(String, String)>);
+    let mut cases: Vec<Case> = Vec::new();
     let garbage = [
         String::new(),
         "null".into(),
