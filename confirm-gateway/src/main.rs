@@ -10,7 +10,8 @@ use verimail_shared::{Config, config, shutdown, telemetry};
 /// Serves /confirm/{token}: records confirmations and emits verimail.email.verified.
 ///
 /// Configured by environment variables (and a .env file): DATABASE_URL, AMQP_URL,
-/// VERIMAIL_SECRET_KEY, GATEWAY_ADDR, RETURN_URL_ALLOWLIST, TRUSTED_PROXIES, ...
+/// VERIMAIL_SECRET_KEY, GATEWAY_ADDR, RETURN_URL_ALLOWLIST, TRUSTED_PROXIES,
+/// GATEWAY_API_KEYS, WEBHOOK_SECRETS, ...
 #[derive(Debug, Parser)]
 #[command(name = "verimail-gateway", version, about, long_about)]
 struct Cli {}
