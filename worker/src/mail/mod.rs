@@ -2,25 +2,36 @@
 //!
 //! - [`templates`]: the built-in templates (`worker/templates/`, embedded) and
 //!   overrides from `TEMPLATES_DIR`; [`Templates::render`] picks the locale.
-//! - [`send`]: [`Mailer`] builds the MIME message and delivers it over pooled
-//!   SMTP or into a `file://` outbox; [`classify`] is the one place deciding
+//! - [`message`]: the MIME message every transport sends ([`Composer`]).
+//! - [`mailer`]: [`Mailer`] picks the transport `MAIL_URL` names, bounds each
+//!   attempt by a deadline and retries transient failures with backoff.
+//! - [`smtp`]: our SMTP connection pool, one transaction per mail, pipelined.
+//! - [`outbox`]: the `file://` outbox, one `.eml` file per mail.
+//! - [`failure`]: [`SendError`], and [`classify`], the one place deciding
 //!   what a failure means: retry, `recipient_rejected`, or `delivery_failed`.
 //!
 //! Invariants: a recipient's name is data, never template source (it cannot
 //! inject template syntax, HTML or headers); every delivery attempt ends within
 //! a deadline, so a stuck SMTP server cannot hold a worker's slots forever.
 
-pub mod send;
+pub mod failure;
+pub mod mailer;
+pub mod message;
+pub mod outbox;
+pub mod smtp;
 pub mod templates;
+#[cfg(test)]
+mod test_support;
 
 use std::time::Duration;
 
 use time::OffsetDateTime;
 use verimail_shared::events::Purpose;
 
-pub use send::{
-    ATTEMPT_TIMEOUT, CONNECT_TIMEOUT, Mailer, MailerError, SendError, SmtpStep, classify,
-};
+pub use failure::{SendError, SmtpStep, classify};
+pub use mailer::{ATTEMPT_TIMEOUT, Mailer, MailerError};
+pub use message::Composer;
+pub use smtp::CONNECT_TIMEOUT;
 pub use templates::{DEFAULT_LOCALE, TemplateError, Templates};
 
 /// What a template sees.
