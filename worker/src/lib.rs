@@ -27,6 +27,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use backon::{ExponentialBuilder, Retryable};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -41,7 +42,7 @@ use verimail_shared::token::Signer;
 use crate::health::Health;
 use crate::mail::{Mailer, MailerError, TemplateError, Templates};
 use crate::process::Ctx;
-use crate::store::{Batches, Store};
+use crate::store::{BatchedStore, Store};
 
 /// How long a claim holds a request: longer than a send with its in-process
 /// retries, so only a crashed worker's lease ever runs out.
@@ -122,7 +123,7 @@ impl Worker {
         let metrics = metrics::handle();
 
         // The common path (claim, conclusion, mark) runs batched on the
-        // batching tasks' own connections (`store::Batches`, at most
+        // batching tasks' own connections (`store::BatchedStore`, at most
         // `batch::IN_FLIGHT` per kind); the pool
         // serves the rest (duplicates, throttled requests, retries, readiness)
         // and the fallback when a batch fails, so an eighth of the
@@ -135,20 +136,25 @@ impl Worker {
         // An unreachable database at start is waited for (as RabbitMQ is), so
         // a database restart does not put the worker into a crash loop; a bad
         // URL, refused credentials or a failed migration stop it at once.
-        let mut wait = Duration::from_millis(500);
-        let pool = loop {
-            let url = &config.database_url;
-            let deadlines = store::deadlines();
-            match db::connect_with_deadlines(url, config.auto_migrate, settings, deadlines).await {
-                Ok(pool) => break pool,
-                Err(DbError::Connect(e @ (sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut))) => {
-                    warn!(error = %e, retry_in = ?wait, "PostgreSQL unreachable, retrying");
-                    tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(Duration::from_secs(10));
-                }
-                Err(e) => return Err(e.into()),
-            }
-        };
+        let url = &config.database_url;
+        let pool = (|| {
+            db::connect_with_deadlines(url, config.auto_migrate, settings, store::deadlines())
+        })
+        .retry(
+            ExponentialBuilder::default()
+                .with_jitter()
+                .with_min_delay(Duration::from_millis(250))
+                .with_max_delay(Duration::from_secs(5))
+                .without_max_times(),
+        )
+        .when(|e| {
+            matches!(
+                e,
+                DbError::Connect(sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut)
+            )
+        })
+        .notify(|e, wait| warn!(error = %e, retry_in = ?wait, "PostgreSQL unreachable, retrying"))
+        .await?;
 
         // Cancelled only after draining (or when the drain deadline passes):
         // reconnections and publishes keep working while in-flight work finishes.
@@ -167,7 +173,7 @@ impl Worker {
         health.set_bus(true);
         let store = Store::new(pool, lease);
         let ctx = Arc::new(Ctx {
-            batches: Batches::spawn(store.clone(), health.clone()),
+            batches: BatchedStore::spawn(store.clone(), health.clone()),
             store,
             publisher: Publisher::new(bus.clone()),
             topology,

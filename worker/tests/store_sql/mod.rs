@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use verimail_worker::store::{
-    Batches, Claim, ClaimInput, Conclusion, Finish, FinishInput, RequestRow, Store,
+    BatchedStore, Claim, ClaimInput, Finish, FinishInput, RequestRow, Store, Write,
 };
 
 use crate::support::{PG, user};
@@ -216,9 +216,9 @@ async fn batched_claims_let_exactly_one_request_per_user_through_and_claim_all_o
     let db = Db::new().await?;
     // Three workers' batchers on one database, all claims at once: batches
     // mix users, and one user's requests meet within and across batches.
-    let batches: Vec<Batches> = (0..3)
+    let batches: Vec<BatchedStore> = (0..3)
         .map(|_| {
-            Batches::spawn(
+            BatchedStore::spawn(
                 Store::new(db.pool.clone(), Duration::from_secs(60)),
                 Default::default(),
             )
@@ -279,7 +279,7 @@ async fn batched_claims_let_exactly_one_request_per_user_through_and_claim_all_o
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batched_conclusion_without_mail_gives_the_throttle_back() -> Result<()> {
     let db = Db::new().await?;
-    let batches = Batches::spawn(
+    let batches = BatchedStore::spawn(
         Store::new(db.pool.clone(), Duration::from_secs(60)),
         Default::default(),
     );
@@ -335,12 +335,12 @@ async fn one_claim_statement_answers_each_request_of_a_batch_in_order() -> Resul
         "no throttle asked"
     );
 
-    let f = |id| Conclusion::Finish(FinishInput::new(&finish(id, true, false)));
+    let f = |id| Write::Finish(FinishInput::new(&finish(id, true, false)));
     let done = store.finish_batch(&[f("r1"), f("nope"), f("r3")]).await?;
     assert_eq!(done, [true, false, true]);
 
     // Marks ride in the same statement as other requests' conclusions.
-    let mark = |id: &str| Conclusion::Mark(id.to_owned());
+    let mark = |id: &str| Write::MarkPublished(id.to_owned());
     let done = store
         .finish_batch(&[mark("r1"), f("r4"), mark("r3")])
         .await?;
@@ -423,13 +423,13 @@ async fn single_and_batched_statements_give_the_same_answers_and_rows() -> Resul
             if id == "done" { another(f) } else { f }
         };
         let finished: Vec<bool> = if batched {
-            let mut jobs: Vec<Conclusion> = conclusions
+            let mut jobs: Vec<Write> = conclusions
                 .iter()
                 .map(|(id, sent, release)| {
-                    Conclusion::Finish(FinishInput::new(&finish(id, *sent, *release)))
+                    Write::Finish(FinishInput::new(&finish(id, *sent, *release)))
                 })
                 .collect();
-            jobs.push(Conclusion::Mark("window".to_owned()));
+            jobs.push(Write::MarkPublished("window".to_owned()));
             let mut done = store.finish_batch(&jobs).await?;
             done.pop();
             done
@@ -510,7 +510,7 @@ async fn a_claim_batch_and_a_finish_batch_on_common_rows_never_deadlock() -> Res
     let finishing = {
         let store = store.clone();
         tokio::spawn(async move {
-            let f = Conclusion::Finish(FinishInput::new(&finish("x", false, true)));
+            let f = Write::Finish(FinishInput::new(&finish("x", false, true)));
             store.finish_batch(&[f]).await
         })
     };

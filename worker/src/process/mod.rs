@@ -23,136 +23,56 @@
 //! comes after the ack: it only spares a later duplicate of the request a
 //! re-publication, so the delivery need not wait for it (see ARCHITECTURE.md,
 //! crash window 3).
+//!
+//! # Rooms
+//!
+//! This file is the state machine: what happens to a delivery, step by step.
+//! [`context`] holds what every delivery shares ([`Ctx`]) and the in-process
+//! hold on a request id; `conclude` stores and publishes outcomes and copies
+//! to the retry and dead-letter queues; `persist` runs database steps that
+//! must not be abandoned, retrying through outages.
 
-use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
 use lapin::types::{AMQPValue, ShortString};
-use serde::Serialize;
 use time::OffsetDateTime;
-use tokio_util::sync::CancellationToken;
 use tracing::{Span, debug, info, instrument, warn};
 use verimail_shared::bus::{
-    BusError, HEADER_REPLAYED, Outgoing, Publisher, RETRY_DELAYS, Topology, dead_letter_headers,
-    header_str,
+    HEADER_REPLAYED, Outgoing, RETRY_DELAYS, dead_letter_headers, header_str,
 };
-use verimail_shared::config::Config;
 use verimail_shared::events::{
-    CloudEvent, DecodeError, Echo, FailedData, FailureReason, Policy, RuleBroken, SentData,
-    ThrottledData, VERIFICATION_FAILED, VERIFICATION_REQUESTED, VERIFICATION_SENT,
-    VERIFICATION_THROTTLED, ValidRequest, decode_request, peek_id,
+    DecodeError, Echo, FailedData, FailureReason, Policy, RuleBroken, SentData, ThrottledData,
+    VERIFICATION_FAILED, VERIFICATION_REQUESTED, VERIFICATION_SENT, VERIFICATION_THROTTLED,
+    ValidRequest, decode_request, peek_id,
 };
 use verimail_shared::telemetry::token_prefix;
-use verimail_shared::token::{Claims, Code, Signer, TokenFormat};
+use verimail_shared::token::{Claims, Code, TokenFormat};
 
-use crate::health::Health;
-use crate::mail::{Classification, Envelope, MailContext, Mailer, Templates};
+use crate::mail::{Classification, Envelope, MailContext};
 use crate::metrics;
 use crate::retry::{self, HEADER_FAILED_OUTCOME};
-use crate::store::{Batches, Claim, Claimed, Finish, RequestRow, Store, Stored};
+use crate::store::{Claim, Claimed, RequestRow, Stored};
 use crate::throttle;
+
+mod conclude;
+pub mod context;
+mod persist;
+
+pub use conclude::mark_after_ack;
+pub use context::Ctx;
+pub use persist::TAKEOVER_GRACE;
+
+use conclude::{Attempt, OutcomeEvent, Sent, conclude, publish, to_retry_queue};
+use context::Holding;
+use persist::{claim, claim_with_budget, persist};
 
 /// CloudEvent `source` of every outcome.
 pub const SOURCE: &str = "/verimail/worker";
 /// In-process retry budget of one send (well inside the lease).
 const SEND_BUDGET: Duration = Duration::from_secs(4);
-/// Longest one database step may take, ours: a batched call (at most 8 s)
-/// and then its statement alone (a 5 s statement timeout, a 3 s wait for a
-/// connection), with room to spare.
-const STEP_DEADLINE: Duration = Duration::from_secs(20);
-/// Longest pause between two database attempts.
-const MAX_DB_BACKOFF: Duration = Duration::from_secs(5);
-/// How long after its own last database failure a worker leaves expired
-/// leases alone: every worker saw the outage (the readiness probe asks each
-/// second), and a live holder stores its outcome within one backoff
-/// ([`MAX_DB_BACKOFF`]) of the database's return, well inside this.
-pub const TAKEOVER_GRACE: Duration = Duration::from_secs(20);
-
-/// What every delivery task shares.
-#[derive(Debug)]
-pub struct Ctx {
-    /// The configuration.
-    pub config: Config,
-    /// Names of exchange and queues.
-    pub topology: Topology,
-    /// The worker's tables.
-    pub store: Store,
-    /// Batched claims, conclusions and `outcome_published` marks.
-    pub batches: Batches,
-    /// Confirmed publishing.
-    pub publisher: Publisher,
-    /// Mail templates.
-    pub templates: Templates,
-    /// Mail transport.
-    pub mailer: Mailer,
-    /// Token minting.
-    pub signer: Signer,
-    /// Readiness.
-    pub health: Arc<Health>,
-    /// Cancelled when in-flight work must stop (the shutdown deadline passed):
-    /// tasks then leave their delivery unacknowledged for the broker to hand back.
-    pub hard_stop: CancellationToken,
-    /// Request ids a delivery of this process holds right now: a copy of one
-    /// (redelivered, or published twice) is never claimed beside it, even
-    /// once the lease ran out during a database outage.
-    pub in_flight: std::sync::Mutex<std::collections::HashSet<String>>,
-}
-
-/// A request id held in [`Ctx::in_flight`] until dropped.
-struct Holding<'a> {
-    ctx: &'a Ctx,
-    id: String,
-}
-
-impl<'a> Holding<'a> {
-    /// Holds `id`, or `None` when another delivery of this process holds it.
-    fn take(ctx: &'a Ctx, id: &str) -> Option<Self> {
-        let mut held = ctx
-            .in_flight
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        held.insert(id.to_owned()).then(|| Self {
-            ctx,
-            id: id.to_owned(),
-        })
-    }
-}
-
-impl<'a> Holding<'a> {
-    /// Holds `id`, waiting up to [`HOLD_WAIT`] for another delivery of this
-    /// process to let go of it (a copy that found the request finished is
-    /// done in milliseconds); `None` when it still holds it (it is sending).
-    async fn wait_for(ctx: &'a Ctx, id: &str) -> Option<Self> {
-        let deadline = Instant::now() + HOLD_WAIT;
-        loop {
-            if let Some(holding) = Self::take(ctx, id) {
-                return Some(holding);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-}
-
-/// How long a copy of a request waits for another delivery of this process
-/// to let go of it before it goes to the retry queue.
-const HOLD_WAIT: Duration = Duration::from_secs(1);
-
-impl Drop for Holding<'_> {
-    fn drop(&mut self) {
-        self.ctx
-            .in_flight
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(&self.id);
-    }
-}
-
 /// What is left to do once the delivery is acknowledged: the request whose
 /// published outcome to mark, if any.
 pub type AfterAck = Option<String>;
@@ -189,25 +109,6 @@ pub async fn handle(ctx: Arc<Ctx>, delivery: Delivery) -> AfterAck {
         }
     }
     None
-}
-
-/// Records that the outcome of request `id` was confirmed, after its delivery
-/// was acknowledged: the delivery's prefetch slot is free by then. Only the
-/// shutdown deadline stops it (the write is retried); then a later duplicate
-/// re-publishes the same event (ARCHITECTURE.md, crash window 3).
-#[instrument(name = "mark", skip_all, fields(request_id = id))]
-pub async fn mark_after_ack(ctx: &Ctx, id: &str) {
-    let t = Instant::now();
-    let _ = mark_published(ctx, id).await;
-    metrics::step("mark", t.elapsed());
-}
-
-/// Exponential backoff with jitter after `n` earlier failures, at most 5 s.
-fn backoff(n: u32) -> Duration {
-    let base = Duration::from_millis(250).saturating_mul(2u32.saturating_pow(n.min(5)));
-    let capped = base.min(MAX_DB_BACKOFF);
-    let jitter = rand::random_range(0.5..1.0);
-    capped.mul_f64(jitter)
 }
 
 async fn process(ctx: &Ctx, d: &Delivery) -> Result<AfterAck, Failure> {
@@ -298,9 +199,9 @@ async fn invalid(
                 reason: failure.reason,
                 detail: failure.detail(),
             };
-            let outcome = Outcome::new(VERIFICATION_FAILED, data, echo.traceparent.clone())
+            let outcome = OutcomeEvent::new(VERIFICATION_FAILED, data, echo.traceparent.clone())
                 .counted("failed", failure.reason.as_str());
-            conclude(ctx, id, &outcome, None, false, false).await
+            conclude(ctx, id, &outcome, Attempt::None).await
         }
     }
 }
@@ -361,9 +262,9 @@ async fn valid(ctx: &Ctx, d: &Delivery, req: &ValidRequest) -> Result<AfterAck, 
             fields: req.echo().outcome_fields(),
             retry_after_seconds,
         };
-        let outcome = Outcome::new(VERIFICATION_THROTTLED, data, req.traceparent.clone())
+        let outcome = OutcomeEvent::new(VERIFICATION_THROTTLED, data, req.traceparent.clone())
             .counted("throttled", "throttled");
-        return conclude(ctx, &req.id, &outcome, None, false, false).await;
+        return conclude(ctx, &req.id, &outcome, Attempt::None).await;
     }
     send(ctx, d, req, claimed, claimed_at).await
 }
@@ -497,13 +398,13 @@ async fn send(
                 sent_at,
                 expires_at,
             };
-            let outcome =
-                Outcome::new(VERIFICATION_SENT, data, req.traceparent.clone()).counted("sent", "");
+            let outcome = OutcomeEvent::new(VERIFICATION_SENT, data, req.traceparent.clone())
+                .counted("sent", "");
             let sent = Sent {
                 at: sent_at,
                 code_hash: code_hash.as_deref(),
             };
-            conclude(ctx, &req.id, &outcome, Some(sent), true, false).await
+            conclude(ctx, &req.id, &outcome, Attempt::Sent(sent)).await
         }
         Err(e) if e.classification() == Classification::RecipientRejected => {
             metrics::smtp(took, "rejected");
@@ -513,9 +414,9 @@ async fn send(
                 reason: FailureReason::RecipientRejected,
                 detail: e.to_string(),
             };
-            let outcome = Outcome::new(VERIFICATION_FAILED, data, req.traceparent.clone())
+            let outcome = OutcomeEvent::new(VERIFICATION_FAILED, data, req.traceparent.clone())
                 .counted("failed", FailureReason::RecipientRejected.as_str());
-            conclude(ctx, &req.id, &outcome, None, true, true).await
+            conclude(ctx, &req.id, &outcome, Attempt::Failed).await
         }
         Err(e) if matches!(e.classification(), Classification::Refused(_)) => {
             // The server refuses us (sender, credentials, policy), not the
@@ -560,7 +461,7 @@ async fn give_up(
         reason: FailureReason::DeliveryFailed,
         detail: detail.to_owned(),
     };
-    let outcome = Outcome::new(VERIFICATION_FAILED, data, req.traceparent.clone())
+    let outcome = OutcomeEvent::new(VERIFICATION_FAILED, data, req.traceparent.clone())
         .counted("failed", FailureReason::DeliveryFailed.as_str());
     // The letter goes first: once the outcome is stored, a redelivery only
     // re-publishes it, so a letter published after it could be lost.
@@ -580,7 +481,7 @@ async fn give_up(
     };
     publish(ctx, &msg, false).await?;
     metrics::dead_letter(FailureReason::DeliveryFailed.as_str());
-    conclude(ctx, &req.id, &outcome, None, true, true).await
+    conclude(ctx, &req.id, &outcome, Attempt::Failed).await
 }
 
 /// Another delivery of the same id holds a live lease: look again later.
@@ -610,260 +511,4 @@ async fn duplicate(ctx: &Ctx, id: &str, stored: Stored) -> Result<AfterAck, Fail
     let msg = Outgoing::event(&ctx.topology, &ty, &outcome_id, &bytes);
     publish(ctx, &msg, true).await?;
     Ok(Some(id.to_owned()))
-}
-
-/// Records that the broker confirmed the outcome (batched with other
-/// deliveries' conclusions; alone, with retries, when that batch failed).
-async fn mark_published(ctx: &Ctx, id: &str) -> Result<(), Failure> {
-    persist(ctx, "marking the outcome published", || {
-        ctx.batches.mark_published(id)
-    })
-    .await
-}
-
-/// An outcome event, built once.
-struct Outcome {
-    id: String,
-    ty: &'static str,
-    bytes: Vec<u8>,
-    label: (&'static str, &'static str),
-}
-
-impl Outcome {
-    fn new<T: Serialize>(ty: &'static str, data: T, traceparent: Option<String>) -> Self {
-        let mut event = CloudEvent::new(ty, SOURCE, data);
-        event.traceparent = traceparent;
-        Self {
-            id: event.id.clone(),
-            ty,
-            bytes: event.to_bytes(),
-            label: ("", ""),
-        }
-    }
-
-    fn counted(mut self, outcome: &'static str, reason: &'static str) -> Self {
-        self.label = (outcome, reason);
-        self
-    }
-}
-
-/// A mail the SMTP server accepted: when, and the keyed hash of its code.
-#[derive(Debug, Clone, Copy)]
-struct Sent<'a> {
-    at: OffsetDateTime,
-    code_hash: Option<&'a [u8]>,
-}
-
-/// Stores the outcome (`done`) and publishes it; the mark follows the ack.
-async fn conclude(
-    ctx: &Ctx,
-    id: &str,
-    outcome: &Outcome,
-    sent: Option<Sent<'_>>,
-    attempted: bool,
-    release_throttle: bool,
-) -> Result<AfterAck, Failure> {
-    let finish = Finish {
-        id,
-        outcome_type: outcome.ty,
-        outcome: &outcome.bytes,
-        sent_at: sent.map(|s| s.at),
-        code_hash: sent.and_then(|s| s.code_hash),
-        attempted,
-        release_throttle,
-    };
-    // Retried in place for as long as it takes: a mail may already be out, and
-    // handing the delivery back now could send it twice.
-    let t = Instant::now();
-    let mut finished = persist(ctx, "storing the outcome", || ctx.batches.finish(finish)).await?;
-    if !finished {
-        // A batch this delivery gave up on (its deadline passed) may have
-        // committed our outcome meanwhile: the statement alone, on a fresh
-        // snapshot, recognises our own bytes.
-        finished = persist(ctx, "storing the outcome", || ctx.store.finish(finish)).await?;
-    }
-    metrics::step("store", t.elapsed());
-    if !finished {
-        // Our lease ran out and another delivery concluded first: its outcome stands.
-        warn!("request concluded by another delivery meanwhile");
-        return match persist(ctx, "reading the request", || ctx.store.lookup(id)).await? {
-            Claim::Done(stored) => duplicate(ctx, id, stored).await,
-            Claim::Claimed(_) | Claim::Busy => Ok(None),
-        };
-    }
-    let msg = Outgoing::event(&ctx.topology, outcome.ty, &outcome.id, &outcome.bytes);
-    let t = Instant::now();
-    publish(ctx, &msg, true).await?;
-    metrics::step("publish", t.elapsed());
-    metrics::outcome(outcome.label.0, outcome.label.1);
-    Ok(Some(id.to_owned()))
-}
-
-/// Publishes a copy of the delivery to the retry queue of `delay`, through the
-/// default exchange, and waits for the broker's confirm.
-async fn to_retry_queue(
-    ctx: &Ctx,
-    d: &Delivery,
-    id: &str,
-    delay: Duration,
-    retry: u32,
-) -> Result<(), Failure> {
-    let queue = ctx.topology.retry_queue(delay);
-    let msg = Outgoing {
-        exchange: "",
-        routing_key: &queue,
-        message_id: id,
-        kind: Some(VERIFICATION_REQUESTED),
-        body: &d.data,
-        headers: retry::retry_headers(d.properties.headers().as_ref(), retry),
-    };
-    publish(ctx, &msg, false).await
-}
-
-/// Publishes until the broker confirms, through reconnections, until the
-/// shutdown deadline. An outcome no queue is bound for (`unroutable_ok`) is
-/// confirmed-and-dropped by design: nobody subscribed to that type, which must
-/// not stop the worker.
-async fn publish(ctx: &Ctx, msg: &Outgoing<'_>, unroutable_ok: bool) -> Result<(), Failure> {
-    let mut wait = Duration::from_millis(100);
-    loop {
-        match ctx.publisher.publish(msg).await {
-            Ok(()) => return Ok(()),
-            Err(BusError::Unroutable(text)) if unroutable_ok => {
-                debug!(
-                    routing_key = msg.routing_key,
-                    text, "no queue bound for this event type"
-                );
-                return Ok(());
-            }
-            Err(BusError::Cancelled) => return Err(Failure::Stopped),
-            Err(e) => {
-                warn!(error = %e, routing_key = msg.routing_key, retry_in = ?wait, "publish failed; retrying");
-                tokio::select! {
-                    () = tokio::time::sleep(wait) => {}
-                    () = ctx.hard_stop.cancelled() => return Err(Failure::Stopped),
-                }
-                wait = (wait * 2).min(Duration::from_secs(5));
-            }
-        }
-    }
-}
-
-/// Claims, retrying in place (backoff up to 5 s) for as long as the database
-/// is down, holding the message: a nack would count towards the queue's
-/// delivery limit, and a long outage would dead-letter requests.
-async fn claim(
-    ctx: &Ctx,
-    row: RequestRow<'_>,
-    interval: Option<Duration>,
-) -> Result<Claim, Failure> {
-    let t = Instant::now();
-    let claim = claim_with_budget(ctx, || {
-        // Just back from an outage, a lease that ran out during it may be a
-        // live worker's that could not store its outcome yet: not taken over
-        // before the grace has passed (ARCHITECTURE.md, crash window 1).
-        let takeover = ctx.health.since_db_failure() >= TAKEOVER_GRACE;
-        ctx.batches.claim(row, interval, takeover)
-    })
-    .await;
-    metrics::step("claim", t.elapsed());
-    claim
-}
-
-async fn claim_with_budget<T, F, Fut>(ctx: &Ctx, mut op: F) -> Result<T, Failure>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, sqlx::Error>>,
-{
-    let mut n = 0;
-    loop {
-        match bounded(op()).await {
-            Ok(v) => {
-                ctx.health.set_db(true);
-                return Ok(v);
-            }
-            Err(e) => {
-                metrics::db_error();
-                ctx.health.set_db(false);
-                let wait = backoff(n);
-                n += 1;
-                debug!(error = %e, retry_in = ?wait, "claim failed; retrying");
-                tokio::select! {
-                    () = tokio::time::sleep(wait) => {}
-                    () = ctx.hard_stop.cancelled() => return Err(Failure::Stopped),
-                }
-            }
-        }
-    }
-}
-
-/// One database step under a deadline of our own: the server's statement
-/// timeout cannot end a statement whose socket stopped answering (a
-/// half-open connection), so past [`STEP_DEADLINE`] the step is dropped, its
-/// connection with it, and retried like any failure.
-async fn bounded<T>(step: impl Future<Output = Result<T, sqlx::Error>>) -> Result<T, sqlx::Error> {
-    tokio::time::timeout(STEP_DEADLINE, step)
-        .await
-        .unwrap_or_else(|_| {
-            Err(sqlx::Error::Io(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "no answer from PostgreSQL in time",
-            )))
-        })
-}
-
-/// Runs a database step that must not be abandoned (a decision was made, a
-/// mail may be out) until it succeeds or the shutdown deadline passes.
-async fn persist<T, F, Fut>(ctx: &Ctx, what: &'static str, mut op: F) -> Result<T, Failure>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, sqlx::Error>>,
-{
-    let mut n = 0;
-    loop {
-        match bounded(op()).await {
-            Ok(v) => return Ok(v),
-            Err(e) => {
-                ctx.health.set_db(false);
-                let wait = backoff(n);
-                n += 1;
-                warn!(error = %e, what, retry_in = ?wait, "database failed; retrying");
-                tokio::select! {
-                    () = tokio::time::sleep(wait) => {}
-                    () = ctx.hard_stop.cancelled() => return Err(Failure::Stopped),
-                }
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_and_stays_bounded() {
-        assert!(backoff(0) <= Duration::from_millis(250));
-        assert!(backoff(0) >= Duration::from_millis(125));
-        for n in 0..40 {
-            assert!(backoff(n) <= MAX_DB_BACKOFF);
-        }
-        assert!(backoff(10) >= MAX_DB_BACKOFF / 2);
-    }
-
-    #[test]
-    fn an_outcome_carries_the_requests_trace_and_our_source() -> Result<(), serde_json::Error> {
-        let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".to_owned();
-        let outcome = Outcome::new(
-            VERIFICATION_THROTTLED,
-            serde_json::json!({}),
-            Some(tp.clone()),
-        );
-        let v: serde_json::Value = serde_json::from_slice(&outcome.bytes)?;
-        assert_eq!(v["traceparent"], serde_json::Value::String(tp));
-        assert_eq!(v["source"], SOURCE);
-        assert_eq!(v["id"], serde_json::Value::String(outcome.id.clone()));
-        assert!(v["time"].is_string());
-        Ok(())
-    }
 }

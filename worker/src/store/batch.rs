@@ -1,0 +1,355 @@
+//! The batch statements: many deliveries' claims, or their conclusions and
+//! published marks, in one statement and one commit.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use sqlx::Row;
+use sqlx::postgres::PgConnection;
+use time::OffsetDateTime;
+
+use super::{Claimed, Finish, RequestRow, Store};
+use crate::batch::{self, Keyed};
+
+impl Store {
+    /// [`Store::claim`] for many requests in one statement (one commit).
+    /// Answers in input order: `Some` when claimed, `None` when the request
+    /// could not be claimed (the caller then runs [`Store::lookup`]).
+    ///
+    /// The inputs must not share a request id, nor a throttle key
+    /// (`user_id`, `purpose`) among those with a throttle: a statement cannot
+    /// touch one row twice, and the throttle must let exactly one of two
+    /// requests for one user through. [`BatchedStore`] sees to that.
+    pub async fn claim_batch(
+        &self,
+        inputs: &[ClaimInput],
+    ) -> Result<Vec<Option<Claimed>>, sqlx::Error> {
+        let mut conn = self.pool.acquire().await?;
+        self.claim_batch_on(&mut conn, inputs).await
+    }
+
+    /// [`Store::claim_batch`] on a given connection.
+    pub(super) async fn claim_batch_on(
+        &self,
+        conn: &mut PgConnection,
+        inputs: &[ClaimInput],
+    ) -> Result<Vec<Option<Claimed>>, sqlx::Error> {
+        // Over `unnest` arrays; a throttle of NULL is "no throttle" for that
+        // row. Locks are taken in the order every statement here keeps (see
+        // the lock order (module docs)): the existing `requests` rows in id order (`held`,
+        // read whole by the first throttle row's `array_agg`), then the
+        // `throttle` rows in key order (`thr`, run whole before the main
+        // INSERT by its one-time filter), then the new `requests` rows in id
+        // order.
+        const CLAIM_BATCH: &str = r"
+WITH input AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                         $6::text[], $7::text[], $8::float8[])
+        AS i(id, user_id, email, purpose, locale, return_url, context, throttle)
+),
+held AS (
+    SELECT r.id, (r.state = 'done' OR r.throttle_passed OR r.lease_until >= now()
+                  OR (r.lease_until IS NOT NULL AND r.id <> ALL ($10::text[]))) AS settled
+    FROM requests r WHERE r.id = ANY($1::text[])
+    ORDER BY r.id
+    FOR UPDATE
+),
+thr AS (
+    INSERT INTO throttle AS t (user_id, purpose, last_sent_at, request_id)
+    SELECT i.user_id, i.purpose, now(), i.id FROM input i
+    WHERE i.throttle IS NOT NULL
+      AND i.id <> ALL (COALESCE((SELECT array_agg(h.id) FILTER (WHERE h.settled) FROM held h),
+                                '{}'::text[]))
+    ORDER BY i.user_id, i.purpose
+    ON CONFLICT (user_id, purpose) DO UPDATE
+        SET last_sent_at = now(), request_id = EXCLUDED.request_id
+        WHERE t.last_sent_at <= now() - (SELECT i.throttle FROM input i
+                                         WHERE i.id = EXCLUDED.request_id) * interval '1 second'
+           OR t.request_id = EXCLUDED.request_id
+    RETURNING t.request_id
+)
+INSERT INTO requests AS r (id, user_id, email, purpose, locale, return_url, context,
+                           lease_until, first_attempt_at, throttle_passed)
+SELECT i.id, i.user_id, i.email, i.purpose, i.locale, i.return_url, i.context::jsonb,
+       now() + $9::float8 * interval '1 second', now(),
+       i.throttle IS NULL OR i.id IN (SELECT request_id FROM thr)
+FROM input i
+WHERE (SELECT count(*) FROM thr) >= 0
+ORDER BY i.id
+ON CONFLICT (id) DO UPDATE
+    SET lease_until = EXCLUDED.lease_until,
+        throttle_passed = r.throttle_passed OR EXCLUDED.throttle_passed,
+        first_attempt_at = COALESCE(r.first_attempt_at, EXCLUDED.first_attempt_at)
+    WHERE r.state = 'processing'
+      AND (r.lease_until IS NULL OR (r.lease_until < now() AND r.id = ANY ($10::text[])))
+RETURNING r.id, r.throttle_passed, r.attempts,
+          EXTRACT(EPOCH FROM (now() - r.first_attempt_at))::float8 AS elapsed";
+        let order: Vec<&ClaimInput> = inputs.iter().collect();
+        let column = |f: fn(&ClaimInput) -> Option<&str>| -> Vec<Option<&str>> {
+            order.iter().map(|i| f(i)).collect()
+        };
+        let ids: Vec<&str> = order.iter().map(|i| i.id.as_str()).collect();
+        let throttles: Vec<Option<f64>> = order
+            .iter()
+            .map(|i| i.throttle.map(|t| t.as_secs_f64()))
+            .collect();
+        let rows = sqlx::query(CLAIM_BATCH)
+            .bind(ids)
+            .bind(column(|i| i.user_id.as_deref()))
+            .bind(column(|i| i.email.as_deref()))
+            .bind(column(|i| i.purpose.as_deref()))
+            .bind(column(|i| i.locale.as_deref()))
+            .bind(column(|i| i.return_url.as_deref()))
+            .bind(column(|i| i.context.as_deref()))
+            .bind(throttles)
+            .bind(self.lease.as_secs_f64())
+            .bind(
+                order
+                    .iter()
+                    .filter(|i| i.takeover)
+                    .map(|i| i.id.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .fetch_all(conn)
+            .await?;
+        let mut claimed = HashMap::with_capacity(rows.len());
+        for r in &rows {
+            let id: String = r.try_get("id")?;
+            claimed.insert(id, claimed_from(r)?);
+        }
+        Ok(inputs.iter().map(|i| claimed.remove(&i.id)).collect())
+    }
+
+    /// [`Store::finish`] and [`Store::mark_published`] for many requests in
+    /// one statement (one commit); answers in input order (a mark answers
+    /// `true`). The inputs must not share a request id.
+    pub async fn finish_batch(&self, inputs: &[Write]) -> Result<Vec<bool>, sqlx::Error> {
+        let mut conn = self.pool.acquire().await?;
+        self.finish_batch_on(&mut conn, inputs).await
+    }
+
+    /// [`Store::finish_batch`] on a given connection.
+    pub(super) async fn finish_batch_on(
+        &self,
+        conn: &mut PgConnection,
+        inputs: &[Write],
+    ) -> Result<Vec<bool>, sqlx::Error> {
+        // The marks of outcomes published since the previous batch ride along
+        // (`marked`): under load that saves a statement, a round trip and a
+        // commit per batch. A statement runs every data-modifying CTE, read
+        // or not. Locks follow the lock order (module docs): every `requests` row of the
+        // batch (finished or marked) in id order first (`held`, run whole by
+        // the main query's one-time filter), then the `throttle` rows in key
+        // order (`thr`, read by `touched` and `released`).
+        const FINISH_BATCH: &str = r"
+WITH input AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::timestamptz[],
+                         $5::int4[], $6::bool[], $9::bytea[])
+        AS i(id, outcome_type, outcome, sent_at, attempted, release_throttle, code_hash)
+),
+held AS (
+    SELECT id FROM requests WHERE id = ANY($1::text[] || $8::text[])
+    ORDER BY id
+    FOR UPDATE
+),
+r AS (
+    UPDATE requests r
+    SET state = 'done', lease_until = now() + $7::float8 * interval '1 second',
+        outcome_type = i.outcome_type, outcome = i.outcome,
+        sent_at = i.sent_at, attempts = r.attempts + i.attempted,
+        code_hash = i.code_hash, code_attempts = 0
+    FROM input i
+    WHERE r.id = i.id AND r.state = 'processing'
+    RETURNING r.id, r.user_id, r.purpose, i.sent_at, i.release_throttle
+),
+thr AS (
+    SELECT t.user_id, t.purpose, r.sent_at, r.release_throttle
+    FROM throttle t JOIN r ON t.user_id = r.user_id AND t.purpose = r.purpose
+                          AND t.request_id = r.id
+    ORDER BY t.user_id, t.purpose
+    FOR UPDATE OF t
+),
+touched AS (
+    UPDATE throttle t SET last_sent_at = x.sent_at
+    FROM thr x
+    WHERE x.sent_at IS NOT NULL
+      AND t.user_id = x.user_id AND t.purpose = x.purpose
+      AND t.last_sent_at < x.sent_at - interval '1 second'
+    RETURNING 1
+),
+released AS (
+    DELETE FROM throttle t USING thr x
+    WHERE x.release_throttle AND t.user_id = x.user_id AND t.purpose = x.purpose
+    RETURNING 1
+),
+marked AS (
+    UPDATE requests SET outcome_published = true, lease_until = NULL
+    WHERE id = ANY($8) AND state = 'done'
+    RETURNING 1
+),
+-- Already stored with these very bytes (an outcome id is unique): a batch
+-- whose caller gave up on it committed after all, and the caller's own
+-- statement must hear `true` to publish it.
+same AS (
+    SELECT r.id FROM requests r JOIN input i ON r.id = i.id
+    WHERE r.state = 'done' AND r.outcome = i.outcome
+)
+SELECT id FROM r WHERE (SELECT count(*) FROM held) >= 0
+UNION ALL
+SELECT id FROM same";
+        let (mut order, mut marks) = (Vec::new(), Vec::new());
+        for c in inputs {
+            match c {
+                Write::Finish(f) => order.push(f),
+                Write::MarkPublished(id) => marks.push(id.as_str()),
+            }
+        }
+        let rows: Vec<String> = sqlx::query_scalar(FINISH_BATCH)
+            .bind(order.iter().map(|i| i.id.as_str()).collect::<Vec<_>>())
+            .bind(
+                order
+                    .iter()
+                    .map(|i| i.outcome_type.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                order
+                    .iter()
+                    .map(|i| i.outcome.as_slice())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(order.iter().map(|i| i.sent_at).collect::<Vec<_>>())
+            .bind(
+                order
+                    .iter()
+                    .map(|i| i32::from(i.attempted))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(order.iter().map(|i| i.release_throttle).collect::<Vec<_>>())
+            .bind(self.lease.as_secs_f64())
+            .bind(marks)
+            .bind(
+                order
+                    .iter()
+                    .map(|i| i.code_hash.as_deref())
+                    .collect::<Vec<_>>(),
+            )
+            .fetch_all(conn)
+            .await?;
+        let done: std::collections::HashSet<&str> = rows.iter().map(String::as_str).collect();
+        Ok(inputs
+            .iter()
+            .map(|c| match c {
+                Write::Finish(f) => done.contains(f.id.as_str()),
+                Write::MarkPublished(_) => true,
+            })
+            .collect())
+    }
+}
+
+/// A claim queued for [`Store::claim_batch`]: a [`RequestRow`] and its
+/// throttle, owned (it crosses to the batching task).
+#[derive(Debug, Clone)]
+pub struct ClaimInput {
+    id: String,
+    user_id: Option<String>,
+    email: Option<String>,
+    purpose: Option<String>,
+    locale: Option<String>,
+    return_url: Option<String>,
+    /// `context` as JSON text.
+    context: Option<String>,
+    throttle: Option<Duration>,
+    /// An expired lease may be taken over.
+    takeover: bool,
+}
+
+impl ClaimInput {
+    /// The owned form of `row` with its throttle interval.
+    pub fn new(row: RequestRow<'_>, throttle: Option<Duration>) -> Self {
+        Self {
+            id: row.id.to_owned(),
+            user_id: row.user_id.map(str::to_owned),
+            email: row.email.map(str::to_owned),
+            purpose: row.purpose.map(str::to_owned),
+            locale: row.locale.map(str::to_owned),
+            return_url: row.return_url.map(str::to_owned),
+            // Serializing a JSON map cannot fail.
+            context: row.context.and_then(|c| serde_json::to_string(c).ok()),
+            throttle,
+            takeover: true,
+        }
+    }
+
+    /// Whether an expired lease may be taken over (by default it may).
+    pub fn takeover(mut self, takeover: bool) -> Self {
+        self.takeover = takeover;
+        self
+    }
+}
+
+impl Keyed for ClaimInput {
+    fn keys(&self) -> [u64; 2] {
+        let throttle = match (&self.throttle, &self.user_id, &self.purpose) {
+            (Some(_), Some(user), Some(purpose)) => batch::key("throttle", &[user, purpose]),
+            _ => 0,
+        };
+        [batch::key("id", &[&self.id]), throttle]
+    }
+}
+
+/// A conclusion queued for [`Store::finish_batch`]: a [`Finish`], owned.
+#[derive(Debug, Clone)]
+pub struct FinishInput {
+    id: String,
+    outcome_type: String,
+    outcome: Vec<u8>,
+    sent_at: Option<OffsetDateTime>,
+    code_hash: Option<Vec<u8>>,
+    attempted: bool,
+    release_throttle: bool,
+}
+
+impl FinishInput {
+    /// The owned form of `f`.
+    pub fn new(f: &Finish<'_>) -> Self {
+        Self {
+            id: f.id.to_owned(),
+            outcome_type: f.outcome_type.to_owned(),
+            outcome: f.outcome.to_vec(),
+            sent_at: f.sent_at,
+            code_hash: f.code_hash.map(<[u8]>::to_vec),
+            attempted: f.attempted,
+            release_throttle: f.release_throttle,
+        }
+    }
+}
+
+/// A write of the conclusions' batch: store an outcome, or record that the
+/// broker confirmed one.
+#[derive(Debug, Clone)]
+pub enum Write {
+    /// [`Store::finish`].
+    Finish(FinishInput),
+    /// [`Store::mark_published`] of this request id.
+    MarkPublished(String),
+}
+
+impl Keyed for Write {
+    fn keys(&self) -> [u64; 2] {
+        let id = match self {
+            Write::Finish(f) => &f.id,
+            Write::MarkPublished(id) => id,
+        };
+        [batch::key("id", &[id]), 0]
+    }
+}
+
+pub(super) fn claimed_from(r: &sqlx::postgres::PgRow) -> Result<Claimed, sqlx::Error> {
+    let elapsed: Option<f64> = r.try_get("elapsed")?;
+    Ok(Claimed {
+        throttle_passed: r.try_get("throttle_passed")?,
+        attempts: r.try_get("attempts")?,
+        elapsed: Duration::try_from_secs_f64(elapsed.unwrap_or(0.0).max(0.0)).unwrap_or_default(),
+    })
+}

@@ -1,0 +1,226 @@
+//! [`BatchedStore`]: concurrent deliveries' statements batched, on
+//! connections of the batching tasks' own, with the worker's deadlines.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::ConnectOptions;
+use sqlx::postgres::{PgConnectOptions, PgConnection};
+use tracing::debug;
+
+use super::{Claim, ClaimInput, Claimed, Finish, FinishInput, RequestRow, Store, Write};
+use crate::batch::Batcher;
+use crate::health::Health;
+
+/// Claims and conclusions of concurrent deliveries, each kind batched into
+/// one statement and one commit (see [`crate::batch`]). A batch that fails
+/// (a deadlock with another worker, an outage) falls back to the
+/// single-request statement for each of its callers, with their own retries.
+#[derive(Debug, Clone)]
+pub struct BatchedStore {
+    store: Store,
+    claims: Batcher<ClaimInput, Option<Claimed>>,
+    conclusions: Batcher<Write, bool>,
+}
+
+impl BatchedStore {
+    /// Starts the batching tasks on `store`, each with a connection of its
+    /// own; they end (and close it) when every clone is dropped. A batch that
+    /// runs out of time is reported to `health` until one completes again.
+    pub fn spawn(store: Store, health: Arc<Health>) -> Self {
+        let claims = {
+            let (s, sessions) = (store.clone(), Sessions::new(&store, &health));
+            Batcher::spawn("claim", CALL_DEADLINE, move |inputs: Vec<ClaimInput>| {
+                let (s, sessions) = (s.clone(), sessions.clone());
+                async move {
+                    sessions
+                        .run("claim", inputs.len(), async |conn| {
+                            s.claim_batch_on(conn, &inputs).await
+                        })
+                        .await
+                }
+            })
+        };
+        let conclusions = {
+            let (s, sessions) = (store.clone(), Sessions::new(&store, &health));
+            Batcher::spawn("finish", CALL_DEADLINE, move |inputs: Vec<Write>| {
+                let (s, sessions) = (s.clone(), sessions.clone());
+                async move {
+                    sessions
+                        .run("finish", inputs.len(), async |conn| {
+                            s.finish_batch_on(conn, &inputs).await
+                        })
+                        .await
+                }
+            })
+        };
+        Self {
+            store,
+            claims,
+            conclusions,
+        }
+    }
+
+    /// [`Store::claim_with`], batched with other deliveries' claims.
+    pub async fn claim(
+        &self,
+        row: RequestRow<'_>,
+        throttle: Option<Duration>,
+        takeover: bool,
+    ) -> Result<Claim, sqlx::Error> {
+        let input = ClaimInput::new(row, throttle).takeover(takeover);
+        match self.claims.call(input).await {
+            Some(Some(claimed)) => Ok(Claim::Claimed(claimed)),
+            Some(None) => self.store.lookup_and_lease(row.id).await,
+            None => self.store.claim_with(row, throttle, takeover).await,
+        }
+    }
+
+    /// [`Store::finish`], batched with other deliveries' conclusions.
+    pub async fn finish(&self, f: Finish<'_>) -> Result<bool, sqlx::Error> {
+        let job = Write::Finish(FinishInput::new(&f));
+        match self.conclusions.call(job).await {
+            Some(done) => Ok(done),
+            None => self.store.finish(f).await,
+        }
+    }
+
+    /// [`Store::mark_published`], batched with other deliveries' conclusions.
+    pub async fn mark_published(&self, id: &str) -> Result<(), sqlx::Error> {
+        match self
+            .conclusions
+            .call(Write::MarkPublished(id.to_owned()))
+            .await
+        {
+            Some(_) => Ok(()),
+            None => self.store.mark_published(id).await,
+        }
+    }
+}
+
+/// Planner settings of the batching tasks' connections (see the module docs):
+/// every batch statement reaches its rows by primary key, through nested
+/// loops over the input arrays, at any table size.
+pub const BATCH_SESSION: [(&str, &str); 3] = [
+    ("enable_seqscan", "off"),
+    ("enable_hashjoin", "off"),
+    ("enable_mergejoin", "off"),
+];
+
+/// Longest a batching task waits for its connection to open.
+const SESSION_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// `statement_timeout` of every worker statement (pool and batch sessions):
+/// no statement of the worker rightly takes more than milliseconds.
+pub const STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// `lock_timeout` of every worker statement: a statement queued behind a lock
+/// held this long (another session stuck, an operator's `LOCK TABLE`) gives
+/// up, and its delivery retries.
+pub const LOCK_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest a batch may run on its connection, on our side: past it the
+/// connection is dropped (a socket that stopped answering never times out
+/// on the server). A little more than [`STATEMENT_TIMEOUT`], so the server's
+/// own timeout normally answers first.
+const BATCH_DEADLINE: Duration = Duration::from_secs(6);
+/// Longest a delivery waits for its batch's answer, queueing behind the
+/// running batch included, before running its statement alone.
+const CALL_DEADLINE: Duration = Duration::from_secs(8);
+
+/// The server-side deadlines of the worker's connections.
+pub fn deadlines() -> verimail_shared::db::Deadlines {
+    verimail_shared::db::Deadlines {
+        statement: Some(STATEMENT_TIMEOUT),
+        lock: Some(LOCK_TIMEOUT),
+    }
+}
+
+/// A batching task's own connections (one per running batch), opened on
+/// first use and again after a failure (the batch's callers meanwhile fall
+/// back to the pool).
+#[derive(Clone)]
+struct Sessions {
+    options: Arc<PgConnectOptions>,
+    idle: Arc<std::sync::Mutex<Vec<PgConnection>>>,
+    health: Arc<Health>,
+}
+
+impl Sessions {
+    /// Connections for one batching task, on the pool's server and database
+    /// (with its statement and lock timeouts).
+    fn new(store: &Store, health: &Arc<Health>) -> Self {
+        let options = (*store.pool.connect_options())
+            .clone()
+            .options(BATCH_SESSION);
+        Self {
+            options: Arc::new(options),
+            idle: Arc::default(),
+            health: health.clone(),
+        }
+    }
+
+    /// Runs `op` on an idle connection (or a new one). A connection whose
+    /// batch failed may be broken or mid-transaction: it is dropped, and the
+    /// next batch opens a fresh one.
+    async fn run<T>(
+        &self,
+        statement: &'static str,
+        n: usize,
+        op: impl AsyncFnOnce(&mut PgConnection) -> Result<T, sqlx::Error>,
+    ) -> Option<T> {
+        let idle = self
+            .idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .pop();
+        let result = match idle {
+            Some(conn) => Ok(conn),
+            None => tokio::time::timeout(SESSION_CONNECT_TIMEOUT, self.options.connect())
+                .await
+                .unwrap_or(Err(sqlx::Error::PoolTimedOut)),
+        };
+        let mut conn = match result {
+            Ok(conn) => conn,
+            Err(e) => {
+                debug!(error = %e, statement, n, "cannot open a batch connection; its requests run alone");
+                return None;
+            }
+        };
+        // On our deadline the connection is dropped with the future: its
+        // socket may have stopped answering.
+        let result = tokio::time::timeout(BATCH_DEADLINE, op(&mut conn)).await;
+        match result {
+            Ok(Ok(v)) => {
+                self.health.set_batches_stalled(false);
+                self.idle
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push(conn);
+                Some(v)
+            }
+            Ok(Err(e)) => {
+                // A statement or lock timeout: the batch was stuck, not refused.
+                let timed_out = matches!(&e, sqlx::Error::Database(d)
+                    if matches!(d.code().as_deref(), Some("57014") | Some("55P03")));
+                if timed_out {
+                    self.health.set_batches_stalled(true);
+                }
+                debug!(error = %e, statement, n, "batch failed; its requests run alone");
+                None
+            }
+            Err(_) => {
+                self.health.set_batches_stalled(true);
+                debug!(
+                    statement,
+                    n, "batch ran out of time; its requests run alone"
+                );
+                None
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for Sessions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sessions").finish_non_exhaustive()
+    }
+}
