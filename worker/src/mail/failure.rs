@@ -16,6 +16,14 @@
 //!   detail says which ("sender refused: ...");
 //! - everything else (4xx, refused or reset connections, timeouts, TLS, a
 //!   refused greeting or EHLO, file-system errors of the outbox) is transient.
+//!
+//! An HTTP API's answer is judged by its status: 429 and 5xx are transient,
+//! as are timeouts and refused connections; any other 4xx is
+//! `provider_rejected` (its error in the detail), unless the provider names
+//! the recipient as invalid or inactive: `recipient_rejected`.
+//!
+//! [`pause_for`] says when a failure asks the whole namespace to slow down
+//! that target: a `Retry-After` (or a 429 without one), an SMTP 421 or 454.
 
 use std::time::Duration;
 
@@ -61,6 +69,81 @@ pub enum SendError {
     /// The message could not be built.
     #[error("the message could not be built: {0}")]
     Message(#[source] lettre::error::Error),
+    /// An HTTP API could not be reached, or broke off, or did not answer in time.
+    #[error("{provider}: no answer: {source}")]
+    HttpTransport {
+        /// The provider (`ses`, `postmark`, ...).
+        provider: &'static str,
+        /// reqwest's error.
+        #[source]
+        source: reqwest::Error,
+    },
+    /// An HTTP API answered with an error status.
+    #[error("{provider} answered {status}: {detail}")]
+    HttpStatus {
+        /// The provider.
+        provider: &'static str,
+        /// The HTTP status.
+        status: u16,
+        /// The provider's error, in its words.
+        detail: String,
+        /// The provider named the recipient as invalid or inactive.
+        recipient: bool,
+        /// How long it asked us to wait (`Retry-After`, SendGrid's `X-RateLimit-Reset`).
+        retry_after: Option<Duration>,
+    },
+    /// A 2xx that is not the provider's answer to a send (no message id
+    /// where one must be: a wrong endpoint).
+    #[error("{provider} answered {status} without a message id: {body}")]
+    HttpUnexpected {
+        /// The provider.
+        provider: &'static str,
+        /// The HTTP status.
+        status: u16,
+        /// The start of the body.
+        body: String,
+    },
+    /// The request could not be signed (SES: no AWS credentials).
+    #[error("{provider}: the request could not be signed: {source}")]
+    Signing {
+        /// The provider.
+        provider: &'static str,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// Every target is paused by a `Retry-After` or an SMTP 421/454 for
+    /// longer than this send may wait.
+    #[error("every target asked us to wait (paused for another {} ms)", .0.as_millis())]
+    Paused(Duration),
+}
+
+/// Without a time given, a pause lasts this long (the contract's 5 s).
+pub const DEFAULT_PAUSE: Duration = Duration::from_secs(5);
+
+/// How long `error` asks every worker of the namespace to leave its target
+/// alone, if it does: an API's `Retry-After` (or a 429 without one), an SMTP
+/// 421 ("service not available, closing") or 454 ("TLS not available" in
+/// RFC 3207, and SES's "Throttling").
+pub fn pause_for(error: &SendError) -> Option<Duration> {
+    match error {
+        SendError::HttpStatus {
+            retry_after: Some(d),
+            ..
+        } => Some(*d),
+        SendError::HttpStatus {
+            status: 429,
+            retry_after: None,
+            ..
+        } => Some(DEFAULT_PAUSE),
+        SendError::Smtp { source, .. } | SendError::Session(source) | SendError::Auth(source) => {
+            match reply(source) {
+                Some((421 | 454, _)) => Some(DEFAULT_PAUSE),
+                _ => None,
+            }
+        }
+        _ => None,
+    }
 }
 
 /// A step of the mail transaction.
@@ -95,7 +178,9 @@ impl SendError {
     pub fn detail(&self) -> String {
         match classify(self) {
             Classification::Refused(r) => format!("{}: {self}", r.as_str()),
-            Classification::Transient | Classification::RecipientRejected => self.to_string(),
+            Classification::Transient
+            | Classification::RecipientRejected
+            | Classification::ProviderRejected => self.to_string(),
         }
     }
 }
@@ -123,7 +208,21 @@ pub fn classify(error: &SendError) -> Classification {
         SendError::Connect(_)
         | SendError::Session(_)
         | SendError::Timeout(_)
-        | SendError::File(_) => Classification::Transient,
+        | SendError::File(_)
+        | SendError::HttpTransport { .. }
+        | SendError::Paused(_) => Classification::Transient,
+        SendError::HttpStatus {
+            status, recipient, ..
+        } => match status {
+            429 | 500.. => Classification::Transient,
+            _ if *recipient => Classification::RecipientRejected,
+            _ => Classification::ProviderRejected,
+        },
+        // A wrong endpoint or missing credentials: the operator must act,
+        // and the request is replayable once they have.
+        SendError::HttpUnexpected { .. } | SendError::Signing { .. } => {
+            Classification::Refused(Refusal::Other)
+        }
     }
 }
 

@@ -30,6 +30,11 @@ impl Composer {
         Ok(Self { from, id_domain })
     }
 
+    /// The `Message-ID` of the request's mail (the same on every attempt).
+    pub fn message_id(&self, request_id: &str) -> String {
+        message_id(request_id, &self.id_domain)
+    }
+
     /// The MIME message: multipart/alternative (text, HTML), with a
     /// `Message-ID` derived from the request id.
     pub fn build(&self, to: &Envelope<'_>, mail: &RenderedMail) -> Result<Message, SendError> {
@@ -45,7 +50,7 @@ impl Composer {
             .to(Mailbox::new(name, address))
             .subject(mail.subject.clone())
             .date_now()
-            .message_id(Some(message_id(to.request_id, &self.id_domain)))
+            .message_id(Some(self.message_id(to.request_id)))
             .multipart(MultiPart::alternative_plain_html(
                 mail.text.clone(),
                 mail.html.clone(),

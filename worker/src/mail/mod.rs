@@ -6,6 +6,9 @@
 //! - [`mailer`]: [`Mailer`] picks the transport `MAIL_URL` names, bounds each
 //!   attempt by a deadline and retries transient failures with backoff.
 //! - [`smtp`]: our SMTP connection pool, one transaction per mail, pipelined.
+//! - [`http`]: the HTTP APIs (SES, Postmark, SendGrid, Mailgun, generic).
+//! - [`pause`]: targets paused for the whole namespace (`Retry-After`, 421/454).
+//! - [`pace`]: `MAIL_RATE_LIMIT`, one budget of send slots for the namespace.
 //! - [`outbox`]: the `file://` outbox, one `.eml` file per mail.
 //! - [`failure`]: [`SendError`], and [`classify`], the one place deciding
 //!   what a failure means: retry, `recipient_rejected`, or `delivery_failed`.
@@ -15,9 +18,12 @@
 //! a deadline, so a stuck SMTP server cannot hold a worker's slots forever.
 
 pub mod failure;
+pub mod http;
 pub mod mailer;
 pub mod message;
 pub mod outbox;
+pub mod pace;
+pub mod pause;
 pub mod smtp;
 pub mod templates;
 #[cfg(test)]
@@ -28,7 +34,7 @@ use std::time::Duration;
 use time::OffsetDateTime;
 use verimail_shared::events::Purpose;
 
-pub use failure::{SendError, SmtpStep, classify};
+pub use failure::{DEFAULT_PAUSE, SendError, SmtpStep, classify, pause_for};
 pub use mailer::{ATTEMPT_TIMEOUT, Mailer, MailerError};
 pub use message::Composer;
 pub use smtp::CONNECT_TIMEOUT;
@@ -80,6 +86,9 @@ pub enum Classification {
     /// so the request ends `failed`/`delivery_failed` at once and its copy is
     /// dead-lettered for `verimail dead replay`.
     Refused(Refusal),
+    /// An HTTP API refused the mail for good (a 4xx other than 429, not
+    /// about the recipient): `failed`/`provider_rejected`, its words in the detail.
+    ProviderRejected,
 }
 
 /// Who or what a [`Classification::Refused`] refusal was about; it opens the

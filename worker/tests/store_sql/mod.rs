@@ -105,6 +105,7 @@ async fn a_claim_is_busy_while_leased_and_done_after_finishing() -> Result<()> {
             outcome: br#"{"id":"o1"}"#,
             sent_at: Some(time::OffsetDateTime::now_utc()),
             code_hash: Some(&[7; 32]),
+            provider_message_id: None,
             attempted: true,
             release_throttle: false,
         })
@@ -158,6 +159,7 @@ async fn an_expired_lease_is_taken_over_and_a_failed_request_gives_the_throttle_
             outcome: br#"{"id":"o1"}"#,
             sent_at: None,
             code_hash: None,
+            provider_message_id: None,
             attempted: true,
             release_throttle: true,
         })
@@ -197,6 +199,7 @@ fn finish<'a>(id: &'a str, sent: bool, release_throttle: bool) -> Finish<'a> {
         outcome: br#"{"id":"o"}"#,
         sent_at: sent.then(time::OffsetDateTime::now_utc),
         code_hash: None,
+        provider_message_id: None,
         attempted: true,
         release_throttle,
     }
