@@ -273,7 +273,7 @@ async fn postmark_gets_its_documented_request_and_its_answers_decide_the_outcome
             && body["MessageStream"] == "outbound"
             && body["Headers"][0]["Name"] == "Message-ID"
             && body["Headers"][0]["Value"].as_str().is_some_and(|v| v.ends_with("@verimail.test>"))
-            && body["Metadata"]["request_id"].as_str().is_some_and(|v| v.starts_with("pm-"));
+            && body["Metadata"]["request_id"].as_str().is_some_and(|v| v.starts_with("postmark-"));
         if r.header("x-postmark-server-token") != Some("pm-token") {
             return Reply::json(401, json!({"ErrorCode": 10, "Message": "Bad or missing API token"}));
         }
