@@ -373,6 +373,39 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn smtp_421_and_454_ask_for_a_pause_and_other_replies_do_not() -> TestResult {
+        use verimail_tests::smtp::Step;
+        let server = SmtpServer::start();
+        let to = envelope(None, "bob@example.com");
+        for (code, text, pause) in [
+            (
+                454,
+                "4.7.0 Throttling failure: Maximum sending rate exceeded.",
+                Some(DEFAULT_PAUSE),
+            ),
+            (421, "4.4.2 closing, slow down", Some(DEFAULT_PAUSE)),
+            (451, "4.3.0 try again later", None),
+            (550, "5.1.1 no such user", None),
+        ] {
+            server.clear_refusals();
+            server.refuse(Step::Rcpt, code, text);
+            // A mailer each: a pause holds its target for the next send.
+            let m = mailer(&server.mail_url())?;
+            let err = m
+                .send(&to, &mail())
+                .await
+                .err()
+                .ok_or("a refusal expected")?;
+            assert_eq!(pause_for(&err), pause, "{code}: {err}");
+            if pause.is_some() {
+                let err = m.send(&to, &mail()).await.err().ok_or("paused")?;
+                assert!(matches!(err, SendError::Paused(_)), "{err:?}");
+            }
+        }
+        Ok(())
+    }
+
+    #[tokio::test]
     async fn a_refused_connection_is_transient() -> TestResult {
         let m = mailer(&format!("smtp+plain://127.0.0.1:{}", closed_port()?))?;
         let err = m

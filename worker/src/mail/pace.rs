@@ -14,6 +14,7 @@
 //! `verimail_worker_mail_rate_limit_wait_seconds` says how long they waited.
 
 use std::collections::VecDeque;
+use std::sync::PoisonError;
 use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
@@ -39,6 +40,8 @@ pub struct Pace {
     /// Reserved slots not handed out yet, in order. Behind an async mutex,
     /// fair, so mails get slots in the order they asked.
     slots: Mutex<VecDeque<Instant>>,
+    /// The database's clock against ours.
+    clock: std::sync::Mutex<Clock>,
 }
 
 impl Pace {
@@ -67,6 +70,11 @@ impl Pace {
             interval: limit.interval(),
             block,
             slots: Mutex::new(VecDeque::new()),
+            clock: std::sync::Mutex::new(Clock {
+                at: Instant::now(),
+                db: 0.0,
+                round_trip: Duration::MAX,
+            }),
         })
     }
 
@@ -89,14 +97,12 @@ impl Pace {
                 return slot;
             }
             match self.reserve().await {
-                Ok(Reserved::Block { first_in }) => {
-                    let first = Instant::now() + first_in;
+                Ok(Some(first)) => {
                     slots.extend((0..self.block).map(|i| first + self.interval * i));
                 }
-                Ok(Reserved::Full { first_free_in }) => {
-                    // Booked up to the horizon: come back when a block fits.
-                    let wait = first_free_in.saturating_sub(HORIZON) + self.interval;
-                    tokio::time::sleep(wait).await;
+                Ok(None) => {
+                    // Booked up to the horizon: a block frees up within its own length.
+                    tokio::time::sleep(self.interval * self.block / 2).await;
                 }
                 Err(e) => {
                     // No budget without the database: wait, never send unlimited.
@@ -107,60 +113,81 @@ impl Pace {
         }
     }
 
-    /// One statement: reserves a block of slots if the first free one is
-    /// within the horizon.
-    async fn reserve(&self) -> Result<Reserved, sqlx::Error> {
+    /// One statement: books a block of slots if the first free one is within
+    /// the horizon (creating the namespace's row when missing); the local
+    /// instant of the block's first slot.
+    ///
+    /// The slot comes back as a time on the database's clock, and is placed
+    /// on ours through the answer with the shortest round trip seen
+    /// ([`Clock`]): every worker then sends at the slot's own time, so one
+    /// worker's slow answer cannot push its block onto another's.
+    async fn reserve(&self) -> Result<Option<Instant>, sqlx::Error> {
+        // The SET and WHERE are evaluated on the locked row, so
+        // `clock_timestamp()` is read after any wait for the lock.
         const RESERVE: &str = r"
-WITH c AS (SELECT clock_timestamp() AS now),
-old AS (
-    SELECT GREATEST(m.tat, c.now) AS start, c.now
-    FROM mail_rate_limit m, c
-    WHERE m.namespace = $1
-    FOR UPDATE OF m
-),
-booked AS (
-    UPDATE mail_rate_limit m
-    SET tat = old.start + $2::float8 * interval '1 second'
-    FROM old
-    WHERE m.namespace = $1 AND old.start <= old.now + $3::float8 * interval '1 second'
-    RETURNING 1
-)
-SELECT EXTRACT(EPOCH FROM (old.start - old.now))::float8, EXISTS (SELECT 1 FROM booked)
-FROM old";
+INSERT INTO mail_rate_limit AS m (namespace, tat)
+VALUES ($1, clock_timestamp() + $2::float8 * interval '1 second')
+ON CONFLICT (namespace) DO UPDATE
+SET tat = GREATEST(m.tat, clock_timestamp()) + $2::float8 * interval '1 second'
+WHERE GREATEST(m.tat, clock_timestamp()) <= clock_timestamp() + $3::float8 * interval '1 second'
+RETURNING EXTRACT(EPOCH FROM m.tat)::float8 - $2::float8,
+          EXTRACT(EPOCH FROM clock_timestamp())::float8";
         let block_length = self.interval * self.block;
-        let row: Option<(f64, bool)> = sqlx::query_as(RESERVE)
+        let sent = Instant::now();
+        let row: Option<(f64, f64)> = sqlx::query_as(RESERVE)
             .bind(&self.namespace)
             .bind(block_length.as_secs_f64())
             .bind(HORIZON.as_secs_f64())
             .fetch_optional(&self.pool)
             .await?;
-        let Some((first_in, booked)) = row else {
-            // The row went missing (a manual cleanup): make it again.
-            sqlx::query(
-                "INSERT INTO mail_rate_limit (namespace, tat) VALUES ($1, clock_timestamp())
-                 ON CONFLICT (namespace) DO NOTHING",
-            )
-            .bind(&self.namespace)
-            .execute(&self.pool)
-            .await?;
-            return Ok(Reserved::Full {
-                first_free_in: Duration::ZERO,
-            });
+        let received = Instant::now();
+        let Some((start, db_now)) = row else {
+            return Ok(None);
         };
-        let first_in = Duration::try_from_secs_f64(first_in.max(0.0)).unwrap_or_default();
-        Ok(if booked {
-            Reserved::Block { first_in }
-        } else {
-            Reserved::Full {
-                first_free_in: first_in,
-            }
-        })
+        let clock = {
+            let mut clock = self.clock.lock().unwrap_or_else(PoisonError::into_inner);
+            clock.sample(sent, received, db_now);
+            *clock
+        };
+        Ok(Some(clock.local(start)))
     }
 }
 
-enum Reserved {
-    /// A block was booked; its first slot is this far from now.
-    Block { first_in: Duration },
-    /// Booked up to the horizon; the first free slot is this far from now.
-    Full { first_free_in: Duration },
+/// Where the database's clock stands against ours: the answer with the
+/// shortest round trip of the last minute (NTP's rule), its database time
+/// taken as read halfway through the round trip.
+#[derive(Debug, Clone, Copy)]
+struct Clock {
+    /// Our instant matching `db`.
+    at: Instant,
+    /// Seconds since the epoch on the database's clock.
+    db: f64,
+    round_trip: Duration,
+}
+
+impl Clock {
+    const FRESH_FOR: Duration = Duration::from_secs(60);
+
+    fn sample(&mut self, sent: Instant, received: Instant, db: f64) {
+        let round_trip = received.duration_since(sent);
+        if round_trip <= self.round_trip || self.at.elapsed() > Self::FRESH_FOR {
+            *self = Self {
+                at: sent + round_trip / 2,
+                db,
+                round_trip,
+            };
+        }
+    }
+
+    /// Our instant of database time `db`.
+    fn local(&self, db: f64) -> Instant {
+        let offset = db - self.db;
+        if offset >= 0.0 {
+            self.at + Duration::try_from_secs_f64(offset).unwrap_or_default()
+        } else {
+            self.at
+                .checked_sub(Duration::try_from_secs_f64(-offset).unwrap_or_default())
+                .unwrap_or(self.at)
+        }
+    }
 }
