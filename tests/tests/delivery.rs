@@ -281,7 +281,7 @@ async fn postmark_gets_its_documented_request_and_its_answers_decide_the_outcome
             return Reply::json(422, json!({"ErrorCode": 402, "Message": format!("test: undocumented request {body}")}));
         }
         let case = case_of(&address);
-        let first = first_time(&seen, &format!("{address}"));
+        let first = first_time(&seen, &address);
         scripted(
             case,
             first,
