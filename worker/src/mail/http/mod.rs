@@ -304,6 +304,78 @@ mod tests {
     }
 
     #[test]
+    fn answers_are_classified_as_the_contract_says() {
+        use crate::mail::{Classification, classify, pause_for};
+        let none = HeaderMap::new();
+        let judged = |status: u16, headers: &HeaderMap, body: &str| {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::IM_A_TEAPOT);
+            judge("postmark", status, headers, body.as_bytes())
+        };
+        let ok = judged(
+            200,
+            &none,
+            r#"{"MessageID":"abc","ErrorCode":0,"Message":"OK"}"#,
+        );
+        assert_eq!(ok.ok().flatten().as_deref(), Some("abc"));
+        let mut later = HeaderMap::new();
+        later.insert("retry-after", HeaderValue::from_static("2"));
+        for (status, headers, body, class, pause) in [
+            (
+                429,
+                &later,
+                "{}",
+                Classification::Transient,
+                Some(Duration::from_secs(2)),
+            ),
+            (
+                429,
+                &none,
+                "{}",
+                Classification::Transient,
+                Some(crate::mail::DEFAULT_PAUSE),
+            ),
+            (
+                503,
+                &later,
+                "{}",
+                Classification::Transient,
+                Some(Duration::from_secs(2)),
+            ),
+            (500, &none, "{}", Classification::Transient, None),
+            (
+                401,
+                &none,
+                r#"{"ErrorCode":10,"Message":"Bad or missing API token"}"#,
+                Classification::ProviderRejected,
+                None,
+            ),
+            (
+                422,
+                &none,
+                r#"{"ErrorCode":406,"Message":"inactive"}"#,
+                Classification::RecipientRejected,
+                None,
+            ),
+            (
+                422,
+                &none,
+                r#"{"ErrorCode":300,"Message":"Invalid 'From' address"}"#,
+                Classification::ProviderRejected,
+                None,
+            ),
+        ] {
+            let Err(e) = judged(status, headers, body) else {
+                panic!("{status} must fail");
+            };
+            assert_eq!(classify(&e), class, "{status} {body}");
+            assert_eq!(pause_for(&e), pause, "{status} {body}");
+        }
+        // A 200 that refuses (Postmark reports some errors so).
+        let refused = judged(200, &none, r#"{"ErrorCode":406,"Message":"inactive"}"#);
+        assert!(refused.is_err_and(|e| classify(&e) == Classification::RecipientRejected));
+    }
+
+    #[test]
     fn endpoint_paths_are_joined_under_the_base() -> Result<(), url::ParseError> {
         let base = Url::parse("http://127.0.0.1:8005")?;
         assert_eq!(
