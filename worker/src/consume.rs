@@ -81,9 +81,9 @@ pub async fn consume(
                 Some(Ok(delivery)) => {
                     let ctx = ctx.clone();
                     let acker = delivery.acker.clone();
-                    // Boxed: the state machine of one delivery is about 11 KB,
-                    // and unboxed it was copied whole on each move into the
-                    // task (perf: memmove took 7 % of the worker's CPU).
+                    // Boxed: the state machine of one delivery is large, and
+                    // unboxed it was copied whole on each move into the task
+                    // (it showed in the profile as memmove).
                     let handling = Box::pin(process::handle(ctx.clone(), delivery));
                     tracker.spawn(async move {
                         match AssertUnwindSafe(handling).catch_unwind().await {
