@@ -15,6 +15,10 @@ scripts/services.sh
 # broker; take it down however the tests end.
 trap 'scripts/rabbitmq-cluster.sh down >/dev/null 2>&1 || true' EXIT
 
+# The delivery tests start aws-ses-v2-local (an SES v2 emulator, npm) from
+# tests/node, pinned by its package-lock.json.
+(cd tests/node && npm ci --silent --no-audit --no-fund >/dev/null)
+
 # The end-to-end itsdangerous test checks links against Python's itsdangerous.
 python3 -c "import itsdangerous" 2>/dev/null || pip install --quiet itsdangerous
 
@@ -42,6 +46,7 @@ declare -A groups=(
   [crates]="cargo test --workspace --exclude verimail-tests"
   [e2e]="cargo test -p verimail-tests --test e2e --test hostile --test codes"
   [faults]="cargo test -p verimail-tests --test faults -- ${skip_machine[*]}"
+  [delivery]="cargo test -p verimail-tests --test delivery"
 )
 # A new file in tests/tests/ must join a group: fail rather than skip it.
 for f in tests/tests/*.rs; do

@@ -94,6 +94,17 @@ enum Cmd {
         #[arg(long, value_delimiter = ',', default_values_t = [0])]
         suppressions: Vec<usize>,
     },
+    /// verimail-worker throughput through the generic `http://` API target
+    /// (signed JSON over pooled keep-alive connections) into a stand-in that
+    /// answers 200 at once, one worker process.
+    Http {
+        /// Requests preloaded.
+        #[arg(long, env = "BENCH_N", default_value_t = 20_000)]
+        n: usize,
+        /// WORKER_CONCURRENCY.
+        #[arg(long, env = "BENCH_CONCURRENCY", default_value_t = TUNED_CONCURRENCY)]
+        concurrency: u16,
+    },
     /// Publish→SMTP-acceptance latency (data.sent_at − publish time) at fixed offered rates,
     /// one worker process.
     Latency {
@@ -234,6 +245,14 @@ async fn main() -> Result<()> {
                     worker_run(&out, &label, n, p, &mail_url, concurrency, s).await?;
                 }
             }
+            Ok(())
+        }
+        Cmd::Http { n, concurrency } => {
+            let sink = verimail_tests::api::ApiSink::accepting().await?;
+            let mail_url = format!("{}/mail", sink.base());
+            println!("== HTTP API delivery (generic target, a stand-in answering at once)");
+            worker_run(&out, "http", n, 1, &mail_url, concurrency).await?;
+            println!("  the stand-in received {} requests", sink.count());
             Ok(())
         }
         Cmd::Latency {

@@ -3,6 +3,7 @@
 //! binaries as processes, event capture, positive signals that a deployment
 //! has settled, and a tiny HTTP client.
 
+pub mod api;
 pub mod env;
 pub mod http;
 pub mod procs;

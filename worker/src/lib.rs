@@ -74,6 +74,9 @@ pub enum Error {
     /// The mail transport could not be built.
     #[error(transparent)]
     Mailer(#[from] MailerError),
+    /// The namespace's send budget (`MAIL_RATE_LIMIT`) could not be set up in PostgreSQL.
+    #[error("MAIL_RATE_LIMIT: setting up the shared budget failed: {0}")]
+    Coordinate(#[source] sqlx::Error),
     /// `METRICS_ADDR` could not be bound.
     #[error("METRICS_ADDR: cannot listen on {addr}: {source}")]
     Listen {
@@ -171,6 +174,10 @@ impl Worker {
         let health = Arc::new(Health::default());
         health.set_db(true);
         health.set_bus(true);
+        let mailer = mailer
+            .coordinate(pool.clone(), &config)
+            .await
+            .map_err(Error::Coordinate)?;
         let store = Store::new(pool, lease);
         let ctx = Arc::new(Ctx {
             batches: BatchedStore::spawn(store.clone(), health.clone()),

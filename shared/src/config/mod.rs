@@ -22,9 +22,11 @@ use crate::token::{Digest, Keys, TokenFormat};
 
 mod env;
 mod mail_url;
+mod rate_limit;
 pub mod webhooks;
 
-pub use mail_url::{MailUrl, SmtpSecurity, outbox_file_name};
+pub use mail_url::{ApiProvider, ApiTarget, MailUrl, SmtpSecurity, outbox_file_name};
+pub use rate_limit::MailRateLimit;
 pub use webhooks::{SesTopics, WebhookSecrets};
 
 use env::Env;
@@ -95,6 +97,8 @@ pub struct Config {
     pub mail_url_is_default: bool,
     /// Sender mailbox (`MAIL_FROM`).
     pub mail_from: String,
+    /// One budget of mails for every worker of the namespace (`MAIL_RATE_LIMIT`); none: no limit.
+    pub mail_rate_limit: Option<MailRateLimit>,
     /// Folder of templates overriding the built-in ones (`TEMPLATES_DIR`).
     pub templates_dir: Option<PathBuf>,
     /// Messages in flight per worker (`WORKER_CONCURRENCY`).
@@ -286,6 +290,15 @@ impl Config {
             mail_url,
             mail_url_is_default,
             mail_from,
+            mail_rate_limit: env
+                .get("MAIL_RATE_LIMIT")
+                .filter(|raw| !raw.trim().is_empty())
+                .map(|raw| {
+                    raw.trim().parse().map_err(|p| {
+                        ConfigError::new("MAIL_RATE_LIMIT", format!("`{}`: {p}", raw.trim()))
+                    })
+                })
+                .transpose()?,
             templates_dir: env.get("TEMPLATES_DIR").map(PathBuf::from),
             worker_concurrency: env.number("WORKER_CONCURRENCY", 256, 1)?,
             mail_retry_window: env.seconds("MAIL_RETRY_WINDOW_SECONDS", 900, 0)?,

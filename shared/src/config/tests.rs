@@ -28,6 +28,7 @@ fn defaults_match_the_contract() -> Result<(), ConfigError> {
     assert!(c.return_url_allowlist.is_empty());
     assert!(matches!(&c.mail_url, MailUrl::File(d) if d == &PathBuf::from("./outbox")));
     assert!(c.mail_url_is_default);
+    assert_eq!(c.mail_rate_limit, None);
     assert_eq!(c.mail_from, "verimail <no-reply@localhost>");
     assert_eq!(c.worker_concurrency, 256);
     assert_eq!(c.mail_retry_window, Duration::from_secs(900));
@@ -211,6 +212,25 @@ fn return_urls_are_checked_by_origin() -> Result<(), Box<dyn std::error::Error>>
     assert!(c.return_url_allowed(&Url::parse("https://app.example.com/welcome?x=1")?));
     assert!(!c.return_url_allowed(&Url::parse("https://app.example.com.evil.io/")?));
     assert!(!c.return_url_allowed(&Url::parse("http://app.example.com/")?));
+    Ok(())
+}
+
+#[test]
+fn mail_rate_limit_is_read_and_a_bad_one_names_the_variable() -> Result<(), ConfigError> {
+    assert_eq!(config(&[])?.mail_rate_limit, None);
+    let c = config(&[("MAIL_RATE_LIMIT", "600/min")])?;
+    assert_eq!(c.mail_rate_limit.map(MailRateLimit::per_second), Some(10.0));
+    let err = config(&[("MAIL_RATE_LIMIT", "lots")])
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(err.starts_with("MAIL_RATE_LIMIT: `lots`: "), "{err}");
+    assert!(!err.contains('\n'), "{err}");
+    let err = config(&[("MAIL_URL", "postmark://")])
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(err.starts_with("MAIL_URL: "), "{err}");
     Ok(())
 }
 

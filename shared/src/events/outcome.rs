@@ -19,6 +19,9 @@ use super::{
 pub enum FailureReason {
     /// A field broke a rule; `detail` names it.
     InvalidRequest,
+    /// An HTTP API refused the mail for good (a 4xx other than 429); the
+    /// detail has its words.
+    ProviderRejected,
     /// `return_url`'s origin is not in `RETURN_URL_ALLOWLIST`.
     ReturnUrlNotAllowed,
     /// The SMTP server refused permanently (5xx).
@@ -34,6 +37,7 @@ impl FailureReason {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::InvalidRequest => "invalid_request",
+            Self::ProviderRejected => "provider_rejected",
             Self::ReturnUrlNotAllowed => "return_url_not_allowed",
             Self::RecipientRejected => "recipient_rejected",
             Self::DeliveryFailed => "delivery_failed",

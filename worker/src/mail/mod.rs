@@ -2,25 +2,42 @@
 //!
 //! - [`templates`]: the built-in templates (`worker/templates/`, embedded) and
 //!   overrides from `TEMPLATES_DIR`; [`Templates::render`] picks the locale.
-//! - [`send`]: [`Mailer`] builds the MIME message and delivers it over pooled
-//!   SMTP or into a `file://` outbox; [`classify`] is the one place deciding
+//! - [`message`]: the MIME message every transport sends ([`Composer`]).
+//! - [`mailer`]: [`Mailer`] picks the transport `MAIL_URL` names, bounds each
+//!   attempt by a deadline and retries transient failures with backoff.
+//! - [`smtp`]: our SMTP connection pool, one transaction per mail, pipelined.
+//! - [`http`]: the HTTP APIs (SES, Postmark, SendGrid, Mailgun, generic).
+//! - [`pause`]: targets paused for the whole namespace (`Retry-After`, 421/454).
+//! - [`pace`]: `MAIL_RATE_LIMIT`, one budget of send slots for the namespace.
+//! - [`outbox`]: the `file://` outbox, one `.eml` file per mail.
+//! - [`failure`]: [`SendError`], and [`classify`], the one place deciding
 //!   what a failure means: retry, `recipient_rejected`, or `delivery_failed`.
 //!
 //! Invariants: a recipient's name is data, never template source (it cannot
 //! inject template syntax, HTML or headers); every delivery attempt ends within
 //! a deadline, so a stuck SMTP server cannot hold a worker's slots forever.
 
-pub mod send;
+pub mod failure;
+pub mod http;
+pub mod mailer;
+pub mod message;
+pub mod outbox;
+pub mod pace;
+pub mod pause;
+pub mod smtp;
 pub mod templates;
+#[cfg(test)]
+mod test_support;
 
 use std::time::Duration;
 
 use time::OffsetDateTime;
 use verimail_shared::events::Purpose;
 
-pub use send::{
-    ATTEMPT_TIMEOUT, CONNECT_TIMEOUT, Mailer, MailerError, SendError, SmtpStep, classify,
-};
+pub use failure::{DEFAULT_PAUSE, SendError, SmtpStep, classify, pause_for};
+pub use mailer::{ATTEMPT_TIMEOUT, Mailer, MailerError};
+pub use message::Composer;
+pub use smtp::CONNECT_TIMEOUT;
 pub use templates::{DEFAULT_LOCALE, TemplateError, Templates};
 
 /// What a template sees.
@@ -69,6 +86,9 @@ pub enum Classification {
     /// so the request ends `failed`/`delivery_failed` at once and its copy is
     /// dead-lettered for `verimail dead replay`.
     Refused(Refusal),
+    /// An HTTP API refused the mail for good (a 4xx other than 429, not
+    /// about the recipient): `failed`/`provider_rejected`, its words in the detail.
+    ProviderRejected,
 }
 
 /// Who or what a [`Classification::Refused`] refusal was about; it opens the

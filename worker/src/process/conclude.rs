@@ -72,6 +72,8 @@ impl OutcomeEvent {
 pub(super) struct Sent<'a> {
     pub(super) at: OffsetDateTime,
     pub(super) code_hash: Option<&'a [u8]>,
+    /// The HTTP API's own id of the mail (its bounce notifications name it).
+    pub(super) provider_message_id: Option<&'a str>,
 }
 
 /// What this delivery did about the mail, as the request's row records it.
@@ -112,6 +114,7 @@ pub(super) async fn conclude(
         outcome: &outcome.bytes,
         sent_at: sent.map(|s| s.at),
         code_hash: sent.and_then(|s| s.code_hash),
+        provider_message_id: sent.and_then(|s| s.provider_message_id),
         attempted: !matches!(attempt, Attempt::None | Attempt::Suppressed),
         release_throttle: matches!(
             attempt,

@@ -400,7 +400,7 @@ async fn send(
         .await;
     let took = started.elapsed();
     match result {
-        Ok(()) => {
+        Ok(provider_message_id) => {
             metrics::smtp(took, "accepted");
             let sent_at = OffsetDateTime::now_utc();
             // Per message, so debug: at thousands of mails a second an info
@@ -416,6 +416,7 @@ async fn send(
             let sent = Sent {
                 at: sent_at,
                 code_hash: code_hash.as_deref(),
+                provider_message_id: provider_message_id.as_deref(),
             };
             conclude(ctx, &req.id, &outcome, Attempt::Sent(sent)).await
         }
@@ -434,6 +435,20 @@ async fn send(
             let detail = e.to_string();
             let suppress = ctx.config.suppress_on_reject.then_some(detail.as_str());
             conclude(ctx, &req.id, &outcome, Attempt::Rejected(suppress)).await
+        }
+        Err(e) if e.classification() == Classification::ProviderRejected => {
+            // An HTTP API refused the mail for good (a 4xx other than 429):
+            // its words in the detail; no retry can change its answer.
+            metrics::smtp(took, "provider_rejected");
+            warn!(error = %e, "mail refused by the provider's API");
+            let data = FailedData {
+                fields: req.echo().outcome_fields(),
+                reason: FailureReason::ProviderRejected,
+                detail: e.to_string(),
+            };
+            let outcome = OutcomeEvent::new(VERIFICATION_FAILED, data, req.traceparent.clone())
+                .counted("failed", FailureReason::ProviderRejected.as_str());
+            conclude(ctx, &req.id, &outcome, Attempt::Failed).await
         }
         Err(e) if matches!(e.classification(), Classification::Refused(_)) => {
             // The server refuses us (sender, credentials, policy), not the

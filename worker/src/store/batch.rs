@@ -152,9 +152,9 @@ RETURNING r.id, r.throttle_passed, r.attempts,
         const FINISH_BATCH: &str = r"
 WITH input AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::timestamptz[],
-                         $5::int4[], $6::bool[], $9::bytea[], $10::text[])
+                         $5::int4[], $6::bool[], $9::bytea[], $10::text[], $11::text[])
         AS i(id, outcome_type, outcome, sent_at, attempted, release_throttle, code_hash,
-             suppress)
+             provider_message_id, suppress)
 ),
 held AS (
     SELECT id FROM requests WHERE id = ANY($1::text[] || $8::text[])
@@ -166,7 +166,8 @@ r AS (
     SET state = 'done', lease_until = now() + $7::float8 * interval '1 second',
         outcome_type = i.outcome_type, outcome = i.outcome,
         sent_at = i.sent_at, attempts = r.attempts + i.attempted,
-        code_hash = i.code_hash, code_attempts = 0
+        code_hash = i.code_hash, code_attempts = 0,
+        provider_message_id = i.provider_message_id
     FROM input i
     WHERE r.id = i.id AND r.state = 'processing'
     RETURNING r.id, r.user_id, r.purpose, r.email, i.sent_at, i.release_throttle, i.suppress
@@ -257,6 +258,12 @@ SELECT id FROM same";
             .bind(
                 order
                     .iter()
+                    .map(|i| i.provider_message_id.as_deref())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                order
+                    .iter()
                     .map(|i| i.suppress.as_deref())
                     .collect::<Vec<_>>(),
             )
@@ -332,6 +339,7 @@ pub struct FinishInput {
     outcome: Vec<u8>,
     sent_at: Option<OffsetDateTime>,
     code_hash: Option<Vec<u8>>,
+    provider_message_id: Option<String>,
     attempted: bool,
     release_throttle: bool,
     suppress: Option<String>,
@@ -346,6 +354,7 @@ impl FinishInput {
             outcome: f.outcome.to_vec(),
             sent_at: f.sent_at,
             code_hash: f.code_hash.map(<[u8]>::to_vec),
+            provider_message_id: f.provider_message_id.map(str::to_owned),
             attempted: f.attempted,
             release_throttle: f.release_throttle,
             suppress: f.suppress.map(str::to_owned),

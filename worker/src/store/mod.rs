@@ -129,6 +129,8 @@ pub struct Finish<'a> {
     /// The keyed hash of the code in the mail (`sent` with a code only); its
     /// wrong tries start again at zero.
     pub code_hash: Option<&'a [u8]>,
+    /// The HTTP API's own id of the mail (`sent` through an API only).
+    pub provider_message_id: Option<&'a str>,
     /// Whether this delivery made a send attempt (counts in `attempts`).
     pub attempted: bool,
     /// No mail went out: give the throttle back if this request holds it.
