@@ -251,7 +251,7 @@ async fn main() -> Result<()> {
             let sink = verimail_tests::api::ApiSink::accepting().await?;
             let mail_url = format!("{}/mail", sink.base());
             println!("== HTTP API delivery (generic target, a stand-in answering at once)");
-            worker_run(&out, "http", n, 1, &mail_url, concurrency).await?;
+            worker_run(&out, "http", n, 1, &mail_url, concurrency, 0).await?;
             println!("  the stand-in received {} requests", sink.count());
             Ok(())
         }
