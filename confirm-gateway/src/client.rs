@@ -1,12 +1,15 @@
 //! Who is asking: the client address behind trusted proxies, and the per-client
 //! token bucket of `/confirm` (`CONFIRM_RATE_LIMIT_PER_MINUTE`).
 
-use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::num::NonZeroU32;
+use std::sync::{PoisonError, RwLock};
 
 use axum::http::HeaderMap;
+use governor::Quota;
+use governor::clock::{Clock, DefaultClock};
+use governor::middleware::NoOpMiddleware;
+use governor::state::keyed::DashMapStateStore;
 use ipnet::IpNet;
 
 /// Most buckets kept at once; beyond it, idle (full) buckets are evicted.
@@ -69,19 +72,31 @@ fn bucket_key(ip: IpAddr) -> IpAddr {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Bucket {
-    tokens: f64,
-    updated: Instant,
+type Keyed<C> = governor::RateLimiter<
+    IpAddr,
+    DashMapStateStore<IpAddr>,
+    C,
+    NoOpMiddleware<<C as Clock>::Instant>,
+>;
+
+/// A token bucket per client, keyed and sharded (`governor`'s GCRA over a
+/// `DashMap`: requests of clients on different shards never wait on one
+/// lock): `per_minute` requests, refilled evenly over a minute.
+pub struct RateLimiter<C: Clock = DefaultClock> {
+    /// Read-locked by every check (readers never wait on each other); written
+    /// only to start afresh when the limiter is full of active clients.
+    limiter: RwLock<Keyed<C>>,
+    quota: Quota,
+    clock: C,
+    max_buckets: usize,
 }
 
-/// A token bucket per client: `capacity` requests, refilled evenly over a minute.
-#[derive(Debug)]
-pub struct RateLimiter {
-    capacity: f64,
-    per_second: f64,
-    max_buckets: usize,
-    buckets: Mutex<HashMap<IpAddr, Bucket>>,
+impl<C: Clock> std::fmt::Debug for RateLimiter<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateLimiter")
+            .field("max_buckets", &self.max_buckets)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What the limiter decided.
@@ -99,76 +114,67 @@ pub enum Decision {
 impl RateLimiter {
     /// `per_minute` requests per client per minute (at least 1).
     pub fn new(per_minute: u32) -> Self {
-        Self::with_max_buckets(per_minute, MAX_BUCKETS)
+        Self::with_clock(per_minute, MAX_BUCKETS, DefaultClock::default())
     }
+}
 
-    /// Like [`RateLimiter::new`] with a chosen bound on tracked clients.
-    pub fn with_max_buckets(per_minute: u32, max_buckets: usize) -> Self {
-        let capacity = f64::from(per_minute.max(1));
+impl<C: Clock + Clone> RateLimiter<C> {
+    /// Like [`RateLimiter::new`], with a chosen bound on tracked clients and
+    /// clock (tests advance a fake one).
+    pub fn with_clock(per_minute: u32, max_buckets: usize, clock: C) -> Self {
+        let per_minute = NonZeroU32::new(per_minute).unwrap_or(NonZeroU32::MIN);
+        let quota = Quota::per_minute(per_minute);
         Self {
-            capacity,
-            per_second: capacity / 60.0,
+            limiter: RwLock::new(governor::RateLimiter::dashmap_with_clock(
+                quota,
+                clock.clone(),
+            )),
+            quota,
+            clock,
             max_buckets: max_buckets.max(1),
-            buckets: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Takes a token for `ip` at `now`.
-    pub fn check(&self, ip: IpAddr, now: Instant) -> Decision {
+    /// Takes a token for `ip`.
+    pub fn check(&self, ip: IpAddr) -> Decision {
         let key = bucket_key(ip);
-        // A poisoned lock only means another request panicked mid-update; the
-        // map itself is still sound.
-        let mut buckets = self
-            .buckets
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if !buckets.contains_key(&key) && buckets.len() >= self.max_buckets {
-            self.evict_idle(&mut buckets, now);
+        if self.tracked() >= self.max_buckets {
+            self.evict();
         }
-        let bucket = buckets.entry(key).or_insert(Bucket {
-            tokens: self.capacity,
-            updated: now,
-        });
-        let elapsed = now.saturating_duration_since(bucket.updated).as_secs_f64();
-        bucket.tokens = (bucket.tokens + elapsed * self.per_second).min(self.capacity);
-        bucket.updated = now;
-        if bucket.tokens >= 1.0 {
-            bucket.tokens -= 1.0;
-            Decision::Allow
-        } else {
-            let wait = (1.0 - bucket.tokens) / self.per_second;
-            // `wait` is at most 60 s (one token at capacity/60 per second).
-            let secs = wait.ceil().clamp(1.0, 3600.0) as u64;
-            Decision::Limit { retry_after: secs }
+        let limiter = self.limiter.read().unwrap_or_else(PoisonError::into_inner);
+        match limiter.check_key(&key) {
+            Ok(()) => Decision::Allow,
+            Err(not_until) => {
+                let wait = not_until.wait_time_from(self.clock.now());
+                // At most a minute (one token at per_minute per minute).
+                let secs = wait.as_secs_f64().ceil().clamp(1.0, 3600.0) as u64;
+                Decision::Limit { retry_after: secs }
+            }
         }
     }
 
-    /// Drops buckets that have refilled completely (their clients are idle:
-    /// a fresh bucket would be the same). If every client is active, the
-    /// oldest half goes: memory stays bounded, at the price of forgiving some.
-    fn evict_idle(&self, buckets: &mut HashMap<IpAddr, Bucket>, now: Instant) {
-        let full_after = Duration::from_secs_f64(self.capacity / self.per_second);
-        buckets.retain(|_, b| {
-            let idle = now.saturating_duration_since(b.updated);
-            b.tokens + idle.as_secs_f64() * self.per_second < self.capacity && idle < full_after
-        });
-        if buckets.len() >= self.max_buckets {
-            let mut ages: Vec<Instant> = buckets.values().map(|b| b.updated).collect();
-            ages.sort_unstable();
-            let cutoff = ages[ages.len() / 2];
-            buckets.retain(|_, b| b.updated > cutoff);
+    /// Forgets clients whose bucket has refilled (a fresh bucket would be the
+    /// same). If every client is still active, all are forgotten: memory
+    /// stays bounded, at the price of forgiving them.
+    fn evict(&self) {
+        let mut limiter = self.limiter.write().unwrap_or_else(PoisonError::into_inner);
+        limiter.retain_recent();
+        limiter.shrink_to_fit();
+        let tracked = limiter.len();
+        if tracked >= self.max_buckets {
+            *limiter = governor::RateLimiter::dashmap_with_clock(self.quota, self.clock.clone());
             tracing::warn!(
-                kept = buckets.len(),
-                "rate limiter full of active clients: forgot the older half"
+                tracked,
+                "rate limiter full of active clients: started afresh"
             );
         }
     }
 
     /// How many clients are tracked (for tests and metrics).
     pub fn tracked(&self) -> usize {
-        self.buckets
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.limiter
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
             .len()
     }
 }
@@ -177,6 +183,8 @@ impl RateLimiter {
 mod tests {
     use super::*;
     use axum::http::HeaderValue;
+    use governor::clock::FakeRelativeClock;
+    use std::time::Duration;
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap_or(IpAddr::from([0, 0, 0, 0]))
@@ -232,54 +240,50 @@ mod tests {
 
     #[test]
     fn a_bucket_allows_its_capacity_then_says_when_to_retry() {
-        let limiter = RateLimiter::new(3);
-        let now = Instant::now();
+        let clock = FakeRelativeClock::default();
+        let limiter = RateLimiter::with_clock(3, MAX_BUCKETS, clock.clone());
         let a = ip("1.2.3.4");
         for _ in 0..3 {
-            assert_eq!(limiter.check(a, now), Decision::Allow);
+            assert_eq!(limiter.check(a), Decision::Allow);
         }
         // 3 per minute: one token every 20 s.
-        assert_eq!(limiter.check(a, now), Decision::Limit { retry_after: 20 });
-        assert_eq!(
-            limiter.check(a, now + Duration::from_secs(15)),
-            Decision::Limit { retry_after: 5 }
-        );
-        assert_eq!(
-            limiter.check(a, now + Duration::from_secs(20)),
-            Decision::Allow
-        );
+        assert_eq!(limiter.check(a), Decision::Limit { retry_after: 20 });
+        clock.advance(Duration::from_secs(15));
+        assert_eq!(limiter.check(a), Decision::Limit { retry_after: 5 });
+        clock.advance(Duration::from_secs(5));
+        assert_eq!(limiter.check(a), Decision::Allow);
         // Another client is not affected.
-        assert_eq!(limiter.check(ip("1.2.3.5"), now), Decision::Allow);
+        assert_eq!(limiter.check(ip("1.2.3.5")), Decision::Allow);
     }
 
     #[test]
     fn ipv6_clients_share_their_slash_64() {
         let limiter = RateLimiter::new(1);
-        let now = Instant::now();
-        assert_eq!(limiter.check(ip("2001:db8::1"), now), Decision::Allow);
+        assert_eq!(limiter.check(ip("2001:db8::1")), Decision::Allow);
         assert!(matches!(
-            limiter.check(ip("2001:db8::2"), now),
+            limiter.check(ip("2001:db8::2")),
             Decision::Limit { .. }
         ));
-        assert_eq!(limiter.check(ip("2001:db8:0:1::1"), now), Decision::Allow);
+        assert_eq!(limiter.check(ip("2001:db8:0:1::1")), Decision::Allow);
     }
 
     #[test]
     fn memory_stays_bounded() {
-        let limiter = RateLimiter::with_max_buckets(10, 100);
-        let start = Instant::now();
+        let clock = FakeRelativeClock::default();
+        let limiter = RateLimiter::with_clock(10, 100, clock.clone());
         for i in 0..1000u32 {
-            let now = start + Duration::from_millis(u64::from(i));
-            let _ = limiter.check(IpAddr::from(i.to_be_bytes()), now);
+            clock.advance(Duration::from_millis(1));
+            let _ = limiter.check(IpAddr::from(i.to_be_bytes()));
             assert!(limiter.tracked() <= 100);
         }
         // Idle buckets go first: two minutes later everyone is full again.
-        let small = RateLimiter::with_max_buckets(10, 10);
+        let small = RateLimiter::with_clock(10, 10, clock.clone());
         for i in 0..10u32 {
-            let _ = small.check(IpAddr::from(i.to_be_bytes()), start);
+            let _ = small.check(IpAddr::from(i.to_be_bytes()));
         }
         assert_eq!(small.tracked(), 10);
-        let _ = small.check(ip("8.8.8.8"), start + Duration::from_secs(120));
+        clock.advance(Duration::from_secs(120));
+        let _ = small.check(ip("8.8.8.8"));
         assert_eq!(small.tracked(), 1);
     }
 }

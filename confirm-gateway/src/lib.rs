@@ -25,6 +25,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use backon::{ConstantBuilder, Retryable};
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio::net::TcpListener;
@@ -98,23 +99,24 @@ impl BusSlot {
                 return;
             };
             // Declare what we publish to; retried, since a channel can fail too.
-            loop {
-                let declared = async {
-                    let channel = bus.channel().await?;
-                    verimail_shared::bus::declare_exchange(&channel, &topology).await?;
-                    let _ = channel.close(200, "declared".into()).await;
-                    Ok::<_, bus::BusError>(())
-                };
-                match declared.await {
-                    Ok(()) => break,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "declaring the topology failed, retrying");
-                        tokio::select! {
-                            () = shutdown.cancelled() => return,
-                            () = tokio::time::sleep(Duration::from_secs(2)) => {}
-                        }
-                    }
-                }
+            let declare = || async {
+                let channel = bus.channel().await?;
+                verimail_shared::bus::declare_exchange(&channel, &topology).await?;
+                let _ = channel.close(200, "declared".into()).await;
+                Ok::<_, bus::BusError>(())
+            };
+            let attempts = declare
+                .retry(
+                    ConstantBuilder::default()
+                        .with_delay(Duration::from_secs(2))
+                        .without_max_times(),
+                )
+                .notify(
+                    |e, _| tracing::warn!(error = %e, "declaring the topology failed, retrying"),
+                );
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                declared = attempts => if declared.is_err() { return },
             }
             slot.set(bus);
         });

@@ -36,11 +36,9 @@ use crate::store::{self, NewConfirmation};
 pub const MAX_BATCH: usize = 256;
 /// Batches written at the same time (each holds a pool connection). One: the
 /// next batch fills while the current one is written, so batches are as large
-/// as the load makes them. Measured with `bench/run.sh` (wrk, 32 connections):
-/// one writer gave 8,600-11,400 confirms/s (most runs above 10,000), two
-/// 8,900-9,300, three 8,700,
-/// with p99 at 8-11 ms in each case: more writers at once only made smaller
-/// batches, each paying its own round trip and commit.
+/// as the load makes them. More writers at once measured slower with
+/// `bench/run.sh` (docs/performance.md): smaller batches, each paying its own
+/// round trip and commit.
 pub const IN_FLIGHT: usize = 1;
 /// Confirmations queued for the writer at most; beyond it clicks wait (within
 /// their deadline) instead of growing memory.

@@ -16,7 +16,6 @@ use lapin::options::{
     QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 use verimail_gateway::{BusSlot, Gateway};
 use verimail_shared::bus::{Bus, RETRY_DELAYS, Topology};
@@ -234,21 +233,17 @@ async fn the_verified_event_reaches_a_queue_bound_to_the_exchange() {
     app.cleanup().await;
 }
 
-/// One HTTP/1.1 request over a fresh connection: (status, body).
-async fn http(addr: SocketAddr, method: &str, path: &str, headers: &str) -> (u16, String) {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: 0\r\n{headers}\r\n"
-    );
-    stream.write_all(req.as_bytes()).await.expect("write");
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).await.expect("read");
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let status = text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
+/// One request through the tests' HTTP client: (status, body).
+async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String) {
+    let url = format!("http://{addr}{path}");
+    let (status, _, body) = verimail_tests::http::request(method, &url, headers)
+        .await
+        .expect("an HTTP answer");
     (status, body)
 }
 
@@ -281,17 +276,17 @@ async fn the_outbox_survives_a_broker_outage_and_sends_the_same_id() {
         addr,
         "GET",
         &format!("/confirm/{token}"),
-        "Accept: application/json\r\n",
+        &[("accept", "application/json")],
     )
     .await;
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("\"verified\""));
-    let (status, body) = http(ops, "GET", "/readyz", "").await;
+    let (status, body) = http(ops, "GET", "/readyz", &[]).await;
     assert_eq!(status, 503);
     assert!(body.contains("\"broker\":\"unreachable\""), "{body}");
-    let (status, _) = http(ops, "GET", "/healthz", "").await;
+    let (status, _) = http(ops, "GET", "/healthz", &[]).await;
     assert_eq!(status, 200);
-    let (status, body) = http(ops, "GET", "/metrics", "").await;
+    let (status, body) = http(ops, "GET", "/metrics", &[]).await;
     assert_eq!(status, 200);
     assert!(
         body.contains("verimail_gateway_confirm_requests_total"),
@@ -299,7 +294,7 @@ async fn the_outbox_survives_a_broker_outage_and_sends_the_same_id() {
     );
     // The public listener serves /confirm only.
     for path in ["/readyz", "/healthz", "/metrics"] {
-        assert_eq!(http(addr, "GET", path, "").await.0, 404, "{path}");
+        assert_eq!(http(addr, "GET", path, &[]).await.0, 404, "{path}");
     }
     let pending: Vec<String> = sqlx::query_scalar("SELECT id FROM outbox")
         .fetch_all(state.pool())
@@ -322,7 +317,7 @@ async fn the_outbox_survives_a_broker_outage_and_sends_the_same_id() {
         .expect("the event goes out");
     assert_eq!(got.message_id, pending[0]);
     assert_eq!(got.event_id, pending[0]);
-    let (status, _) = http(ops, "GET", "/readyz", "").await;
+    let (status, _) = http(ops, "GET", "/readyz", &[]).await;
     assert_eq!(status, 200);
     let pool = state.pool().clone();
     assert!(

@@ -9,22 +9,20 @@ use std::time::{Duration, Instant};
 use common::*;
 use lapin::options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::process::Command;
 use verimail_shared::bus::{Bus, Topology};
 
 const BIN: &str = env!("CARGO_BIN_EXE_verimail-gateway");
 
-/// `METHOD path` over a plain socket: the status code, or `None` when nothing answers.
+/// `METHOD path` through the tests' HTTP client: the status code, or `None`
+/// when nothing answers.
 async fn status_of(method: &str, addr: &str, path: &str) -> Option<u16> {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    );
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).await.ok()?;
-    answer.split_whitespace().nth(1)?.parse().ok()
+    let url = format!("http://{addr}{path}");
+    verimail_tests::http::request(method, &url, &[])
+        .await
+        .ok()
+        .map(|(status, _, _)| status)
 }
 
 fn free_port() -> u16 {

@@ -516,6 +516,53 @@ async fn a_reset_password_code_answers_a_proof_and_spends_the_link_and_the_other
     d.stop().await;
 }
 
+/// `examples/python/check_code.py`, run as its docstring says, against a
+/// live gateway: a wrong code is refused with exit 1 and the right one
+/// verifies with exit 0, as an app's backend would see it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_example_checks_a_mailed_code_as_an_app_backend_would() {
+    let d = Deployment::start("codes-python", 1, |_| {}).await;
+    let (id, mail) = d
+        .request_mail(&["--user-id", "31", "--email", "eve@example.com"])
+        .await;
+    let code = code_in(&mail.text).unwrap_or_else(|| panic!("no code line in:\n{}", mail.text));
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/python/check_code.py"
+    );
+    let run = |typed: String| {
+        let gateway = d.gateways[0].1.clone();
+        async move {
+            let out = tokio::process::Command::new("python3")
+                .arg(script)
+                .args(["31", &typed])
+                .env("VERIMAIL_GATEWAY", gateway)
+                .env("VERIMAIL_API_KEY", API_KEY)
+                .output()
+                .await
+                .expect("python3 runs");
+            (
+                out.status.code(),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+            )
+        }
+    };
+    let (exit, out) = run(wrong(&code, 1)).await;
+    assert_eq!(exit, Some(1), "{out}");
+    assert!(
+        out.starts_with("422 ") && out.contains("wrong_code"),
+        "{out}"
+    );
+    let (exit, out) = run(code.clone()).await;
+    assert_eq!(exit, Some(0), "{out}");
+    assert!(
+        out.starts_with("200 ") && out.contains("\"verified\""),
+        "{out}"
+    );
+    assert_eq!(d.wait_verified(&id).await["data"]["method"], "code");
+    d.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_confirm_method_code_the_mail_has_a_code_and_no_link() {
     let d = Deployment::start("codes-only", 1, |env| {

@@ -25,11 +25,9 @@ pub const MAX_BATCH: usize = 128;
 /// Batches of one kind running at once, each on its own connection. One:
 /// what arrives while a batch runs waits for the next, so batches grow with
 /// the load and a slow commit (a slow disk) is paid once for all of them
-/// (128 jobs per 5 ms flush would still be 25,000 a second). Measured with
-/// `verimail-bench worker` (bench/run.sh) on two cores: one at a time gave 3,750-3,830
-/// mails/s with about 8 jobs per statement and 0.11 ms of PostgreSQL CPU per
-/// mail, two gave 3,200-3,450 with about 5 and 0.16 ms: smaller batches,
-/// each paying its own round trip, planning and commit. (With more, jobs
+/// (128 jobs per short flush is far above any mail rate). Two at a time were
+/// measured slower (docs/performance.md): smaller batches, each paying its
+/// own round trip, planning and commit. (With more, jobs
 /// with a common key could be in two running batches; PostgreSQL's row
 /// locks would order them, as they order two workers' statements.)
 pub const IN_FLIGHT: usize = 1;

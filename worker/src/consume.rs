@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use std::panic::AssertUnwindSafe;
 
+use backon::{ExponentialBuilder, Retryable};
 use futures_util::{FutureExt, StreamExt};
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::FieldTable;
@@ -38,27 +39,30 @@ pub async fn consume(
     // back at the ack, before it marks its outcome published, so the delivery
     // the broker sends for that ack does not wait for the mark.
     let permits = Arc::new(Semaphore::new(usize::from(prefetch)));
-    let mut wait = Duration::from_millis(200);
     while !shutdown.is_cancelled() {
-        let started = tokio::select! {
-            started = start(&ctx, &bus, prefetch, &tag) => started,
-            () = shutdown.cancelled() => break,
-        };
-        let (channel, mut consumer) = match started {
-            Ok(started) => started,
-            Err(BusError::Cancelled) => break,
-            Err(e) => {
+        // Channel and consumer again, for as long as the broker refuses them;
+        // each failure marks the worker unready until one succeeds.
+        let attempts = (|| start(&ctx, &bus, prefetch, &tag))
+            .retry(
+                ExponentialBuilder::default()
+                    .with_jitter()
+                    .with_min_delay(Duration::from_millis(200))
+                    .with_max_delay(Duration::from_secs(5))
+                    .without_max_times(),
+            )
+            .when(|e| !matches!(e, BusError::Cancelled))
+            .notify(|e, wait| {
                 ctx.health.set_bus(false);
                 warn!(error = %e, retry_in = ?wait, "cannot consume; retrying");
-                tokio::select! {
-                    () = tokio::time::sleep(wait) => {}
-                    () = shutdown.cancelled() => break,
-                }
-                wait = (wait * 2).min(Duration::from_secs(5));
-                continue;
-            }
+            });
+        let started = tokio::select! {
+            started = attempts => started,
+            () = shutdown.cancelled() => break,
         };
-        wait = Duration::from_millis(200);
+        // Only a cancelled bus ends the retries with an error.
+        let Ok((channel, mut consumer)) = started else {
+            break;
+        };
         info!(queue = %consumer.queue(), prefetch, "consuming");
         loop {
             let permit = tokio::select! {
@@ -77,9 +81,9 @@ pub async fn consume(
                 Some(Ok(delivery)) => {
                     let ctx = ctx.clone();
                     let acker = delivery.acker.clone();
-                    // Boxed: the state machine of one delivery is about 11 KB,
-                    // and unboxed it was copied whole on each move into the
-                    // task (perf: memmove took 7 % of the worker's CPU).
+                    // Boxed: the state machine of one delivery is large, and
+                    // unboxed it was copied whole on each move into the task
+                    // (it showed in the profile as memmove).
                     let handling = Box::pin(process::handle(ctx.clone(), delivery));
                     tracker.spawn(async move {
                         match AssertUnwindSafe(handling).catch_unwind().await {

@@ -27,6 +27,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use backon::{ExponentialBuilder, Retryable};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -135,20 +136,25 @@ impl Worker {
         // An unreachable database at start is waited for (as RabbitMQ is), so
         // a database restart does not put the worker into a crash loop; a bad
         // URL, refused credentials or a failed migration stop it at once.
-        let mut wait = Duration::from_millis(500);
-        let pool = loop {
-            let url = &config.database_url;
-            let deadlines = store::deadlines();
-            match db::connect_with_deadlines(url, config.auto_migrate, settings, deadlines).await {
-                Ok(pool) => break pool,
-                Err(DbError::Connect(e @ (sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut))) => {
-                    warn!(error = %e, retry_in = ?wait, "PostgreSQL unreachable, retrying");
-                    tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(Duration::from_secs(10));
-                }
-                Err(e) => return Err(e.into()),
-            }
-        };
+        let url = &config.database_url;
+        let pool = (|| {
+            db::connect_with_deadlines(url, config.auto_migrate, settings, store::deadlines())
+        })
+        .retry(
+            ExponentialBuilder::default()
+                .with_jitter()
+                .with_min_delay(Duration::from_millis(250))
+                .with_max_delay(Duration::from_secs(5))
+                .without_max_times(),
+        )
+        .when(|e| {
+            matches!(
+                e,
+                DbError::Connect(sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut)
+            )
+        })
+        .notify(|e, wait| warn!(error = %e, retry_in = ?wait, "PostgreSQL unreachable, retrying"))
+        .await?;
 
         // Cancelled only after draining (or when the drain deadline passes):
         // reconnections and publishes keep working while in-flight work finishes.

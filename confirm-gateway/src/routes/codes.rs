@@ -240,8 +240,7 @@ pub async fn verify(
     connect: Option<Extension<ConnectInfo<SocketAddr>>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let started = Instant::now();
-    let reply = decide(&state, &headers, connect, body, started).await;
+    let reply = decide(&state, &headers, connect, body).await;
     state.inner.metrics.code_checked(reply.status.as_str());
     reply.into_response()
 }
@@ -252,7 +251,6 @@ async fn decide(
     headers: &HeaderMap,
     connect: Option<Extension<ConnectInfo<SocketAddr>>>,
     body: Result<Bytes, BytesRejection>,
-    started: Instant,
 ) -> CodeReply {
     let peer = connect.map_or(
         IpAddr::V4(Ipv4Addr::UNSPECIFIED),
@@ -260,7 +258,7 @@ async fn decide(
     );
     let client = client_ip(peer, headers, &state.inner.config.trusted_proxies);
     // The rate limit comes first: it also slows down anyone guessing keys.
-    if let Decision::Limit { retry_after } = state.inner.limiter.check(client, started) {
+    if let Decision::Limit { retry_after } = state.inner.limiter.check(client) {
         return CodeReply {
             retry_after: Some(retry_after),
             ..CodeReply::new(CodeStatus::RateLimited)

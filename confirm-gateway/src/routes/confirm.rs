@@ -70,7 +70,7 @@ pub async fn confirm(
     );
     let client = client_ip(peer, &headers, &state.inner.config.trusted_proxies);
 
-    let result = match state.inner.limiter.check(client, started) {
+    let result = match state.inner.limiter.check(client) {
         Decision::Limit { retry_after } => Err(ConfirmError::RateLimited { retry_after }),
         Decision::Allow => handle(&state, &method, &token).await,
     };

@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use backon::{ExponentialBuilder, Retryable};
 use lapin::message::Delivery;
 use serde::Serialize;
 use time::OffsetDateTime;
@@ -171,27 +172,40 @@ pub(super) async fn publish(
     msg: &Outgoing<'_>,
     unroutable_ok: bool,
 ) -> Result<(), Failure> {
-    let mut wait = Duration::from_millis(100);
-    loop {
-        match ctx.publisher.publish(msg).await {
-            Ok(()) => return Ok(()),
-            Err(BusError::Unroutable(text)) if unroutable_ok => {
-                debug!(
-                    routing_key = msg.routing_key,
-                    text, "no queue bound for this event type"
-                );
-                return Ok(());
-            }
-            Err(BusError::Cancelled) => return Err(Failure::Stopped),
-            Err(e) => {
-                warn!(error = %e, routing_key = msg.routing_key, retry_in = ?wait, "publish failed; retrying");
-                tokio::select! {
-                    () = tokio::time::sleep(wait) => {}
-                    () = ctx.hard_stop.cancelled() => return Err(Failure::Stopped),
-                }
-                wait = (wait * 2).min(Duration::from_secs(5));
-            }
+    let attempts = (|| ctx.publisher.publish(msg))
+        .retry(
+            ExponentialBuilder::default()
+                .with_jitter()
+                .with_min_delay(Duration::from_millis(100))
+                .with_max_delay(Duration::from_secs(5))
+                .without_max_times(),
+        )
+        .when(|e| match e {
+            BusError::Cancelled => false,
+            // Retried: a retry or dead-letter queue must be there (the
+            // topology is declared again on reconnection).
+            BusError::Unroutable(_) => !unroutable_ok,
+            _ => true,
+        })
+        .notify(|e, wait| {
+            warn!(error = %e, routing_key = msg.routing_key, retry_in = ?wait, "publish failed; retrying");
+        });
+    let published = tokio::select! {
+        published = attempts => published,
+        () = ctx.hard_stop.cancelled() => return Err(Failure::Stopped),
+    };
+    match published {
+        Ok(()) => Ok(()),
+        Err(BusError::Unroutable(text)) if unroutable_ok => {
+            debug!(
+                routing_key = msg.routing_key,
+                text, "no queue bound for this event type"
+            );
+            Ok(())
         }
+        // Only a shutdown ends the retries with an error: the delivery
+        // stays unacknowledged and the broker hands it back.
+        Err(_) => Err(Failure::Stopped),
     }
 }
 

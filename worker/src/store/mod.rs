@@ -33,11 +33,10 @@
 //! statement to a generic plan after five runs, chosen with the table sizes of
 //! that moment, and a worker starting on a fresh or small `requests` table
 //! would keep a plan that scans the whole table for every batch, each batch
-//! slower as the table grows (measured: 469 sequential scans reading 897,000
-//! rows within the first 4,000 requests). Every batch statement reaches its
-//! rows by primary key, so on these connections the only plans left are the
-//! right ones at any size. Planning each batch instead (unnamed statements)
-//! cost more than running it: about 0.7 ms against 0.45 ms for ten claims.
+//! slower as the table grows (docs/performance.md has the measurement). Every
+//! batch statement reaches its rows by primary key, so on these connections
+//! the only plans left are the right ones at any size. Planning each batch
+//! instead (unnamed statements) cost more than running it.
 
 //! # Rooms
 //!

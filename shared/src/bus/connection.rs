@@ -1,0 +1,150 @@
+//! [`Bus`]: a connection to any node of the cluster that answers, replaced
+//! when lost.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use lapin::{Channel, Connection, ConnectionProperties};
+use rand::seq::SliceRandom;
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use super::BusError;
+use crate::config::redact;
+
+/// A connection to one node of the cluster named by `AMQP_URL`, re-made on
+/// another node when it is lost.
+#[derive(Debug)]
+pub struct Bus {
+    urls: Vec<String>,
+    name: String,
+    connection: Mutex<Option<Arc<Connection>>>,
+    shutdown: CancellationToken,
+}
+
+impl Bus {
+    /// Connects to one of `urls` (shuffled, so clients spread over the nodes),
+    /// retrying with backoff until a node answers or `shutdown` fires.
+    /// `name` shows in the RabbitMQ management UI.
+    pub async fn connect(
+        urls: &[String],
+        name: &str,
+        shutdown: &CancellationToken,
+    ) -> Result<Arc<Self>, BusError> {
+        let bus = Arc::new(Self {
+            urls: urls.to_vec(),
+            name: name.to_owned(),
+            connection: Mutex::new(None),
+            shutdown: shutdown.clone(),
+        });
+        bus.connection().await?;
+        Ok(bus)
+    }
+
+    /// Tries each node once, in shuffled order, and gives up (for the CLI,
+    /// which should fail fast with exit 1 rather than wait forever).
+    pub async fn connect_once(urls: &[String], name: &str) -> Result<Arc<Self>, BusError> {
+        let connection = connect_any(urls, name).await?;
+        Ok(Arc::new(Self {
+            urls: urls.to_vec(),
+            name: name.to_owned(),
+            connection: Mutex::new(Some(Arc::new(connection))),
+            shutdown: CancellationToken::new(),
+        }))
+    }
+
+    /// The live connection, reconnecting (with backoff, to any node) when it was lost.
+    pub async fn connection(&self) -> Result<Arc<Connection>, BusError> {
+        let mut slot = self.connection.lock().await;
+        if let Some(conn) = slot.as_ref()
+            && conn.status().connected()
+        {
+            return Ok(conn.clone());
+        }
+        let attempt = || connect_any(&self.urls, &self.name);
+        let retry = attempt
+            .retry(
+                ExponentialBuilder::default()
+                    .with_jitter()
+                    .with_min_delay(Duration::from_millis(200))
+                    .with_max_delay(Duration::from_secs(5))
+                    .without_max_times(),
+            )
+            .notify(|e, wait| {
+                tracing::warn!(error = %e, retry_in = ?wait, "RabbitMQ unreachable, retrying");
+            });
+        let conn = tokio::select! {
+            conn = retry => conn?,
+            () = self.shutdown.cancelled() => return Err(BusError::Cancelled),
+        };
+        let conn = Arc::new(conn);
+        *slot = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// A fresh channel on the live connection.
+    pub async fn channel(&self) -> Result<Channel, BusError> {
+        let conn = self.connection().await?;
+        match conn.create_channel().await {
+            Ok(ch) => Ok(ch),
+            Err(e) => {
+                // The connection looked alive but is not: forget it so the
+                // next call reconnects.
+                self.forget().await;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Forgets the current connection (it failed); the next call reconnects.
+    pub async fn forget(&self) {
+        *self.connection.lock().await = None;
+    }
+
+    /// Closes the connection (at shutdown).
+    pub async fn close(&self) {
+        if let Some(conn) = self.connection.lock().await.take() {
+            let _ = conn.close(200, "shutdown".into()).await;
+        }
+    }
+}
+
+async fn connect_any(urls: &[String], name: &str) -> Result<Connection, BusError> {
+    let mut order: Vec<&String> = urls.iter().collect();
+    order.shuffle(&mut rand::rng());
+    let mut last = None;
+    for url in &order {
+        tracing::info!(url = %redact(url), "connecting to RabbitMQ");
+        let props = ConnectionProperties::default().with_connection_name(name.into());
+        match tokio::time::timeout(Duration::from_secs(10), Connection::connect(url, props)).await {
+            Ok(Ok(conn)) => {
+                tracing::info!(url = %redact(url), "connected to RabbitMQ");
+                return Ok(conn);
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(url = %redact(url), error = %e, "RabbitMQ node did not answer");
+                last = Some(e);
+            }
+            Err(_) => {
+                tracing::warn!(url = %redact(url), "RabbitMQ node timed out");
+                last = Some(lapin::Error::from(
+                    lapin::ErrorKind::InvalidConnectionState(lapin::ConnectionState::Closed),
+                ));
+            }
+        }
+    }
+    let tried = order
+        .iter()
+        .map(|u| redact(u))
+        .collect::<Vec<_>>()
+        .join(", ");
+    Err(BusError::Unreachable {
+        tried,
+        last: last.unwrap_or_else(|| {
+            lapin::Error::from(lapin::ErrorKind::InvalidConnectionState(
+                lapin::ConnectionState::Closed,
+            ))
+        }),
+    })
+}
