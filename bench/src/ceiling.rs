@@ -41,9 +41,72 @@ pub(crate) async fn ceiling_in(
     println!("  preloaded {n} requests in {secs:.2} s ({per_s:.0}/s)");
 
     // The consumer side, on its own connection as a worker process would be:
-    // one channel consuming, one confirm channel publishing the outcomes.
+    // one channel consuming, one confirm channel publishing the outcomes. It
+    // runs on a runtime of its own (two threads, as a worker has on two cores),
+    // so that its CPU (those threads and its connection's I/O thread) can be
+    // told apart from the tap's.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name(CONSUMER_THREADS)
+        .enable_all()
+        .build()?;
     let t0 = Instant::now();
     let machine0 = machine_ticks();
+    let io_before = own_threads_named(IO_THREADS);
+    let errors = Arc::new(AtomicU64::new(0));
+    let (conn, pump) = runtime
+        .spawn(consume(url, topology.clone(), prefetch, errors.clone()))
+        .await??;
+    // The consumer connection's I/O thread is the one that appeared meanwhile.
+    let io_threads: Vec<u32> = own_threads_named(IO_THREADS)
+        .into_iter()
+        .filter(|t| !io_before.contains(t))
+        .collect();
+    let consumer_ticks =
+        || own_threads_ticks(|tid, name| name == CONSUMER_THREADS || io_threads.contains(&tid));
+    let cpu0 = consumer_ticks();
+    let seen = tap.wait(n, Duration::from_secs(20)).await;
+    let end = tap.last_at().unwrap_or_else(Instant::now);
+    let cpu_ms = consumer_ticks().saturating_sub(cpu0) as f64 * tick_ms();
+    let secs = (end - t0).as_secs_f64();
+    pump.abort();
+    let _ = conn.close(200, "done".into()).await;
+    runtime.shutdown_background();
+    let _ = setup.close(200, "done".into()).await;
+    if seen < n {
+        bail!(
+            "ceiling: only {seen} of {n} outcomes arrived ({} publish errors)",
+            errors.load(Ordering::Relaxed)
+        );
+    }
+    let per_s = rate(n, secs);
+    let own = cpu_ms / n as f64;
+    println!(
+        "  ceiling: {n} messages in {secs:.2} s: {per_s:.0} msg/s; the consumer's own CPU \
+         {own:.3} ms per message (machine CPU busy {:.0} %)",
+        busy_percent(machine0, machine_ticks())
+    );
+    out.put("ceiling_n", n)?;
+    out.put("ceiling_consumer_cpu_ms_per_msg", format!("{own:.3}"))?;
+    out.put("ceiling_prefetch", prefetch)?;
+    out.put("ceiling_mps", format!("{per_s:.0}"))?;
+    Ok(())
+}
+
+/// Name of the consumer's runtime threads (at most 15 bytes: Linux cuts thread names there).
+const CONSUMER_THREADS: &str = "ceiling-rt";
+/// Name lapin gives each connection's I/O thread.
+const IO_THREADS: &str = "lapin-io-loop";
+
+/// Connects, starts consuming, and spawns the task that answers every
+/// delivery with one confirmed outcome and its ack; returns the connection
+/// and that task.
+async fn consume(
+    url: String,
+    topology: Topology,
+    prefetch: u16,
+    errors: Arc<AtomicU64>,
+) -> Result<(lapin::Connection, tokio::task::JoinHandle<()>)> {
     let conn = amqp(&url).await?;
     let consume = conn.create_channel().await?;
     consume
@@ -61,9 +124,8 @@ pub(crate) async fn ceiling_in(
             FieldTable::default(),
         )
         .await?;
-    let errors = Arc::new(AtomicU64::new(0));
     let exchange = topology.exchange().to_owned();
-    let errs = errors.clone();
+    let errs = errors;
     let pump = tokio::spawn(async move {
         while let Some(Ok(delivery)) = consumer.next().await {
             let publish = publish.clone();
@@ -108,25 +170,5 @@ pub(crate) async fn ceiling_in(
             });
         }
     });
-    let seen = tap.wait(n, Duration::from_secs(20)).await;
-    let end = tap.last_at().unwrap_or_else(Instant::now);
-    let secs = (end - t0).as_secs_f64();
-    pump.abort();
-    let _ = conn.close(200, "done".into()).await;
-    let _ = setup.close(200, "done".into()).await;
-    if seen < n {
-        bail!(
-            "ceiling: only {seen} of {n} outcomes arrived ({} publish errors)",
-            errors.load(Ordering::Relaxed)
-        );
-    }
-    let per_s = rate(n, secs);
-    println!(
-        "  ceiling: {n} messages in {secs:.2} s: {per_s:.0} msg/s (machine CPU busy {:.0} %)",
-        busy_percent(machine0, machine_ticks())
-    );
-    out.put("ceiling_n", n)?;
-    out.put("ceiling_prefetch", prefetch)?;
-    out.put("ceiling_mps", format!("{per_s:.0}"))?;
-    Ok(())
+    Ok((conn, pump))
 }

@@ -176,3 +176,117 @@ pub(crate) async fn print_step_means(who: &str, url: &str) {
         println!("    {m}");
     }
 }
+
+/// CPU ticks of the servers a run loads, summed by who used them: the
+/// PostgreSQL backends serving one database (their command line names it),
+/// PostgreSQL's own background processes (WAL writer, checkpointer, ...:
+/// shared by every database, so other work on the machine shows in them
+/// too), and RabbitMQ (`beam.smp`, likewise shared).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ServerCpu {
+    /// pid → (who, ticks so far).
+    seen: BTreeMap<u32, (Server, u64)>,
+}
+
+/// Whose CPU a [`ServerCpu`] counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Server {
+    /// Backends (and autovacuum workers) of the run's database.
+    PostgresBackends,
+    /// The postmaster and background processes of the server.
+    PostgresBackground,
+    /// The broker.
+    Rabbitmq,
+}
+
+impl ServerCpu {
+    /// The CPU used so far by every process of the servers, `database`'s
+    /// backends picked out from the other databases'.
+    pub(crate) fn snapshot(database: &str) -> Self {
+        let mut seen = BTreeMap::new();
+        let Ok(dir) = std::fs::read_dir("/proc") else {
+            return Self { seen };
+        };
+        for entry in dir.flatten() {
+            let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse().ok()) else {
+                continue;
+            };
+            let Ok(comm) = std::fs::read_to_string(format!("/proc/{pid}/comm")) else {
+                continue;
+            };
+            let who = match comm.trim() {
+                "beam.smp" => Server::Rabbitmq,
+                "postgres" => {
+                    // "postgres: USER DATABASE HOST(PORT) STATE" for a backend,
+                    // "postgres: walwriter" for a background process.
+                    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                    let cmdline = String::from_utf8_lossy(&cmdline);
+                    if cmdline.split_whitespace().any(|w| w == database) {
+                        Server::PostgresBackends
+                    } else if cmdline.contains('(') {
+                        // Another database's backend: someone else's work.
+                        continue;
+                    } else {
+                        Server::PostgresBackground
+                    }
+                }
+                _ => continue,
+            };
+            if let Some(ticks) = cpu_ticks(pid) {
+                seen.insert(pid, (who, ticks));
+            }
+        }
+        Self { seen }
+    }
+
+    /// Milliseconds of CPU `who` used between `self` and `later` (a process
+    /// started meanwhile counts from zero; one that ended is missed).
+    pub(crate) fn ms_since(&self, later: &Self, who: &[Server]) -> f64 {
+        let ticks: u64 = later
+            .seen
+            .iter()
+            .filter(|(_, (w, _))| who.contains(w))
+            .map(|(pid, (_, t))| {
+                let before = self.seen.get(pid).map_or(0, |(_, b)| *b);
+                t.saturating_sub(before)
+            })
+            .sum();
+        ticks as f64 * tick_ms()
+    }
+}
+
+/// CPU ticks used so far by this process's threads that match `pick` (by
+/// thread id and name), from /proc/self/task.
+pub(crate) fn own_threads_ticks(pick: impl Fn(u32, &str) -> bool) -> u64 {
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|tid| {
+            let comm = std::fs::read_to_string(format!("/proc/self/task/{tid}/comm")).ok()?;
+            if !pick(tid, comm.trim()) {
+                return None;
+            }
+            let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).ok()?;
+            let mut fields = stat.rsplit_once(')')?.1.split_whitespace().skip(11);
+            let utime: u64 = fields.next()?.parse().ok()?;
+            let stime: u64 = fields.next()?.parse().ok()?;
+            Some(utime + stime)
+        })
+        .sum()
+}
+
+/// Thread ids of this process whose name is `name` now.
+pub(crate) fn own_threads_named(name: &str) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|tid| {
+            std::fs::read_to_string(format!("/proc/self/task/{tid}/comm"))
+                .is_ok_and(|c| c.trim() == name)
+        })
+        .collect()
+}

@@ -83,6 +83,7 @@ pub(crate) async fn worker_run_in(
 
     let t0 = Instant::now();
     let machine0 = machine_ticks();
+    let servers0 = ServerCpu::snapshot(&env.database);
     let mut metrics_addrs = Vec::new();
     let mut procs: Vec<Proc> = (0..processes)
         .map(|_| {
@@ -100,6 +101,7 @@ pub(crate) async fn worker_run_in(
         .await;
     let end = tap.last_at().unwrap_or_else(Instant::now);
     let machine1 = machine_ticks();
+    let servers1 = ServerCpu::snapshot(&env.database);
     let cpu: u64 = procs.iter().filter_map(|p| cpu_ticks(p.pid()?)).sum();
     let cpu_ms = cpu as f64 * tick_ms();
     let mut rss = 0;
@@ -145,16 +147,23 @@ pub(crate) async fn worker_run_in(
         Some(first) if end > first => rate(n.saturating_sub(1), (end - first).as_secs_f64()),
         _ => 0.0,
     };
-    println!(
-        "  {processes} worker(s): {n} outcomes ({}) in {secs:.2} s from process start: {per_s:.0} mails/s \
-         (first→last outcome: {steady:.0}/s)",
-        tap.breakdown()
+    let per = |who: &[Server]| servers0.ms_since(&servers1, who) / n as f64;
+    let (pg, pg_bg, broker) = (
+        per(&[Server::PostgresBackends]),
+        per(&[Server::PostgresBackground]),
+        per(&[Server::Rabbitmq]),
     );
     println!(
-        "  CPU: workers used {:.0} ms in all, {:.3} ms per outcome; machine CPU busy {:.0} % \
+        "  {processes} worker(s): {n} outcomes ({}) in {secs:.2} s from process start: {per_s:.0} mails/s \
+         (first→last outcome: {steady:.0}/s); CPU per mail: worker(s) {:.3} ms, PostgreSQL {pg:.3} ms",
+        tap.breakdown(),
+        cpu_ms / n as f64
+    );
+    println!(
+        "  CPU: workers used {cpu_ms:.0} ms in all; PostgreSQL per mail: {pg:.3} ms in this database's \
+         backends + {pg_bg:.3} ms in the server's background processes (WAL writer, checkpointer: \
+         shared); RabbitMQ {broker:.3} ms per mail (the whole broker, shared); machine CPU busy {:.0} % \
          (2 cores shared with RabbitMQ, PostgreSQL, the sink and this tap)",
-        cpu_ms,
-        cpu_ms / n as f64,
         busy_percent(machine0, machine1)
     );
     let warn_lines = logs.iter().map(|l| l.lines().count()).sum::<usize>();
@@ -177,6 +186,12 @@ pub(crate) async fn worker_run_in(
     out.put(
         &format!("{k}_cpu_ms_per_mail"),
         format!("{:.3}", cpu_ms / n as f64),
+    )?;
+    out.put(&format!("{k}_pg_cpu_ms_per_mail"), format!("{pg:.3}"))?;
+    out.put(&format!("{k}_pg_bg_cpu_ms_per_mail"), format!("{pg_bg:.3}"))?;
+    out.put(
+        &format!("{k}_broker_cpu_ms_per_mail"),
+        format!("{broker:.3}"),
     )?;
     let _ = conn.close(200, "done".into()).await;
     Ok(())

@@ -90,7 +90,10 @@ pub async fn consume(
                             Ok(after_ack) => {
                                 drop(permit);
                                 if let Some(id) = after_ack {
-                                    process::mark_after_ack(&ctx, &id).await;
+                                    // Boxed too: inline, its state would make
+                                    // the spawned task, copied at the spawn,
+                                    // kilobytes larger.
+                                    Box::pin(process::mark_after_ack(&ctx, &id)).await;
                                 }
                             }
                             Err(_) => {

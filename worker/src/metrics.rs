@@ -7,7 +7,7 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use metrics::{counter, histogram};
+use metrics::{Counter, Histogram, counter, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Outcomes published, by `outcome` (`sent`, `throttled`, `failed`) and `reason`.
@@ -52,9 +52,43 @@ pub fn handle() -> PrometheusHandle {
                 tracing::warn!("a metrics recorder was already installed; /metrics stays empty");
             }
             describe();
+            // After the recorder: handles taken before it would record nowhere.
+            let _ = HANDLES.set(Handles::register());
             handle
         })
         .clone()
+}
+
+/// The series every mail records, registered once: through the macros each
+/// call builds its key and looks it up in the registry (about a fifth of a
+/// mail's metrics cost), through a handle it only records.
+struct Handles {
+    steps: [(&'static str, Histogram); 5],
+    processing: Histogram,
+    smtp_accepted: Histogram,
+    sent: Counter,
+}
+
+/// Set by [`handle`] once the recorder is installed; until then (a test
+/// without a worker) the macros record.
+static HANDLES: OnceLock<Handles> = OnceLock::new();
+
+impl Handles {
+    fn register() -> Self {
+        let step = |s: &'static str| (s, histogram!(STEP_SECONDS, "step" => s));
+        Self {
+            steps: [
+                step("claim"),
+                step("store"),
+                step("publish"),
+                step("ack"),
+                step("mark"),
+            ],
+            processing: histogram!(PROCESSING_SECONDS),
+            smtp_accepted: histogram!(SMTP_SECONDS, "result" => "accepted"),
+            sent: counter!(OUTCOMES, "outcome" => "sent", "reason" => ""),
+        }
+    }
 }
 
 fn describe() {
@@ -103,6 +137,11 @@ fn describe() {
 
 /// Counts a published outcome.
 pub fn outcome(outcome: &'static str, reason: &'static str) {
+    if let Some(h) = HANDLES.get()
+        && (outcome, reason) == ("sent", "")
+    {
+        return h.sent.increment(1);
+    }
     counter!(OUTCOMES, "outcome" => outcome, "reason" => reason).increment(1);
 }
 
@@ -128,16 +167,30 @@ pub fn db_error() {
 
 /// Records the processing time of one delivery.
 pub fn processing(elapsed: Duration) {
+    if let Some(h) = HANDLES.get() {
+        return h.processing.record(elapsed.as_secs_f64());
+    }
     histogram!(PROCESSING_SECONDS).record(elapsed.as_secs_f64());
 }
 
 /// Records the time of one processing step.
 pub fn step(step: &'static str, elapsed: Duration) {
+    if let Some((_, h)) = HANDLES
+        .get()
+        .and_then(|h| h.steps.iter().find(|(s, _)| *s == step))
+    {
+        return h.record(elapsed.as_secs_f64());
+    }
     histogram!(STEP_SECONDS, "step" => step).record(elapsed.as_secs_f64());
 }
 
 /// Records the time of one send.
 pub fn smtp(elapsed: Duration, result: &'static str) {
+    if let Some(h) = HANDLES.get()
+        && result == "accepted"
+    {
+        return h.smtp_accepted.record(elapsed.as_secs_f64());
+    }
     histogram!(SMTP_SECONDS, "result" => result).record(elapsed.as_secs_f64());
 }
 

@@ -133,18 +133,21 @@ pub(super) async fn conclude(
         // A batch this delivery gave up on (its deadline passed) may have
         // committed our outcome meanwhile: the statement alone, on a fresh
         // snapshot, recognises our own bytes.
-        finished = persist(ctx, "storing the outcome", || ctx.store.finish(finish)).await?;
+        finished = Box::pin(persist(ctx, "storing the outcome", || {
+            ctx.store.finish(finish)
+        }))
+        .await?;
     }
     metrics::step("store", t.elapsed());
     if !finished {
         // Our lease ran out and another delivery concluded first: its outcome stands.
         warn!("request concluded by another delivery meanwhile");
-        return match persist(ctx, "reading the request", || {
+        return match Box::pin(persist(ctx, "reading the request", || {
             ctx.store.lookup_and_lease(id)
-        })
+        }))
         .await?
         {
-            Claim::Done(stored) => duplicate(ctx, id, stored).await,
+            Claim::Done(stored) => Box::pin(duplicate(ctx, id, stored)).await,
             Claim::Claimed(_) | Claim::Busy => Ok(None),
         };
     }

@@ -118,10 +118,10 @@ async fn process(ctx: &Ctx, d: &Delivery) -> Result<AfterAck, Failure> {
         single_use_links: ctx.config.token_format == TokenFormat::V1,
     };
     match decode_request(&d.data, policy) {
-        Err(DecodeError::Undecodable(detail)) => undecodable(ctx, d, &detail).await,
+        Err(DecodeError::Undecodable(detail)) => Box::pin(undecodable(ctx, d, &detail)).await,
         Err(DecodeError::Invalid { echo, failure }) => {
             record_ids(&echo.request_id, echo.user_id.as_deref());
-            invalid(ctx, d, &echo, &failure).await
+            Box::pin(invalid(ctx, d, &echo, &failure)).await
         }
         Ok(request) => {
             record_ids(&request.id, Some(&request.data.user_id));
@@ -209,7 +209,7 @@ async fn invalid(
 
 async fn valid(ctx: &Ctx, d: &Delivery, req: &ValidRequest) -> Result<AfterAck, Failure> {
     let Some(_holding) = Holding::wait_for(ctx, &req.id).await else {
-        return defer_busy(ctx, d, &req.id).await;
+        return Box::pin(defer_busy(ctx, d, &req.id)).await;
     };
     let row = RequestRow {
         id: &req.id,
@@ -235,10 +235,13 @@ async fn valid(ctx: &Ctx, d: &Delivery, req: &ValidRequest) -> Result<AfterAck, 
             .unwrap_or(claimed)
         }
         Claim::Claimed(claimed) => claimed,
-        Claim::Busy => return defer_busy(ctx, d, &req.id).await,
-        Claim::Done(stored) => match replay_of(ctx, d, &req.id, &stored).await? {
+        // The rare paths are boxed (here and below): their futures would
+        // otherwise widen every delivery's state machine, copied whole
+        // when it is boxed for its task.
+        Claim::Busy => return Box::pin(defer_busy(ctx, d, &req.id)).await,
+        Claim::Done(stored) => match Box::pin(replay_of(ctx, d, &req.id, &stored)).await? {
             Some(claimed) => claimed,
-            None => return duplicate(ctx, &req.id, stored).await,
+            None => return Box::pin(duplicate(ctx, &req.id, stored)).await,
         },
     };
     let claimed_at = Instant::now();
@@ -382,7 +385,7 @@ async fn send(
             // Templates were checked at start, so this is a bug or a broken
             // override: dead-letter the request so it can be replayed once fixed.
             warn!(error = %e, "rendering failed");
-            return give_up(ctx, d, req, &format!("rendering failed: {e}")).await;
+            return Box::pin(give_up(ctx, d, req, &format!("rendering failed: {e}"))).await;
         }
     };
 
@@ -456,23 +459,23 @@ async fn send(
             // request is dead-lettered for replay at once.
             metrics::smtp(took, "refused");
             warn!(error = %e, "delivery refused by the SMTP server");
-            give_up(ctx, d, req, &e.detail()).await
+            Box::pin(give_up(ctx, d, req, &e.detail())).await
         }
         Err(e) => {
             metrics::smtp(took, "transient");
             let elapsed = claimed.elapsed + claimed_at.elapsed();
             if elapsed >= window {
                 warn!(error = %e, elapsed_s = elapsed.as_secs(), "transient failures past the retry window");
-                return give_up(ctx, d, req, &e.to_string()).await;
+                return Box::pin(give_up(ctx, d, req, &e.to_string())).await;
             }
             let attempts = u32::try_from(claimed.attempts).unwrap_or(0) + 1;
             let delay = retry::retry_delay(attempts, window - elapsed);
             warn!(error = %e, attempts, retry_in_s = delay.as_secs(), "delivery failed; retrying later");
             let retry = retry::retry_count(d.properties.headers().as_ref()) + 1;
-            to_retry_queue(ctx, d, &req.id, delay, retry).await?;
-            persist(ctx, "releasing the request", || {
+            Box::pin(to_retry_queue(ctx, d, &req.id, delay, retry)).await?;
+            Box::pin(persist(ctx, "releasing the request", || {
                 ctx.store.release_for_retry(&req.id)
-            })
+            }))
             .await?;
             metrics::retry();
             Ok(None)

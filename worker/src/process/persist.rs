@@ -63,11 +63,13 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, sqlx::Error>>,
 {
-    let attempts = (|| bounded(op())).retry(db_backoff()).notify(|e, wait| {
-        metrics::db_error();
-        ctx.health.set_db(false);
-        debug!(error = %e, retry_in = ?wait, "claim failed; retrying");
-    });
+    let attempts = (|| bounded(Box::pin(op())))
+        .retry(db_backoff())
+        .notify(|e, wait| {
+            metrics::db_error();
+            ctx.health.set_db(false);
+            debug!(error = %e, retry_in = ?wait, "claim failed; retrying");
+        });
     tokio::select! {
         v = attempts => {
             // Only errors are retried, without end: the first Ok ends it.
@@ -83,6 +85,11 @@ where
 /// timeout cannot end a statement whose socket stopped answering (a
 /// half-open connection), so past [`STEP_DEADLINE`] the step is dropped, its
 /// connection with it, and retried like any failure.
+///
+/// Callers box the step: a statement's future (a batched call with its
+/// fallback, sqlx's machinery) is kilobytes, and unboxed it was copied whole
+/// into the retry loop, its timeout and each enclosing future on every move
+/// (callgrind: `memcpy` was half of the worker's instructions).
 async fn bounded<T>(step: impl Future<Output = Result<T, sqlx::Error>>) -> Result<T, sqlx::Error> {
     tokio::time::timeout(STEP_DEADLINE, step)
         .await
@@ -105,10 +112,12 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, sqlx::Error>>,
 {
-    let attempts = (|| bounded(op())).retry(db_backoff()).notify(|e, wait| {
-        ctx.health.set_db(false);
-        warn!(error = %e, what, retry_in = ?wait, "database failed; retrying");
-    });
+    let attempts = (|| bounded(Box::pin(op())))
+        .retry(db_backoff())
+        .notify(|e, wait| {
+            ctx.health.set_db(false);
+            warn!(error = %e, what, retry_in = ?wait, "database failed; retrying");
+        });
     tokio::select! {
         v = attempts => v.map_err(|_| Failure::Stopped),
         () = ctx.hard_stop.cancelled() => Err(Failure::Stopped),

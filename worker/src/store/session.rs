@@ -69,10 +69,12 @@ impl BatchedStore {
         takeover: bool,
     ) -> Result<Claim, sqlx::Error> {
         let input = ClaimInput::new(row, throttle).takeover(takeover);
+        // The statements alone are boxed: they are rare, and their futures
+        // would otherwise make this one, on every delivery's path, kilobytes.
         match self.claims.call(input).await {
             Some(Some(claimed)) => Ok(Claim::Claimed(claimed)),
-            Some(None) => self.store.lookup_and_lease(row.id).await,
-            None => self.store.claim_with(row, throttle, takeover).await,
+            Some(None) => Box::pin(self.store.lookup_and_lease(row.id)).await,
+            None => Box::pin(self.store.claim_with(row, throttle, takeover)).await,
         }
     }
 
@@ -81,7 +83,7 @@ impl BatchedStore {
         let job = Write::Finish(FinishInput::new(&f));
         match self.conclusions.call(job).await {
             Some(done) => Ok(done),
-            None => self.store.finish(f).await,
+            None => Box::pin(self.store.finish(f)).await,
         }
     }
 
@@ -93,7 +95,7 @@ impl BatchedStore {
             .await
         {
             Some(_) => Ok(()),
-            None => self.store.mark_published(id).await,
+            None => Box::pin(self.store.mark_published(id)).await,
         }
     }
 }

@@ -40,9 +40,11 @@
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
-use minijinja::{AutoEscape, Environment, UndefinedBehavior, Value, context};
+use minijinja::value::{Enumerator, Object};
+use minijinja::{AutoEscape, Environment, UndefinedBehavior, Value};
 use time::OffsetDateTime;
 use verimail_shared::events::{Purpose, resolve_locale, rfc3339, validate_locale};
 
@@ -310,24 +312,34 @@ impl Templates {
         ctx: &MailContext<'_>,
     ) -> Result<RenderedMail, TemplateError> {
         let (amount, unit) = validity(ctx.ttl);
-        let base = context! {
+        // One object both renders read (its values built once, looked up by
+        // a match), rather than a map built for the subject and a second one
+        // merged over it for the bodies.
+        let mut vars = MailVars {
             // A blank name greets like no name.
-            name => ctx.name.filter(|n| !n.trim().is_empty()),
-            email => ctx.email,
-            link => ctx.link,
-            code => ctx.code,
-            purpose => ctx.purpose.as_str(),
-            locale => locale,
-            expires_at => rfc3339::format(ctx.expires_at),
-            ttl_seconds => ctx.ttl.as_secs(),
-            valid_for => valid_for(locale, amount, unit),
-            valid_for_amount => amount,
-            valid_for_unit => unit.key(),
+            name: Value::from(ctx.name.filter(|n| !n.trim().is_empty())),
+            email: Value::from(ctx.email),
+            link: Value::from(ctx.link),
+            code: Value::from(ctx.code),
+            purpose: Value::from(ctx.purpose.as_str()),
+            locale: Value::from(locale),
+            expires_at: Value::from(rfc3339::format(ctx.expires_at)),
+            ttl_seconds: Value::from(ctx.ttl.as_secs()),
+            valid_for: Value::from(valid_for(locale, amount, unit)),
+            valid_for_amount: Value::from(amount),
+            valid_for_unit: Value::from(unit.key()),
+            subject: None,
         };
-        let raw_subject = self.render_part(ctx.purpose, locale, Part::Subject, base.clone())?;
+        let raw_subject = self.render_part(
+            ctx.purpose,
+            locale,
+            Part::Subject,
+            Value::from_object(vars.clone()),
+        )?;
         // One line whatever the template's white space (lettre encodes the rest).
         let subject = raw_subject.split_whitespace().collect::<Vec<_>>().join(" ");
-        let full = context! { subject => subject.clone(), ..base };
+        vars.subject = Some(Value::from(subject.as_str()));
+        let full = Value::from_object(vars);
         let mut text = self.render_part(ctx.purpose, locale, Part::Text, full.clone())?;
         if !text.ends_with('\n') {
             text.push('\n');
@@ -364,20 +376,91 @@ impl Templates {
     }
 }
 
+/// The variables a mail's templates see (module docs, "Variables"), each
+/// built once per mail; `subject` only once the subject is rendered, so the
+/// subject template cannot use it (strict mode: an error, as any undefined
+/// variable).
+#[derive(Debug, Clone)]
+struct MailVars {
+    name: Value,
+    email: Value,
+    link: Value,
+    code: Value,
+    purpose: Value,
+    locale: Value,
+    expires_at: Value,
+    ttl_seconds: Value,
+    valid_for: Value,
+    valid_for_amount: Value,
+    valid_for_unit: Value,
+    subject: Option<Value>,
+}
+
+/// [`MailVars`]' names, `subject` last.
+static MAIL_VARS: [&str; 12] = [
+    "name",
+    "email",
+    "link",
+    "code",
+    "purpose",
+    "locale",
+    "expires_at",
+    "ttl_seconds",
+    "valid_for",
+    "valid_for_amount",
+    "valid_for_unit",
+    "subject",
+];
+
+impl Object for MailVars {
+    fn get_value(self: &Arc<Self>, key: &Value) -> Option<Value> {
+        let value = match key.as_str()? {
+            "name" => &self.name,
+            "email" => &self.email,
+            "link" => &self.link,
+            "code" => &self.code,
+            "purpose" => &self.purpose,
+            "locale" => &self.locale,
+            "expires_at" => &self.expires_at,
+            "ttl_seconds" => &self.ttl_seconds,
+            "valid_for" => &self.valid_for,
+            "valid_for_amount" => &self.valid_for_amount,
+            "valid_for_unit" => &self.valid_for_unit,
+            "subject" => self.subject.as_ref()?,
+            _ => return None,
+        };
+        Some(value.clone())
+    }
+
+    fn enumerate(self: &Arc<Self>) -> Enumerator {
+        let names = if self.subject.is_some() {
+            &MAIL_VARS[..]
+        } else {
+            &MAIL_VARS[..11]
+        };
+        Enumerator::Str(names)
+    }
+}
+
 fn write_html_escaped(out: &mut impl fmt::Write, s: &str) -> fmt::Result {
-    let mut rest = s;
-    while let Some(i) = rest.find(['&', '<', '>', '"', '\'']) {
-        out.write_str(&rest[..i])?;
-        out.write_str(match rest.as_bytes()[i] {
+    // A byte scan: the five characters are ASCII, so every cut falls on a
+    // character boundary (`str::find` with a set of chars decodes each char,
+    // several times slower on the links and addresses of every mail).
+    let mut start = 0;
+    for (i, byte) in s.bytes().enumerate() {
+        let entity = match byte {
             b'&' => "&amp;",
             b'<' => "&lt;",
             b'>' => "&gt;",
             b'"' => "&quot;",
-            _ => "&#39;",
-        })?;
-        rest = &rest[i + 1..];
+            b'\'' => "&#39;",
+            _ => continue,
+        };
+        out.write_str(&s[start..i])?;
+        out.write_str(entity)?;
+        start = i + 1;
     }
-    out.write_str(rest)
+    out.write_str(&s[start..])
 }
 
 fn describe(name: &str, origin: &Origin) -> String {
