@@ -46,7 +46,7 @@ declare -A groups=(
   [crates]="cargo test --workspace --exclude verimail-tests"
   [e2e]="cargo test -p verimail-tests --test e2e --test hostile --test codes"
   [faults]="cargo test -p verimail-tests --test faults -- ${skip_machine[*]}"
-  [delivery]="cargo test -p verimail-tests --test delivery"
+  [delivery]="cargo test -p verimail-tests --test delivery -- --skip three_workers_share_one_rate_limit_and_a_fourth_does_not_raise_it"
 )
 # A new file in tests/tests/ must join a group: fail rather than skip it.
 for f in tests/tests/*.rs; do
@@ -78,6 +78,10 @@ for name in "${failed[@]}"; do
 done
 [ ${#failed[@]} -eq 0 ] || exit 1
 
+# The shared send budget is measured at the sink (50/s over any 2 s): alone,
+# so the other groups' load does not delay the workers' sends into bursts.
+echo "== tests: MAIL_RATE_LIMIT across workers (alone)"
+cargo test -p verimail-tests --test delivery -- --exact three_workers_share_one_rate_limit_and_a_fourth_does_not_raise_it
 echo "== tests: the machine's broker and database restarted (alone)"
 VERIMAIL_FAULT_TESTS=1 cargo test -p verimail-tests --test faults -- --exact "${machine_tests[@]}"
 echo "== tests: a three-node RabbitMQ cluster loses a node (alone)"
