@@ -427,6 +427,14 @@ async fn readyz_and_metrics_answer_and_shutdown_returns_promptly() -> Result<()>
     let (status, body) = worker.get("/metrics").await?;
     assert_eq!(status, 200);
     assert!(body.contains("verimail_worker_outcomes_total"), "{body}");
+    // The attempts counter of a sent mail (a handle registered at start).
+    assert!(
+        body.lines()
+            .any(|l| l.starts_with("verimail_worker_smtp_attempts_total{")
+                && l.contains(r#"result="sent""#)
+                && l.ends_with(" 1")),
+        "{body}"
+    );
     assert!(
         body.contains("verimail_worker_processing_seconds"),
         "{body}"

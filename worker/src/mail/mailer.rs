@@ -118,6 +118,8 @@ struct Target {
     transport: Transport,
     /// Names it in pauses, metrics and logs, without secrets.
     key: String,
+    /// Its accepted attempts, registered once: counted for every mail sent.
+    sent: metrics::Counter,
     /// Failed transiently until then: tried after the others.
     down_until: Mutex<Option<Instant>>,
 }
@@ -305,7 +307,12 @@ impl Mailer {
         };
         metrics::histogram!(ATTEMPT_SECONDS, "result" => label)
             .record(started.elapsed().as_secs_f64());
-        metrics::counter!(ATTEMPTS, "result" => label, "target" => target.key.clone()).increment(1);
+        if result.is_ok() {
+            target.sent.increment(1);
+        } else {
+            metrics::counter!(ATTEMPTS, "result" => label, "target" => target.key.clone())
+                .increment(1);
+        }
         result
     }
 
@@ -428,9 +435,13 @@ fn target(config: &Config, url: &MailUrl) -> Result<Target, MailerError> {
             });
         }
     };
+    // The recorder first, so the handle counts into it.
+    let _ = crate::metrics::handle();
+    let sent = metrics::counter!(ATTEMPTS, "result" => "sent", "target" => key.clone());
     Ok(Target {
         transport,
         key,
+        sent,
         down_until: Mutex::new(None),
     })
 }
