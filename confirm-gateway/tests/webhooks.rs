@@ -967,12 +967,12 @@ async fn bounced_and_complained_events_reach_a_queue_bound_on_the_bus() {
             Event::Bounced(e) => {
                 assert_eq!(d.routing_key.as_str(), "verimail.email.bounced");
                 assert_eq!(message_id.as_deref(), Some(e.id.as_str()));
-                assert_eq!(e.data.email, "quinn@example.com");
+                assert_eq!(e.data.notice.email, "quinn@example.com");
             }
             Event::Complained(e) => {
                 assert_eq!(d.routing_key.as_str(), "verimail.email.complained");
                 assert_eq!(message_id.as_deref(), Some(e.id.as_str()));
-                assert_eq!(e.data.email, "rita@example.com");
+                assert_eq!(e.data.notice.email, "rita@example.com");
             }
             other => panic!("unexpected {other:?}"),
         }

@@ -167,12 +167,14 @@ fn events_serialized_by_the_shared_types_match_the_schemas() {
         verimail_shared::events::EMAIL_BOUNCED,
         "/verimail/gateway",
         verimail_shared::events::BouncedData {
-            email: "alice@example.com".into(),
-            provider: verimail_shared::events::MailProvider::Ses,
-            occurred_at: t,
-            detail: "smtp; 550 5.1.1".into(),
-            request_id: Some("r-1".into()),
-            user_id: None,
+            notice: verimail_shared::events::NoticeData {
+                email: "alice@example.com".into(),
+                provider: verimail_shared::events::MailProvider::Ses,
+                occurred_at: t,
+                detail: "smtp; 550 5.1.1".into(),
+                request_id: Some("r-1".into()),
+                user_id: None,
+            },
             kind: verimail_shared::events::BounceKind::Hard,
         },
     );
@@ -180,12 +182,14 @@ fn events_serialized_by_the_shared_types_match_the_schemas() {
         verimail_shared::events::EMAIL_COMPLAINED,
         "/verimail/gateway",
         verimail_shared::events::ComplainedData {
-            email: "alice@example.com".into(),
-            provider: verimail_shared::events::MailProvider::Postmark,
-            occurred_at: t,
-            detail: "SpamComplaint".into(),
-            request_id: None,
-            user_id: None,
+            notice: verimail_shared::events::NoticeData {
+                email: "alice@example.com".into(),
+                provider: verimail_shared::events::MailProvider::Postmark,
+                occurred_at: t,
+                detail: "SpamComplaint".into(),
+                request_id: None,
+                user_id: None,
+            },
         },
     );
     let suppressed = CloudEvent::new(

@@ -8,7 +8,7 @@ use sqlx::PgPool;
 use time::OffsetDateTime;
 use verimail_shared::events::{
     BouncedData, CloudEvent, ComplainedData, EMAIL_BOUNCED, EMAIL_COMPLAINED, MailProvider,
-    validate_email,
+    NoticeData, validate_email,
 };
 use verimail_shared::suppression::{self, SuppressionReason};
 
@@ -122,6 +122,14 @@ pub async fn record(
         }
         let occurred_at = notice.occurred_at.unwrap_or(now);
         let id = uuid::Uuid::now_v7().to_string();
+        let fields = NoticeData {
+            email: notice.email.clone(),
+            provider,
+            occurred_at,
+            detail: notice.detail.clone(),
+            request_id,
+            user_id,
+        };
         let (routing_key, body) = match notice.what {
             What::Bounce(kind) => (
                 EMAIL_BOUNCED,
@@ -130,12 +138,7 @@ pub async fn record(
                     EMAIL_BOUNCED,
                     EVENT_SOURCE,
                     BouncedData {
-                        email: notice.email.clone(),
-                        provider,
-                        occurred_at,
-                        detail: notice.detail.clone(),
-                        request_id,
-                        user_id,
+                        notice: fields,
                         kind,
                     },
                 )
@@ -147,14 +150,7 @@ pub async fn record(
                     id.clone(),
                     EMAIL_COMPLAINED,
                     EVENT_SOURCE,
-                    ComplainedData {
-                        email: notice.email.clone(),
-                        provider,
-                        occurred_at,
-                        detail: notice.detail.clone(),
-                        request_id,
-                        user_id,
-                    },
+                    ComplainedData { notice: fields },
                 )
                 .to_bytes(),
             ),

@@ -82,10 +82,11 @@ impl BounceKind {
     }
 }
 
-/// `data` of `verimail.email.bounced`.
+/// What every deliverability event says: the address, who reported it,
+/// when and why, and the request it concerns when the notification tells.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BouncedData {
-    /// The address that bounced.
+pub struct NoticeData {
+    /// The address that bounced or whose owner complained.
     pub email: String,
     /// Who reported it.
     pub provider: MailProvider,
@@ -94,28 +95,26 @@ pub struct BouncedData {
     pub occurred_at: OffsetDateTime,
     /// The provider's words.
     pub detail: String,
-    /// The request of the mail that bounced, when the notification tells.
+    /// The request of the mail concerned, when the notification tells.
     pub request_id: Option<String>,
     /// Its user, when known.
     pub user_id: Option<String>,
+}
+
+/// `data` of `verimail.email.bounced`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BouncedData {
+    /// The bounce.
+    #[serde(flatten)]
+    pub notice: NoticeData,
     /// Hard (suppressed) or soft.
     pub kind: BounceKind,
 }
 
-/// `data` of `verimail.email.complained`.
+/// `data` of `verimail.email.complained` (the address is suppressed).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ComplainedData {
-    /// The address whose owner complained (it is suppressed).
-    pub email: String,
-    /// Who reported it.
-    pub provider: MailProvider,
-    /// When the provider says it happened.
-    #[serde(with = "rfc3339")]
-    pub occurred_at: OffsetDateTime,
-    /// The provider's words.
-    pub detail: String,
-    /// The request of the mail complained about, when the notification tells.
-    pub request_id: Option<String>,
-    /// Its user, when known.
-    pub user_id: Option<String>,
+    /// The complaint.
+    #[serde(flatten)]
+    pub notice: NoticeData,
 }

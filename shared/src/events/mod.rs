@@ -17,7 +17,7 @@ mod request;
 mod validate;
 
 pub use decode::{decode_request, peek_id};
-pub use deliverability::{BounceKind, BouncedData, ComplainedData, MailProvider};
+pub use deliverability::{BounceKind, BouncedData, ComplainedData, MailProvider, NoticeData};
 pub use envelope::CloudEvent;
 pub use outcome::{
     Event, EventError, FailedData, FailureReason, Outcome, OutcomeFields, SentData, ThrottledData,
