@@ -5,12 +5,8 @@
 -- sent twice until a thread has used its share up (then it wraps: already_verified).
 -- Counts answers: 200 verified, 200 already_verified, and everything else.
 
-local threads = {}
-
-function setup(thread)
-  thread:set("id", #threads)
-  table.insert(threads, thread)
-end
+-- setup, response and done (the answer counts) are in bench/answers.lua.
+dofile(debug.getinfo(1, "S").source:match("^@(.-)[^/]*$") .. "answers.lua")
 
 function init(args)
   local path = args[1] or "codes.txt"
@@ -28,7 +24,7 @@ function init(args)
   end
   if #bodies == 0 then error("no codes in " .. path .. " for thread " .. id) end
   i = 0
-  ok, already, other, first_other = 0, 0, 0, 0
+  reset_counts()
 end
 
 local headers = {
@@ -39,25 +35,4 @@ local headers = {
 function request()
   i = i % #bodies + 1
   return wrk.format("POST", "/v1/codes/verify", headers, bodies[i])
-end
-
-function response(status, headers, body)
-  if status == 200 then
-    if string.find(body, "already", 1, true) then already = already + 1 else ok = ok + 1 end
-  else
-    other = other + 1
-    if first_other == 0 then first_other = status end
-  end
-end
-
-function done(summary, latency, requests)
-  local ok_total, already_total, other_total, first = 0, 0, 0, 0
-  for _, t in ipairs(threads) do
-    ok_total = ok_total + t:get("ok")
-    already_total = already_total + t:get("already")
-    other_total = other_total + t:get("other")
-    if first == 0 then first = t:get("first_other") end
-  end
-  io.write(string.format("status 200: %d, already: %d, other: %d (first other status %d)\n",
-    ok_total, already_total, other_total, first))
 end
