@@ -128,7 +128,12 @@ impl ApiTransport {
         }
         match &target.provider {
             ApiProvider::Mailgun { domain, .. } => key.push_str(&format!("/{domain}")),
-            ApiProvider::Generic { url } => key.push_str(url.path()),
+            // The path may carry a secret (a hook's token): the key goes into
+            // logs and a metric label, so it names the path by a hash only.
+            ApiProvider::Generic { url } => key.push_str(&format!(
+                "/~{:08x}",
+                super::message::fnv1a(url.path()) >> 32
+            )),
             _ => {}
         }
         Ok(Self {
