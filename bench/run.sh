@@ -138,8 +138,8 @@ if wants worker; then
   step worker_default "$BENCH" worker --n "$N" --processes 1 --concurrency 64 --label worker_default
 fi
 if wants suppressions; then
-  say "2c. the same, 1 process, with 0 and 100,000 suppression entries loaded, interleaved"
-  step worker_supp "$BENCH" worker --n "$N" --processes 1 --suppressions 0,100000,0,100000 --label worker_supp
+  say "2c. the same, 1 process, with 0 and 100,000 suppression entries loaded, three runs each, interleaved"
+  step worker_supp "$BENCH" worker --n "$N" --processes 1 --suppressions 0,100000,100000,0,0,100000 --label worker_supp
 fi
 if wants http; then
   say "2d. HTTP API delivery: 1 process through the generic https target into a stand-in answering at once"

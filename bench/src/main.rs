@@ -236,13 +236,18 @@ async fn main() -> Result<()> {
             suppressions,
         } => {
             for p in processes {
+                let mut runs = Vec::new();
                 for &s in &suppressions {
                     let label = if s == 0 {
                         label.clone()
                     } else {
                         format!("{label}_supp{s}")
                     };
-                    worker_run(&out, &label, n, p, &mail_url, concurrency, s).await?;
+                    let figures = worker_run(&out, &label, n, p, &mail_url, concurrency, s).await?;
+                    runs.push((s, figures));
+                }
+                if suppressions.len() > 1 {
+                    compare_suppressions(&out, &label, p, &runs)?;
                 }
             }
             Ok(())

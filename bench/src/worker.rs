@@ -13,6 +13,19 @@ use crate::results::*;
 use crate::system::*;
 use crate::tap::*;
 
+/// What one worker run measured.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RunFigures {
+    /// Mails/s from the workers' start to the last outcome.
+    pub(crate) per_s: f64,
+    /// Mails/s from the first outcome to the last.
+    pub(crate) steady: f64,
+    /// The workers' CPU per mail, ms.
+    pub(crate) worker_ms: f64,
+    /// This database's backends' CPU per mail, ms.
+    pub(crate) pg_ms: f64,
+}
+
 pub(crate) async fn worker_run(
     out: &Results,
     label: &str,
@@ -21,13 +34,14 @@ pub(crate) async fn worker_run(
     mail_url: &str,
     concurrency: u16,
     suppressions: usize,
-) -> Result<()> {
+) -> Result<RunFigures> {
     let env = bench_env(&format!("bw{processes}"), mail_url, concurrency);
     let result = async {
         prepare_db(&env).await?;
         if suppressions > 0 {
             load_suppressions(&env, suppressions).await?;
         }
+        settle_db(&env).await?;
         worker_run_in(&env, out, label, n, processes, concurrency).await
     }
     .await;
@@ -52,12 +66,28 @@ async fn load_suppressions(env: &TestEnv, n: usize) -> Result<()> {
     .bind(i64::try_from(n).unwrap_or(i64::MAX))
     .execute(&pool)
     .await?;
-    sqlx::query("ANALYZE suppressions").execute(&pool).await?;
+    // VACUUM sets the hint bits and the visibility map now, so neither the
+    // first lookups nor an autovacuum woken by the load write during the run.
+    sqlx::query("VACUUM ANALYZE suppressions")
+        .execute(&pool)
+        .await?;
     pool.close().await;
     println!(
         "  suppression list: {n} entries loaded in {:.2} s",
         t.elapsed().as_secs_f64()
     );
+    Ok(())
+}
+
+/// A checkpoint before every run, so no run pays for the writes of the one
+/// before it (or of its own setup) in the checkpointer's background work.
+async fn settle_db(env: &TestEnv) -> Result<()> {
+    let url = env.get("DATABASE_URL").context("DATABASE_URL")?;
+    let pool =
+        verimail_shared::db::connect(url, false, verimail_shared::db::PoolSettings::default())
+            .await?;
+    sqlx::query("CHECKPOINT").execute(&pool).await?;
+    pool.close().await;
     Ok(())
 }
 
@@ -68,7 +98,7 @@ pub(crate) async fn worker_run_in(
     n: usize,
     processes: usize,
     concurrency: u16,
-) -> Result<()> {
+) -> Result<RunFigures> {
     println!(
         "== worker throughput: {processes} process(es), WORKER_CONCURRENCY {concurrency}, {n} requests preloaded"
     );
@@ -194,5 +224,71 @@ pub(crate) async fn worker_run_in(
         format!("{broker:.3}"),
     )?;
     let _ = conn.close(200, "done".into()).await;
+    Ok(RunFigures {
+        per_s,
+        steady,
+        worker_ms: cpu_ms / n as f64,
+        pg_ms: pg,
+    })
+}
+
+/// Issue 17's check, on the runs of one `--suppressions` list: for each list
+/// size the median of its runs (interleave the sizes, `0,100000,100000,0`,
+/// so drift during the session falls on both), and the ratio of the largest
+/// list's median mails/s to the empty list's.
+pub(crate) fn compare_suppressions(
+    out: &Results,
+    label: &str,
+    processes: usize,
+    runs: &[(usize, RunFigures)],
+) -> Result<()> {
+    let mut sizes: Vec<usize> = runs.iter().map(|(s, _)| *s).collect();
+    sizes.sort_unstable();
+    sizes.dedup();
+    println!("== suppression list sizes compared ({processes} process(es), medians of the runs)");
+    let mut medians = Vec::new();
+    for &size in &sizes {
+        let of = |f: fn(&RunFigures) -> f64| {
+            median(runs.iter().filter(|(s, _)| *s == size).map(|(_, r)| f(r)))
+        };
+        let (per_s, steady) = (of(|r| r.per_s), of(|r| r.steady));
+        let (worker_ms, pg_ms) = (of(|r| r.worker_ms), of(|r| r.pg_ms));
+        let count = runs.iter().filter(|(s, _)| *s == size).count();
+        println!(
+            "  {size:>7} entries, {count} run(s): {per_s:.0} mails/s (first→last {steady:.0}/s); \
+             CPU per mail: worker {worker_ms:.3} ms, PostgreSQL {pg_ms:.3} ms"
+        );
+        let k = format!("{label}_{processes}_supp{size}_median");
+        out.put(&format!("{k}_mps"), format!("{per_s:.0}"))?;
+        out.put(&format!("{k}_pg_cpu_ms_per_mail"), format!("{pg_ms:.3}"))?;
+        medians.push((size, per_s, pg_ms));
+    }
+    if let (Some(&(_, empty, _)), Some(&(size, full, _))) = (medians.first(), medians.last()) {
+        if size > 0 && empty > 0.0 {
+            let change = (full / empty - 1.0) * 100.0;
+            println!(
+                "  {size} entries vs none: {change:+.1} % mails/s (issue 17: within 5 %: {})",
+                if change.abs() <= 5.0 {
+                    "MET"
+                } else {
+                    "NOT MET"
+                }
+            );
+            out.put(
+                &format!("{label}_{processes}_supp_change_pct"),
+                format!("{change:.1}"),
+            )?;
+        }
+    }
     Ok(())
+}
+
+fn median(values: impl Iterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = values.collect();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
 }

@@ -19,14 +19,13 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use backon::{ExponentialBuilder, Retryable};
-use lettre::Message;
 use lettre::address::AddressError;
 use sqlx::PgPool;
 use tracing::{debug, warn};
 use verimail_shared::config::{Config, MailUrl};
 
 use super::http::{ApiMail, ApiTransport};
-use super::message::Composer;
+use super::message::{Composed, Composer};
 use super::outbox::write_outbox;
 use super::pace::Pace;
 use super::pause::Pauses;
@@ -134,9 +133,7 @@ enum Transport {
 
 /// A message built once per send, tried on each target.
 struct Built<'a> {
-    message: Message,
-    bytes: Vec<u8>,
-    message_id: String,
+    message: Composed,
     to: &'a Envelope<'a>,
     mail: &'a RenderedMail,
 }
@@ -233,15 +230,7 @@ impl Mailer {
         mail: &'a RenderedMail,
     ) -> Result<Built<'a>, SendError> {
         let message = self.composer.build(to, mail)?;
-        let bytes = message.formatted();
-        let message_id = self.composer.message_id(to.request_id);
-        Ok(Built {
-            message,
-            bytes,
-            message_id,
-            to,
-            mail,
-        })
+        Ok(Built { message, to, mail })
     }
 
     /// One attempt: each target in turn until one takes the mail or refuses
@@ -323,10 +312,10 @@ impl Mailer {
     ) -> Result<Option<String>, SendError> {
         match &target.transport {
             Transport::Smtp(pool) => pool
-                .send(built.message.envelope(), &built.bytes)
+                .send(&built.message.envelope, &built.message.bytes)
                 .await
                 .map(|()| None),
-            Transport::File(dir) => write_outbox(dir, built.to.request_id, &built.bytes)
+            Transport::File(dir) => write_outbox(dir, built.to.request_id, &built.message.bytes)
                 .await
                 .map(|()| None)
                 .map_err(SendError::File),
@@ -336,13 +325,7 @@ impl Mailer {
                 let to_name = built.to.to_name.map(str::trim).filter(|n| !n.is_empty());
                 let to_text = lettre::message::Mailbox::new(
                     to_name.map(str::to_owned),
-                    built
-                        .message
-                        .envelope()
-                        .to()
-                        .first()
-                        .cloned()
-                        .ok_or_else(|| SendError::Message(lettre::error::Error::MissingTo))?,
+                    built.message.to.clone(),
                 )
                 .to_string();
                 let mail = ApiMail {
@@ -356,8 +339,8 @@ impl Mailer {
                     subject: &built.mail.subject,
                     text: &built.mail.text,
                     html: &built.mail.html,
-                    message_id: &built.message_id,
-                    raw: &built.bytes,
+                    message_id: &built.message.message_id,
+                    raw: &built.message.bytes,
                 };
                 api.send(&mail).await
             }

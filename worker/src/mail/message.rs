@@ -1,10 +1,15 @@
 //! Building the MIME message every transport sends: the same bytes whether
 //! they go over SMTP, into the outbox, or to an HTTP API that takes raw MIME.
 
-use lettre::message::{Mailbox, MultiPart};
-use lettre::{Address, Message};
+use std::io::Write as _;
+
+use lettre::Address;
+use lettre::address::Envelope as SmtpEnvelope;
+use lettre::message::header::{self, Headers};
+use lettre::message::{Mailbox, Mailboxes};
 use verimail_shared::config::Config;
 
+use super::mime::write_part;
 use super::{Envelope, MailerError, RenderedMail, SendError};
 
 /// Builds messages from `MAIL_FROM`.
@@ -12,8 +17,23 @@ use super::{Envelope, MailerError, RenderedMail, SendError};
 pub struct Composer {
     /// The sender (`MAIL_FROM`).
     pub(super) from: Mailbox,
+    /// The `From` header line, encoded once: it is the same in every mail.
+    from_line: String,
     /// Right-hand side of our `Message-ID`s: the sender's domain.
     id_domain: String,
+}
+
+/// A message ready for every transport.
+#[derive(Debug)]
+pub struct Composed {
+    /// `MAIL FROM` and `RCPT TO`.
+    pub envelope: SmtpEnvelope,
+    /// The recipient's address, parsed.
+    pub to: Address,
+    /// The whole RFC 5322 message, CRLF line ends, not dot-stuffed.
+    pub bytes: Vec<u8>,
+    /// Its `Message-ID` (with the angle brackets).
+    pub message_id: String,
 }
 
 impl Composer {
@@ -27,7 +47,13 @@ impl Composer {
                 source,
             })?;
         let id_domain = from.email.domain().to_owned();
-        Ok(Self { from, id_domain })
+        let mut headers = Headers::new();
+        headers.set(header::From::from(Mailboxes::from(from.clone())));
+        Ok(Self {
+            from_line: headers.to_string(),
+            from,
+            id_domain,
+        })
     }
 
     /// The `Message-ID` of the request's mail (the same on every attempt).
@@ -37,25 +63,50 @@ impl Composer {
 
     /// The MIME message: multipart/alternative (text, HTML), with a
     /// `Message-ID` derived from the request id.
-    pub fn build(&self, to: &Envelope<'_>, mail: &RenderedMail) -> Result<Message, SendError> {
+    pub fn build(&self, to: &Envelope<'_>, mail: &RenderedMail) -> Result<Composed, SendError> {
         let address: Address = to.to_email.parse().map_err(SendError::Address)?;
-        // lettre quotes or RFC 2047-encodes the name: it cannot add a header or address.
+        let envelope = SmtpEnvelope::new(Some(self.from.email.clone()), vec![address.clone()])
+            .map_err(SendError::Message)?;
+        // lettre quotes or RFC 2047-encodes the name and the subject, and
+        // folds long lines: a name cannot add a header or an address.
         let name = to
             .to_name
             .map(str::trim)
             .filter(|n| !n.is_empty())
             .map(str::to_owned);
-        Message::builder()
-            .from(self.from.clone())
-            .to(Mailbox::new(name, address))
-            .subject(mail.subject.clone())
-            .date_now()
-            .message_id(Some(self.message_id(to.request_id)))
-            .multipart(MultiPart::alternative_plain_html(
-                mail.text.clone(),
-                mail.html.clone(),
-            ))
-            .map_err(SendError::Message)
+        let mut headers = Headers::with_capacity(3);
+        headers.set(header::To::from(Mailboxes::from(Mailbox::new(
+            name,
+            address.clone(),
+        ))));
+        headers.set(header::Subject::from(mail.subject.clone()));
+        headers.set(header::Date::now());
+        let message_id = self.message_id(to.request_id);
+        // The boundary starts with `=_`, which quoted-printable and base64
+        // never write and a 7bit part is never chosen to contain; the same
+        // request gets the same bytes on every attempt.
+        let boundary = format!("=_vm.{:016x}", fnv1a(to.request_id));
+        let mut bytes = Vec::with_capacity(
+            512 + mail.text.len() + mail.html.len() * 21 / 20 + 2 * boundary.len(),
+        );
+        bytes.extend_from_slice(self.from_line.as_bytes());
+        // Writing into a Vec cannot fail.
+        let _ = write!(
+            bytes,
+            "{headers}Message-ID: {message_id}\r\nMIME-Version: 1.0\r\n\
+             Content-Type: multipart/alternative;\r\n boundary=\"{boundary}\"\r\n\r\n\
+             --{boundary}\r\n"
+        );
+        write_part(&mut bytes, "text/plain; charset=utf-8", &mail.text);
+        let _ = write!(bytes, "--{boundary}\r\n");
+        write_part(&mut bytes, "text/html; charset=utf-8", &mail.html);
+        let _ = write!(bytes, "--{boundary}--\r\n");
+        Ok(Composed {
+            envelope,
+            to: address,
+            bytes,
+            message_id,
+        })
     }
 }
 
@@ -75,11 +126,14 @@ fn message_id(request_id: &str, domain: &str) -> String {
         .take(64)
         .collect();
     let clean = clean.trim_matches('.');
-    // FNV-1a: stable across Rust versions and platforms, unlike std's hasher.
-    let hash = request_id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+    format!("<{clean}.{:016x}@{domain}>", fnv1a(request_id))
+}
+
+/// FNV-1a: stable across Rust versions and platforms, unlike std's hasher.
+pub(super) fn fnv1a(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    });
-    format!("<{clean}.{hash:016x}@{domain}>")
+    })
 }
 
 #[cfg(test)]

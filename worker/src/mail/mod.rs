@@ -2,7 +2,8 @@
 //!
 //! - [`templates`]: the built-in templates (`worker/templates/`, embedded) and
 //!   overrides from `TEMPLATES_DIR`; [`Templates::render`] picks the locale.
-//! - [`message`]: the MIME message every transport sends ([`Composer`]).
+//! - [`message`]: the MIME message every transport sends ([`Composer`]);
+//!   `mime` writes its parts.
 //! - [`mailer`]: [`Mailer`] picks the transport `MAIL_URL` names, bounds each
 //!   attempt by a deadline and retries transient failures with backoff.
 //! - [`smtp`]: our SMTP connection pool, one transaction per mail, pipelined.
@@ -21,6 +22,7 @@ pub mod failure;
 pub mod http;
 pub mod mailer;
 pub mod message;
+mod mime;
 pub mod outbox;
 pub mod pace;
 pub mod pause;

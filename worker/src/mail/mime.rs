@@ -1,0 +1,264 @@
+//! The body of a `multipart/alternative` message written straight into the
+//! message buffer: each part's transfer encoding chosen as lettre chooses it
+//! (7bit for short ASCII lines, else quoted-printable or base64, whichever is
+//! shorter), line ends made CRLF in the same pass.
+//!
+//! Why by hand: lettre's builder copied each part into its own body, encoded
+//! it into a second buffer and formatted the whole message into a third; that
+//! was the largest share of the worker's instructions per mail.
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+
+/// Longest encoded line (RFC 2045, 6.7 and 6.8), without its CRLF.
+const LINE: usize = 76;
+
+/// How a part is carried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum TransferEncoding {
+    SevenBit,
+    QuotedPrintable,
+    Base64,
+}
+
+impl TransferEncoding {
+    /// The encoding for `body`. 7bit is only chosen when the body cannot
+    /// contain the boundary's `=_` (quoted-printable and base64 never do), so
+    /// no body can end the part early.
+    pub(super) fn choose(body: &str) -> Self {
+        let bytes = body.as_bytes();
+        if body.is_ascii() && !long_line(bytes) && !body.contains("=_") {
+            return Self::SevenBit;
+        }
+        let escaped = bytes
+            .iter()
+            .filter(|&&b| !matches!(b, b'\t' | b' '..=b'~'))
+            .count();
+        if escaped <= bytes.len() / 3 {
+            Self::QuotedPrintable
+        } else {
+            Self::Base64
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::SevenBit => "7bit",
+            Self::QuotedPrintable => "quoted-printable",
+            Self::Base64 => "base64",
+        }
+    }
+}
+
+/// A line of `LINE` bytes or more (counting from one line feed to the next).
+fn long_line(bytes: &[u8]) -> bool {
+    bytes.split(|&b| b == b'\n').any(|line| line.len() >= LINE)
+}
+
+/// Writes one part: its headers, a blank line, the encoded body and the CRLF
+/// that belongs to the next boundary line (RFC 2046, 5.1.1), so the body's
+/// own last line break, or its absence, survives.
+pub(super) fn write_part(out: &mut Vec<u8>, content_type: &str, body: &str) {
+    let encoding = TransferEncoding::choose(body);
+    out.extend_from_slice(b"Content-Type: ");
+    out.extend_from_slice(content_type.as_bytes());
+    out.extend_from_slice(b"\r\nContent-Transfer-Encoding: ");
+    out.extend_from_slice(encoding.as_str().as_bytes());
+    out.extend_from_slice(b"\r\n\r\n");
+    match encoding {
+        TransferEncoding::SevenBit => write_crlf(out, body.as_bytes()),
+        TransferEncoding::QuotedPrintable => quoted_printable(out, body.as_bytes()),
+        TransferEncoding::Base64 => {
+            let mut canonical = Vec::with_capacity(body.len() + body.len() / 32);
+            write_crlf(&mut canonical, body.as_bytes());
+            base64_lines(out, &canonical);
+            // Each encoded line ended with CRLF already: the last one is the
+            // boundary's.
+            return;
+        }
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The lines of `body`, split as `str::split` would split at line breaks:
+/// `\r\n`, `\n` and a lone `\r` each end a line (as lettre's CRLF
+/// normalisation reads them), and a final break leaves an empty last line.
+fn lines(body: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut rest = Some(body);
+    std::iter::from_fn(move || {
+        let text = rest?;
+        let Some(end) = text.iter().position(|&b| b == b'\n' || b == b'\r') else {
+            rest = None;
+            return Some(text);
+        };
+        let skip = if text[end] == b'\r' && text.get(end + 1) == Some(&b'\n') {
+            2
+        } else {
+            1
+        };
+        rest = Some(&text[end + skip..]);
+        Some(&text[..end])
+    })
+}
+
+/// `body` with CRLF line breaks.
+fn write_crlf(out: &mut Vec<u8>, body: &[u8]) {
+    for (i, line) in lines(body).enumerate() {
+        if i > 0 {
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(line);
+    }
+}
+
+fn base64_lines(out: &mut Vec<u8>, data: &[u8]) {
+    // 57 input bytes are one full 76-character line.
+    for chunk in data.chunks(LINE / 4 * 3) {
+        let start = out.len();
+        out.resize(start + chunk.len().div_ceil(3) * 4, 0);
+        // The slice is exactly as long as the encoding needs.
+        let written = STANDARD
+            .encode_slice(chunk, &mut out[start..])
+            .unwrap_or_default();
+        out.truncate(start + written);
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+const HEX: &[u8; 16] = b"0123456789ABCDEF";
+
+/// RFC 2045, 6.7: printable ASCII but `=` as is, the rest `=XX`; a space or
+/// tab that ends a line escaped; soft breaks (`=` CRLF) keep lines within
+/// 76 characters and never split an escape.
+fn quoted_printable(out: &mut Vec<u8>, body: &[u8]) {
+    for (n, line) in lines(body).enumerate() {
+        if n > 0 {
+            out.extend_from_slice(b"\r\n");
+        }
+        let mut width = 0;
+        for (i, &b) in line.iter().enumerate() {
+            let last = i + 1 == line.len();
+            let literal = match b {
+                b'=' => false,
+                b' ' | b'\t' => !last,
+                b'!'..=b'~' => true,
+                _ => false,
+            };
+            let len = if literal { 1 } else { 3 };
+            // The last character of a line may use the column the soft
+            // break's `=` would need.
+            let room = if last { LINE } else { LINE - 1 };
+            if width + len > room {
+                out.extend_from_slice(b"=\r\n");
+                width = 0;
+            }
+            if literal {
+                out.push(b);
+            } else {
+                out.extend_from_slice(&[b'=', HEX[usize::from(b >> 4)], HEX[usize::from(b & 15)]]);
+            }
+            width += len;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn part(body: &str) -> (String, String) {
+        let mut out = Vec::new();
+        write_part(&mut out, "text/plain; charset=utf-8", body);
+        let text = String::from_utf8(out).unwrap_or_default();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or_default();
+        (head.to_owned(), body.to_owned())
+    }
+
+    /// What a mail reader gets back from `body` encoded as the part of a
+    /// multipart message.
+    fn decoded(body: &str) -> String {
+        let mut out = b"MIME-Version: 1.0\r\n\
+            Content-Type: multipart/alternative; boundary=\"=_t\"\r\n\r\n--=_t\r\n"
+            .to_vec();
+        write_part(&mut out, "text/plain; charset=utf-8", body);
+        out.extend_from_slice(b"--=_t--\r\n");
+        let parsed = mail_parser::MessageParser::default().parse(&out);
+        parsed
+            .and_then(|m| m.body_text(0).map(|t| t.into_owned()))
+            .unwrap_or_default()
+    }
+
+    fn assert_lines_fit(encoded: &str) {
+        for line in encoded.split("\r\n") {
+            assert!(line.len() <= LINE, "{} > 76: {line:?}", line.len());
+        }
+    }
+
+    #[test]
+    fn short_ascii_lines_go_as_7bit_with_crlf() {
+        let (head, body) = part("Hello,\n\nbye\n");
+        assert!(head.ends_with("Content-Transfer-Encoding: 7bit"), "{head}");
+        assert_eq!(body, "Hello,\r\n\r\nbye\r\n\r\n");
+        assert_eq!(decoded("Hello,\n\nbye"), "Hello,\r\n\r\nbye");
+        assert_eq!(decoded("Hello,\n\nbye\n"), "Hello,\r\n\r\nbye\r\n");
+    }
+
+    #[test]
+    fn a_body_that_could_hold_the_boundary_is_never_7bit() {
+        let (head, body) = part("a =_vm line\n");
+        assert!(head.ends_with("quoted-printable"), "{head}");
+        assert!(!body.contains("=_"), "{body}");
+    }
+
+    #[test]
+    fn long_ascii_lines_go_quoted_printable_within_76_columns() {
+        let line = format!("{}= \t", "x".repeat(200));
+        let input = format!("{line}\n.dot\nend ");
+        let (head, body) = part(&input);
+        assert!(head.ends_with("quoted-printable"), "{head}");
+        assert_lines_fit(&body);
+        assert!(body.contains("=3D"), "{body}");
+        assert!(
+            body.ends_with("end=20\r\n"),
+            "trailing space escaped: {body}"
+        );
+        assert_eq!(decoded(&input), format!("{line}\r\n.dot\r\nend "));
+    }
+
+    #[test]
+    fn an_escape_is_never_split_by_a_soft_break() {
+        for pad in 70..80 {
+            let input = format!("{}é€x", "a".repeat(pad));
+            let (_, body) = part(&input);
+            assert_lines_fit(&body);
+            for line in body.split("\r\n") {
+                let tail = line.rsplit('=').next().unwrap_or_default();
+                assert!(
+                    line.ends_with('=') || !line.contains('=') || tail.len() >= 2,
+                    "{line:?}"
+                );
+            }
+            assert_eq!(decoded(&input), input);
+        }
+    }
+
+    #[test]
+    fn mostly_non_ascii_text_goes_base64() {
+        let input = "请确认您的邮箱地址。\n点击下面的链接完成验证。\n".repeat(5);
+        let (head, body) = part(&input);
+        assert!(head.ends_with("base64"), "{head}");
+        assert_lines_fit(&body);
+        assert_eq!(decoded(&input), input.replace('\n', "\r\n"));
+    }
+
+    #[test]
+    fn mixed_text_goes_quoted_printable_and_round_trips() {
+        let input = "Hello Zoé,\r\nconfirm: https://example.com/confirm/abc\rend";
+        let (head, _) = part(input);
+        assert!(head.ends_with("quoted-printable"), "{head}");
+        assert_eq!(
+            decoded(input),
+            "Hello Zoé,\r\nconfirm: https://example.com/confirm/abc\r\nend"
+        );
+    }
+}
