@@ -35,9 +35,12 @@ cargo build --workspace --all-targets
 # buttons pressed (it runs the binaries just built).
 scripts/browser-test.sh
 
-# The tests that stop the machine's broker or database (in tests/tests/faults.rs).
-machine_tests=(a_broker_restart_while_requests_and_clicks_flow_loses_nothing
-  a_database_restart_while_requests_and_clicks_flow_loses_nothing_and_nothing_crash_loops)
+# The tests that stop the machine's broker or database (tests/tests/faults/restarts.rs),
+# by their full path in the test binary: `--exact` matches nothing less.
+machine_tests=(restarts::a_broker_restart_while_requests_and_clicks_flow_loses_nothing
+  restarts::a_database_restart_while_requests_and_clicks_flow_loses_nothing_and_nothing_crash_loops)
+# The shared send budget test (tests/tests/delivery/rate_limit.rs).
+rate_test=rate_limit::three_workers_share_one_rate_limit_and_a_fourth_does_not_raise_it
 skip_machine=()
 for t in "${machine_tests[@]}"; do skip_machine+=(--skip "$t"); done
 
@@ -46,13 +49,18 @@ declare -A groups=(
   [crates]="cargo test --workspace --exclude verimail-tests"
   [e2e]="cargo test -p verimail-tests --test e2e --test hostile --test codes"
   [faults]="cargo test -p verimail-tests --test faults -- ${skip_machine[*]}"
-  [delivery]="cargo test -p verimail-tests --test delivery -- --skip three_workers_share_one_rate_limit_and_a_fourth_does_not_raise_it"
+  [delivery]="cargo test -p verimail-tests --test delivery -- --skip $rate_test"
 )
-# A new file in tests/tests/ must join a group: fail rather than skip it.
-for f in tests/tests/*.rs; do
-  t=$(basename "$f" .rs)
+# A new test binary in tests/tests/ (a file, or a directory with its main.rs)
+# must join a group: fail rather than skip it.
+for f in tests/tests/*.rs tests/tests/*/main.rs; do
+  [ -e "$f" ] || continue
+  case "$f" in
+    */main.rs) t=$(basename "$(dirname "$f")") ;;
+    *) t=$(basename "$f" .rs) ;;
+  esac
   [ "$t" = cluster ] || grep -q -- "--test $t\b" <<<"${groups[*]}" || {
-    echo "scripts/test.sh: tests/tests/$t.rs is in no group"
+    echo "scripts/test.sh: $f (test binary $t) is in no group"
     exit 1
   }
 done
@@ -81,7 +89,7 @@ done
 # The shared send budget is measured at the sink (50/s over any 2 s): alone,
 # so the other groups' load does not delay the workers' sends into bursts.
 echo "== tests: MAIL_RATE_LIMIT across workers (alone)"
-cargo test -p verimail-tests --test delivery -- --exact three_workers_share_one_rate_limit_and_a_fourth_does_not_raise_it
+cargo test -p verimail-tests --test delivery -- --exact "$rate_test"
 echo "== tests: the machine's broker and database restarted (alone)"
 VERIMAIL_FAULT_TESTS=1 cargo test -p verimail-tests --test faults -- --exact "${machine_tests[@]}"
 echo "== tests: a three-node RabbitMQ cluster loses a node (alone)"

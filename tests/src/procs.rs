@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::process::{Child, Command};
 
-use crate::env::TestEnv;
+use crate::env::{TestEnv, free_port};
 
 /// Where Cargo put the workspace's binaries (next to the test executable's `deps/`).
 pub fn bin_path(name: &str) -> PathBuf {
@@ -167,6 +167,41 @@ pub async fn ready_worker(env: &TestEnv, timeout: Duration) -> Proc {
         worker.log()
     );
     worker
+}
+
+/// Starts one more worker of `env`'s deployment on a `METRICS_ADDR` of its own
+/// (two workers cannot share one port) without waiting for it; returns it and
+/// that address. [`ready_extra_worker`] waits too.
+pub fn start_extra_worker(env: &TestEnv) -> (Proc, String) {
+    let (wenv, addr) = own_metrics(env);
+    (Proc::start("verimail-worker", &[], &wenv), addr)
+}
+
+/// [`ready_worker`] for one more worker of `env`'s deployment, on a
+/// `METRICS_ADDR` of its own; returns it and that address.
+pub async fn ready_extra_worker(env: &TestEnv, timeout: Duration) -> (Proc, String) {
+    let (wenv, addr) = own_metrics(env);
+    (ready_worker(&wenv, timeout).await, addr)
+}
+
+/// `env` with a free `METRICS_ADDR`, and that address.
+fn own_metrics(env: &TestEnv) -> (TestEnv, String) {
+    let mut wenv = env.clone();
+    let addr = format!("127.0.0.1:{}", free_port());
+    wenv.set("METRICS_ADDR", addr.clone());
+    (wenv, addr)
+}
+
+/// The `/readyz` URL of a worker whose `METRICS_ADDR` is `metrics_addr`.
+pub fn readyz_url(metrics_addr: &str) -> String {
+    format!("http://{metrics_addr}/readyz")
+}
+
+/// The last `n` lines of a log: enough to see why a process failed without
+/// burying the assertion under its whole output.
+pub fn tail(log: &str, n: usize) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// Starts a gateway with `env` and waits until its `/readyz` (on its own

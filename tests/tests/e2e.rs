@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde_json::Value;
 use verimail_tests::env::TestEnv;
 use verimail_tests::http::{self, header};
-use verimail_tests::procs::{Proc, cli, migrate, ready_gateway, ready_worker};
+use verimail_tests::procs::{Proc, cli, migrate, ready_extra_worker, ready_gateway};
 use verimail_tests::settle::settled;
 use verimail_tests::smtp::SmtpServer;
 use verimail_tests::tap::EventTap;
@@ -33,13 +33,8 @@ impl Pipeline {
         let tap = EventTap::everything(&env).await;
         let mut procs = Vec::new();
         for _ in 0..workers {
-            let mut wenv = env.clone();
             // Each worker needs its own metrics port.
-            wenv.set(
-                "METRICS_ADDR",
-                format!("127.0.0.1:{}", verimail_tests::env::free_port()),
-            );
-            procs.push(ready_worker(&wenv, WAIT).await);
+            procs.push(ready_extra_worker(&env, WAIT).await.0);
         }
         let gateway = ready_gateway(&env, WAIT).await;
         Self {
