@@ -136,3 +136,52 @@ async fn a_signed_mailgun_hard_bounce_suppresses_once_and_a_tampered_one_changes
     );
     app.cleanup().await;
 }
+
+/// Mailgun's replay protection: a notification whose signature was made more
+/// than 15 minutes ago (or claims a time as far ahead) is refused like a
+/// forged one, though its HMAC holds, and counted as `unauthorized`; within
+/// the window it is accepted.
+#[tokio::test]
+async fn a_mailgun_signature_more_than_15_minutes_old_is_refused_as_a_replay() {
+    let sg = SendgridKey::new();
+    let (app, _) = app(&sg, &[]).await;
+    let event =
+        json!({"event": "failed", "severity": "permanent", "recipient": "stale@example.com"});
+    for (age, token) in [
+        (16 * 60, "token-s1"),
+        (-16 * 60, "token-s2"),
+        (86_400, "token-s3"),
+    ] {
+        let body = mailgun_body_at(now() - age, token, event.clone(), MAILGUN_KEY);
+        let answer = app.call(post("mailgun", &body, &[])).await;
+        assert_eq!(
+            answer.status,
+            StatusCode::UNAUTHORIZED,
+            "{age} s: {}",
+            answer.body
+        );
+        assert_eq!(answer.json(), json!({"status": "unauthorized"}));
+    }
+    assert!(suppressions(&app).await.is_empty());
+    assert!(app.outbox().await.is_empty());
+    let metrics = app.ops_get("/metrics").await.body;
+    let line = r#"verimail_gateway_webhook_notifications_total{provider="mailgun",result="unauthorized"} 3"#;
+    assert!(
+        metrics.lines().any(|l| l == line),
+        "{line} missing from:\n{metrics}"
+    );
+
+    // Fourteen minutes old: within the window.
+    let body = mailgun_body_at(now() - 14 * 60, "token-s4", event, MAILGUN_KEY);
+    let answer = app.call(post("mailgun", &body, &[])).await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+    assert_eq!(
+        suppressions(&app).await,
+        [(
+            "stale@example.com".into(),
+            "bounce".into(),
+            "mailgun".into()
+        )]
+    );
+    app.cleanup().await;
+}
