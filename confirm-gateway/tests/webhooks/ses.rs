@@ -2,16 +2,22 @@
 //! the certificate named by `SigningCertURL`, fetched only from SNS and
 //! cached; subscriptions are confirmed.
 
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::http::StatusCode;
+use futures_util::future::{BoxFuture, join_all};
 use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use verimail_gateway::webhooks::sns::Fetch;
 
 use crate::common::*;
 use crate::sendgrid::SendgridKey;
-use crate::support::{app, b64, events, post, suppressions};
+use crate::support::{app, app_with_fetch, b64, events, post, suppressions};
 
 /// The certificate URL the signed messages name.
 pub const CERT_URL: &str = "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-test.pem";
@@ -100,7 +106,18 @@ impl Drop for SnsCert {
 /// Signs `fields` with `cert` (SNS `version` 1 or 2, naming [`CERT_URL`]) as
 /// SNS does, and POSTs them with SNS's message type header.
 pub async fn post_sns(app: &TestApp, cert: &SnsCert, version: &str, fields: Value) -> Answer {
-    let message = cert.message(version, CERT_URL, fields);
+    post_sns_naming(app, cert, version, CERT_URL, fields).await
+}
+
+/// [`post_sns`], the message naming `cert_url` as its `SigningCertURL`.
+pub async fn post_sns_naming(
+    app: &TestApp,
+    cert: &SnsCert,
+    version: &str,
+    cert_url: &str,
+    fields: Value,
+) -> Answer {
+    let message = cert.message(version, cert_url, fields);
     let ty = message["Type"].as_str().unwrap_or_default().to_owned();
     app.call(post(
         "ses",
@@ -266,5 +283,152 @@ async fn an_sns_subscription_is_confirmed_and_an_unknown_certificate_fetched_fro
     let answer = post_sns(&app, &cert, "1", evil).await;
     assert_eq!(answer.status, StatusCode::BAD_REQUEST);
     assert_eq!(watcher.fetched().len(), 2, "{:?}", watcher.fetched());
+    app.cleanup().await;
+}
+
+/// A local HTTP server standing in for SNS's certificate host, counting the
+/// GETs of each path: `/garbage.pem` answers 200 with a body that is no
+/// certificate, `/slow.pem` a 500 after a second, any other path a 500.
+struct CertHost {
+    addr: SocketAddr,
+    hits: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+impl CertHost {
+    async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind port 0");
+        let addr = listener.local_addr().expect("an address");
+        let hits: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+        let counted = hits.clone();
+        tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                tokio::spawn(answer_one(socket, counted.clone()));
+            }
+        });
+        Self { addr, hits }
+    }
+
+    /// How many GETs of `path` arrived.
+    fn hits(&self, path: &str) -> usize {
+        self.hits
+            .lock()
+            .expect("lock")
+            .get(path)
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+/// Reads one request's head, counts its path, answers and closes.
+async fn answer_one(mut socket: tokio::net::TcpStream, hits: Arc<Mutex<HashMap<String, usize>>>) {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match socket.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    let text = String::from_utf8_lossy(&head);
+    let path = text.split_whitespace().nth(1).unwrap_or("").to_owned();
+    *hits.lock().expect("lock").entry(path.clone()).or_default() += 1;
+    if path == "/slow.pem" {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let (status, body) = if path == "/garbage.pem" {
+        ("200 OK", "not a certificate")
+    } else {
+        ("500 Internal Server Error", "down")
+    };
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = socket.write_all(response.as_bytes()).await;
+    let _ = socket.shutdown().await;
+}
+
+/// The gateway's fetcher pointed at a [`CertHost`]: an SNS URL (one that
+/// passed the gateway's host rule) is fetched from the local host, same path.
+#[derive(Debug)]
+struct ToCertHost(SocketAddr);
+
+impl Fetch for ToCertHost {
+    fn get(&self, url: url::Url) -> BoxFuture<'_, Result<Vec<u8>, String>> {
+        Box::pin(async move {
+            let local = format!("http://{}{}", self.0, url.path());
+            let (status, _, body) = verimail_tests::http::request("GET", &local, &[])
+                .await
+                .map_err(|e| format!("GET {local}: {e}"))?;
+            if !(200..300).contains(&status) {
+                return Err(format!("GET {local}: {status}"));
+            }
+            Ok(body.into_bytes())
+        })
+    }
+}
+
+/// A certificate URL whose fetch failed, or whose answer is no certificate,
+/// is not fetched again within the minute, and notifications arriving while
+/// a slow URL is fetched share that fetch: a flood of forged notifications
+/// naming such a URL costs one outbound fetch, not one each. They answer 503
+/// (SNS retries a real one) and change nothing.
+#[tokio::test]
+async fn a_certificate_url_that_failed_is_not_fetched_again_within_the_minute() {
+    let host = CertHost::start().await;
+    let sg = SendgridKey::new();
+    let app = app_with_fetch(&sg, &[], Arc::new(ToCertHost(host.addr))).await;
+    let cert = SnsCert::new();
+    for path in ["/broken.pem", "/garbage.pem"] {
+        let url = format!("https://sns.us-east-1.amazonaws.com{path}");
+        for i in 0..3 {
+            let fields = ses_bounce(&format!("neg{path}-{i}"), &["nia@example.com"], "Permanent");
+            let answer = post_sns_naming(&app, &cert, "2", &url, fields).await;
+            assert_eq!(
+                answer.status,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "{path}: {}",
+                answer.body
+            );
+        }
+        assert_eq!(
+            host.hits(path),
+            1,
+            "{path}: one fetch for three notifications"
+        );
+    }
+
+    // Signed first, then posted all at once.
+    let slow = "https://sns.us-east-1.amazonaws.com/slow.pem";
+    let messages: Vec<String> = (0..8)
+        .map(|i| {
+            let fields = ses_bounce(&format!("slow-{i}"), &["nia@example.com"], "Permanent");
+            cert.message("2", slow, fields).to_string()
+        })
+        .collect();
+    let header = [(
+        "x-amz-sns-message-type".to_owned(),
+        "Notification".to_owned(),
+    )];
+    let answers = join_all(messages.iter().map(|m| app.call(post("ses", m, &header)))).await;
+    for answer in &answers {
+        assert_eq!(
+            answer.status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{}",
+            answer.body
+        );
+    }
+    assert_eq!(host.hits("/slow.pem"), 1, "eight notifications, one fetch");
+
+    assert!(suppressions(&app).await.is_empty());
+    assert!(app.outbox().await.is_empty());
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM sns_certificates")
+        .fetch_one(app.pool())
+        .await
+        .expect("read the table");
+    assert_eq!(stored, 0, "nothing unusable is shared with other gateways");
     app.cleanup().await;
 }

@@ -60,6 +60,19 @@ impl Watcher {
 
 /// A state with every webhook on and a watched fetcher.
 pub async fn app(sendgrid: &SendgridKey, extra: &[(&str, &str)]) -> (TestApp, Arc<Watcher>) {
+    let watcher = Arc::new(Watcher::default());
+    (
+        app_with_fetch(sendgrid, extra, watcher.clone()).await,
+        watcher,
+    )
+}
+
+/// A state with every webhook on, fetching SNS URLs through `fetch`.
+pub async fn app_with_fetch(
+    sendgrid: &SendgridKey,
+    extra: &[(&str, &str)],
+    fetch: Arc<dyn Fetch>,
+) -> TestApp {
     let secrets = format!(
         "mailgun={MAILGUN_KEY},sendgrid={},postmark={POSTMARK},ses={TOPIC}",
         sendgrid.public_b64
@@ -71,18 +84,13 @@ pub async fn app(sendgrid: &SendgridKey, extra: &[(&str, &str)]) -> (TestApp, Ar
     vars.extend_from_slice(extra);
     let (config, db_name, namespace) = config(&vars);
     let pool = connect_pool(&config).await.expect("test database");
-    let watcher = Arc::new(Watcher::default());
-    let state =
-        AppState::with_fetch(&config, pool, BusSlot::empty(), watcher.clone()).expect("configured");
-    (
-        TestApp {
-            state,
-            config,
-            db_name,
-            namespace,
-        },
-        watcher,
-    )
+    let state = AppState::with_fetch(&config, pool, BusSlot::empty(), fetch).expect("configured");
+    TestApp {
+        state,
+        config,
+        db_name,
+        namespace,
+    }
 }
 
 /// A POST to `/v1/webhooks/{provider}` with `body` and `headers` exactly as
