@@ -263,22 +263,23 @@ pub(crate) fn compare_suppressions(
         out.put(&format!("{k}_pg_cpu_ms_per_mail"), format!("{pg_ms:.3}"))?;
         medians.push((size, per_s, pg_ms));
     }
-    if let (Some(&(_, empty, _)), Some(&(size, full, _))) = (medians.first(), medians.last()) {
-        if size > 0 && empty > 0.0 {
-            let change = (full / empty - 1.0) * 100.0;
-            println!(
-                "  {size} entries vs none: {change:+.1} % mails/s (issue 17: within 5 %: {})",
-                if change.abs() <= 5.0 {
-                    "MET"
-                } else {
-                    "NOT MET"
-                }
-            );
-            out.put(
-                &format!("{label}_{processes}_supp_change_pct"),
-                format!("{change:.1}"),
-            )?;
-        }
+    if let (Some(&(_, empty, _)), Some(&(size, full, _))) = (medians.first(), medians.last())
+        && size > 0
+        && empty > 0.0
+    {
+        let change = (full / empty - 1.0) * 100.0;
+        println!(
+            "  {size} entries vs none: {change:+.1} % mails/s (issue 17: within 5 %: {})",
+            if change.abs() <= 5.0 {
+                "MET"
+            } else {
+                "NOT MET"
+            }
+        );
+        out.put(
+            &format!("{label}_{processes}_supp_change_pct"),
+            format!("{change:.1}"),
+        )?;
     }
     Ok(())
 }

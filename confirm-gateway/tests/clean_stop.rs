@@ -4,14 +4,12 @@
 mod common;
 
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
-use lapin::options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
 use tokio::io::AsyncReadExt;
 use tokio::process::Command;
-use verimail_shared::bus::{Bus, Topology};
+use verimail_shared::events::EMAIL_VERIFIED;
 
 const BIN: &str = env!("CARGO_BIN_EXE_verimail-gateway");
 
@@ -23,13 +21,6 @@ async fn status_of(method: &str, addr: &str, path: &str) -> Option<u16> {
         .await
         .ok()
         .map(|(status, _, _)| status)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }
 
 #[tokio::test]
@@ -49,34 +40,7 @@ async fn sigterm_after_a_published_event_stops_with_exit_0_and_no_error_line() -
     let token = app.token(&request_id, "verify_email");
 
     // A queue for the verified event, so the gateway's publish is routed and seen.
-    let bus = Bus::connect_once(
-        &[verimail_shared::config::defaults::AMQP_URL.to_owned()],
-        "gateway-clean-stop-test",
-    )
-    .await?;
-    let channel = bus.channel().await?;
-    let topology = Topology::new(app.namespace.as_str());
-    verimail_shared::bus::declare_exchange(&channel, &topology).await?;
-    let queue = channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-    channel
-        .queue_bind(
-            queue.name().clone(),
-            topology.exchange().into(),
-            "verimail.email.verified".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let tap = EventTap::bind(&app.namespace, "clean-stop", EMAIL_VERIFIED).await;
 
     let addr = format!("127.0.0.1:{}", free_port());
     let ops = format!("127.0.0.1:{}", free_port());
@@ -111,20 +75,10 @@ async fn sigterm_after_a_published_event_stops_with_exit_0_and_no_error_line() -
         Some(200)
     );
     // The relay published the event: its channel is open when the stop comes.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let got = channel
-            .basic_get(queue.name().clone(), BasicGetOptions { no_ack: true })
-            .await?;
-        if got.is_some() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no verimail.email.verified event"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    assert!(
+        tap.next(Duration::from_secs(20)).await.is_some(),
+        "no verimail.email.verified event"
+    );
 
     let pid = gateway.id().ok_or("the gateway runs")?;
     let killed = Command::new("kill")
@@ -151,8 +105,7 @@ async fn sigterm_after_a_published_event_stops_with_exit_0_and_no_error_line() -
         .collect();
     assert!(errors.is_empty(), "ERROR lines on a clean stop: {errors:?}");
 
-    let _ = channel.close(200, "done".into()).await;
-    bus.close().await;
+    tap.cleanup().await;
     app.cleanup().await;
     Ok(())
 }

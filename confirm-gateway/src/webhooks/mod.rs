@@ -30,6 +30,11 @@ use crate::AppState;
 /// Largest body read: SendGrid batches many events in one POST.
 pub const MAX_BODY: usize = 4 * 1024 * 1024;
 
+/// How far a Mailgun signature's `timestamp` may be from now, either way.
+/// Mailgun's documentation asks receivers to refuse older ones: a captured
+/// notification replayed later is refused even though its HMAC holds.
+pub const MAILGUN_MAX_AGE: time::Duration = time::Duration::minutes(15);
+
 /// What a notice reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum What {
@@ -115,7 +120,7 @@ pub async fn handle(state: &AppState, provider: &str, headers: &HeaderMap, body:
         return Outcome::NotFound;
     }
     let parsed = match provider {
-        MailProvider::Mailgun => mailgun(secrets, body),
+        MailProvider::Mailgun => mailgun(secrets, body, OffsetDateTime::now_utc()),
         MailProvider::Sendgrid => sendgrid(secrets, headers, body),
         MailProvider::Postmark => postmark(secrets, headers, body),
         MailProvider::Ses => return ses(state, headers, body).await,
@@ -173,8 +178,9 @@ fn hex(s: &str) -> Option<Vec<u8>> {
 }
 
 /// Mailgun: `signature.signature` = hex HMAC-SHA256(signing key,
-/// `timestamp` + `token`); the token keys the notice.
-fn mailgun(secrets: &WebhookSecrets, body: &[u8]) -> Result<Parsed, Outcome> {
+/// `timestamp` + `token`), and `timestamp` within [`MAILGUN_MAX_AGE`] of
+/// `now`; the token keys the notice.
+fn mailgun(secrets: &WebhookSecrets, body: &[u8], now: OffsetDateTime) -> Result<Parsed, Outcome> {
     let key = secrets.mailgun_key().ok_or(Outcome::NotFound)?;
     let value = json(body)?;
     let sig = value.get("signature").ok_or(Outcome::Unauthorized)?;
@@ -194,6 +200,21 @@ fn mailgun(secrets: &WebhookSecrets, body: &[u8]) -> Result<Parsed, Outcome> {
     let given = hex(&signature).ok_or(Outcome::Unauthorized)?;
     mac.verify_slice(&given)
         .map_err(|_| Outcome::Unauthorized)?;
+    // Seconds since the epoch; a fraction, were Mailgun to send one, is
+    // covered by the HMAC already and does not matter to the window.
+    let signed_at = timestamp
+        .split('.')
+        .next()
+        .and_then(|secs| secs.parse::<i64>().ok())
+        .and_then(|secs| OffsetDateTime::from_unix_timestamp(secs).ok())
+        .ok_or(Outcome::Unauthorized)?;
+    if (now - signed_at).abs() > MAILGUN_MAX_AGE {
+        tracing::debug!(
+            %signed_at,
+            "Mailgun notification refused: its signature is outside the 15-minute window"
+        );
+        return Err(Outcome::Unauthorized);
+    }
     let Some(event) = value.get("event-data").filter(|e| e.is_object()) else {
         return Err(Outcome::Invalid("event-data: missing".into()));
     };
@@ -382,16 +403,48 @@ mod tests {
             "token": "1234567890abcdef1234567890abcdef",
             "signature": "29f11a17b37259d4b700f02f1eaeba94f9ab8e858f6661bc500f54433322b333"},
             "event-data": {"event": "delivered", "recipient": "a@x.test"}});
-        let parsed = mailgun(&secrets, body.to_string().as_bytes());
+        // As if received a minute after it was signed.
+        let now = signed(60);
+        let parsed = mailgun(&secrets, body.to_string().as_bytes(), now);
         assert!(
             matches!(parsed, Ok(Parsed { ignored: 1, .. })),
             "{parsed:?}"
         );
         let tampered = body.to_string().replace("1534110422", "1534110423");
         assert_eq!(
-            mailgun(&secrets, tampered.as_bytes()).err(),
+            mailgun(&secrets, tampered.as_bytes(), now).err(),
             Some(Outcome::Unauthorized)
         );
+    }
+
+    /// The documented vector's signing time, plus `seconds`.
+    fn signed(seconds: i64) -> OffsetDateTime {
+        OffsetDateTime::from_unix_timestamp(1_534_110_422 + seconds)
+            .unwrap_or(OffsetDateTime::UNIX_EPOCH)
+    }
+
+    #[test]
+    fn a_mailgun_signature_more_than_15_minutes_from_now_is_refused_either_way() {
+        let secrets = WebhookSecrets::parse("mailgun=TEST_WEBHOOK_SIGNING_KEY").unwrap_or_default();
+        let body = serde_json::json!({"signature": {"timestamp": "1534110422",
+            "token": "1234567890abcdef1234567890abcdef",
+            "signature": "29f11a17b37259d4b700f02f1eaeba94f9ab8e858f6661bc500f54433322b333"},
+            "event-data": {"event": "delivered", "recipient": "a@x.test"}})
+        .to_string();
+        let window = MAILGUN_MAX_AGE.whole_seconds();
+        for at in [-window, 0, window] {
+            assert!(
+                mailgun(&secrets, body.as_bytes(), signed(at)).is_ok(),
+                "{at}"
+            );
+        }
+        for at in [-window - 1, window + 1, 86_400] {
+            assert_eq!(
+                mailgun(&secrets, body.as_bytes(), signed(at)).err(),
+                Some(Outcome::Unauthorized),
+                "{at}"
+            );
+        }
     }
 
     #[test]

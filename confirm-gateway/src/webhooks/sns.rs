@@ -1,14 +1,12 @@
 //! Amazon SNS message authentication: the signing certificate (fetched only
 //! from `https://sns.<region>.amazonaws.com/….pem`, cached in memory and in
-//! PostgreSQL) and the signature over the documented string to sign
+//! PostgreSQL, see [`cache`]) and the signature over the documented string to sign
 //! (`SignatureVersion` 1: RSA PKCS#1 v1.5 with SHA-1; 2: with SHA-256).
 //!
 //! Sources: <https://docs.aws.amazon.com/sns/latest/dg/sns-verify-signature-of-message.html>
 //! and aws-php-sns-message-validator (`getStringToSign`, `validateUrl`).
 
-use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
@@ -17,8 +15,11 @@ use rustls_pki_types::{
     AlgorithmIdentifier, CertificateDer, InvalidSignature, SignatureVerificationAlgorithm, alg_id,
 };
 use serde_json::{Map, Value};
-use sqlx::PgPool;
 use url::Url;
+
+pub mod cache;
+
+pub use cache::{CertCache, CertError};
 
 /// Largest certificate accepted from a fetch.
 pub const MAX_CERT_BYTES: usize = 64 * 1024;
@@ -201,87 +202,14 @@ impl Fetch for HttpsFetch {
     }
 }
 
-/// Why a certificate is not available.
-#[derive(Debug, thiserror::Error)]
-pub enum CertError {
-    /// The URL is not an SNS certificate URL: the message is not authentic.
-    #[error("SigningCertURL is not https://sns.<region>.amazonaws.com/….pem")]
-    NotAllowed,
-    /// The certificate could not be read (database, fetch, PEM): try later.
-    #[error("signing certificate unavailable: {0}")]
-    Unavailable(String),
-}
-
-/// Signing certificates by URL: memory first, then the `sns_certificates`
-/// table (shared by every gateway), then a fetch, stored for the others.
-#[derive(Debug)]
-pub struct CertCache {
-    memory: Mutex<HashMap<String, Arc<Vec<u8>>>>,
-    fetch: Arc<dyn Fetch>,
-}
-
-impl CertCache {
-    /// A cache fetching through `fetch`.
-    pub fn new(fetch: Arc<dyn Fetch>) -> Self {
-        Self {
-            memory: Mutex::new(HashMap::new()),
-            fetch,
-        }
-    }
-
-    /// The fetcher (also used to confirm subscriptions).
-    pub fn fetcher(&self) -> &dyn Fetch {
-        &*self.fetch
-    }
-
-    /// The DER certificate behind `url`.
-    pub async fn get(&self, pool: &PgPool, url: &str) -> Result<Arc<Vec<u8>>, CertError> {
-        let checked = allowed_sns_url(url, true).ok_or(CertError::NotAllowed)?;
-        if let Some(der) = self.memory.lock().ok().and_then(|m| m.get(url).cloned()) {
-            return Ok(der);
-        }
-        let stored: Option<String> =
-            sqlx::query_scalar("SELECT pem FROM sns_certificates WHERE url = $1")
-                .bind(url)
-                .fetch_optional(pool)
-                .await
-                .map_err(|e| CertError::Unavailable(format!("database: {e}")))?;
-        let pem = match stored {
-            Some(pem) => pem,
-            None => {
-                let body = self
-                    .fetch
-                    .get(checked)
-                    .await
-                    .map_err(CertError::Unavailable)?;
-                let pem = String::from_utf8(body)
-                    .map_err(|_| CertError::Unavailable("the certificate is not PEM".into()))?;
-                // Checked before it is shared with the other gateways.
-                der_of(&pem)?;
-                sqlx::query(
-                    "INSERT INTO sns_certificates (url, pem) VALUES ($1, $2) ON CONFLICT (url) DO NOTHING",
-                )
-                .bind(url)
-                .bind(&pem)
-                .execute(pool)
-                .await
-                .map_err(|e| CertError::Unavailable(format!("database: {e}")))?;
-                tracing::info!(url, "fetched an SNS signing certificate");
-                pem
-            }
-        };
-        let der = Arc::new(der_of(&pem)?);
-        if let Ok(mut m) = self.memory.lock() {
-            m.insert(url.to_owned(), der.clone());
-        }
-        Ok(der)
-    }
-}
-
-fn der_of(pem: &str) -> Result<Vec<u8>, CertError> {
-    CertificateDer::from_pem_slice(pem.as_bytes())
-        .map(|c| c.as_ref().to_vec())
-        .map_err(|e| CertError::Unavailable(format!("the certificate is not PEM: {e}")))
+/// The DER bytes of a PEM certificate, refused unless it is one X.509
+/// certificate webpki can read (what [`verify`] will need).
+fn der_of(pem: &str) -> Result<Vec<u8>, String> {
+    let der = CertificateDer::from_pem_slice(pem.as_bytes())
+        .map_err(|e| format!("the certificate is not PEM: {e}"))?;
+    webpki::EndEntityCert::try_from(&der)
+        .map_err(|e| format!("the certificate is not a certificate: {e}"))?;
+    Ok(der.as_ref().to_vec())
 }
 
 #[cfg(test)]

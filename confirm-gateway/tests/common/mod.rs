@@ -1,6 +1,13 @@
 //! Helpers shared by the gateway's test binaries: a state on a fresh database,
-//! tokens, requests rows, calling the router.
+//! tokens, requests rows, calling the router, a free port, and an
+//! [`EventTap`] to see what the gateway published.
 #![allow(dead_code)]
+
+mod tap;
+
+// Every test binary compiles this module; not every one taps the bus.
+#[allow(unused_imports)]
+pub use tap::EventTap;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -284,4 +291,13 @@ where
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A port nothing listens on now (bound to port 0, then released), for a
+/// gateway binary that must be given its address up front.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
 }

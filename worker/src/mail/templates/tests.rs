@@ -1,4 +1,10 @@
 //! Templates: loading, overrides, locale choice, escaping, every variable.
+use std::time::Duration;
+
+use time::OffsetDateTime;
+
+use super::load::parse_file_name;
+use super::render::{valid_for, validity};
 use super::*;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;

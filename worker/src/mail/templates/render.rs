@@ -1,0 +1,242 @@
+//! Rendering: one mail's subject, text and HTML parts in a chosen locale,
+//! the variables the templates see, the link's validity in words, and HTML
+//! escaping as Jinja2 does it.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use minijinja::Value;
+use minijinja::value::{Enumerator, Object};
+use verimail_shared::events::{Purpose, resolve_locale, rfc3339};
+
+use super::load::describe;
+use super::{
+    DEFAULT_LOCALE, MailContext, Part, RenderedMail, TemplateError, Templates, template_name,
+};
+
+impl Templates {
+    /// Renders the mail for `purpose` in the best locale for `locale`.
+    pub fn render(
+        &self,
+        locale: Option<&str>,
+        ctx: &MailContext<'_>,
+    ) -> Result<RenderedMail, TemplateError> {
+        let available = self.locales_for(ctx.purpose);
+        let chosen = resolve_locale(locale, &available, DEFAULT_LOCALE);
+        self.render_in(chosen, ctx)
+    }
+
+    /// Renders in exactly `locale` (the start-up check renders every locale
+    /// this way).
+    pub(super) fn render_in(
+        &self,
+        locale: &str,
+        ctx: &MailContext<'_>,
+    ) -> Result<RenderedMail, TemplateError> {
+        let (amount, unit) = validity(ctx.ttl);
+        // One object both renders read (its values built once, looked up by
+        // a match), rather than a map built for the subject and a second one
+        // merged over it for the bodies.
+        let mut vars = MailVars {
+            // A blank name greets like no name.
+            name: Value::from(ctx.name.filter(|n| !n.trim().is_empty())),
+            email: Value::from(ctx.email),
+            link: Value::from(ctx.link),
+            code: Value::from(ctx.code),
+            purpose: Value::from(ctx.purpose.as_str()),
+            locale: Value::from(locale),
+            expires_at: Value::from(rfc3339::format(ctx.expires_at)),
+            ttl_seconds: Value::from(ctx.ttl.as_secs()),
+            valid_for: Value::from(valid_for(locale, amount, unit)),
+            valid_for_amount: Value::from(amount),
+            valid_for_unit: Value::from(unit.key()),
+            subject: None,
+        };
+        let raw_subject = self.render_part(
+            ctx.purpose,
+            locale,
+            Part::Subject,
+            Value::from_object(vars.clone()),
+        )?;
+        // One line whatever the template's white space (lettre encodes the rest).
+        let subject = raw_subject.split_whitespace().collect::<Vec<_>>().join(" ");
+        vars.subject = Some(Value::from(subject.as_str()));
+        let full = Value::from_object(vars);
+        let mut text = self.render_part(ctx.purpose, locale, Part::Text, full.clone())?;
+        if !text.ends_with('\n') {
+            text.push('\n');
+        }
+        let html = self.render_part(ctx.purpose, locale, Part::Html, full)?;
+        Ok(RenderedMail {
+            subject,
+            text,
+            html,
+            locale: locale.to_owned(),
+        })
+    }
+
+    fn render_part(
+        &self,
+        purpose: Purpose,
+        locale: &str,
+        part: Part,
+        ctx: Value,
+    ) -> Result<String, TemplateError> {
+        let name = template_name(purpose, locale, part);
+        let error = |source| TemplateError::Template {
+            file: match self.origins.get(&name) {
+                Some(origin) => describe(&name, origin),
+                None => name.clone(),
+            },
+            source,
+        };
+        self.env
+            .get_template(&name)
+            .map_err(error)?
+            .render(ctx)
+            .map_err(error)
+    }
+}
+
+/// The variables a mail's templates see (module docs, "Variables"), each
+/// built once per mail; `subject` only once the subject is rendered, so the
+/// subject template cannot use it (strict mode: an error, as any undefined
+/// variable).
+#[derive(Debug, Clone)]
+struct MailVars {
+    name: Value,
+    email: Value,
+    link: Value,
+    code: Value,
+    purpose: Value,
+    locale: Value,
+    expires_at: Value,
+    ttl_seconds: Value,
+    valid_for: Value,
+    valid_for_amount: Value,
+    valid_for_unit: Value,
+    subject: Option<Value>,
+}
+
+/// [`MailVars`]' names, `subject` last.
+static MAIL_VARS: [&str; 12] = [
+    "name",
+    "email",
+    "link",
+    "code",
+    "purpose",
+    "locale",
+    "expires_at",
+    "ttl_seconds",
+    "valid_for",
+    "valid_for_amount",
+    "valid_for_unit",
+    "subject",
+];
+
+impl Object for MailVars {
+    fn get_value(self: &Arc<Self>, key: &Value) -> Option<Value> {
+        let value = match key.as_str()? {
+            "name" => &self.name,
+            "email" => &self.email,
+            "link" => &self.link,
+            "code" => &self.code,
+            "purpose" => &self.purpose,
+            "locale" => &self.locale,
+            "expires_at" => &self.expires_at,
+            "ttl_seconds" => &self.ttl_seconds,
+            "valid_for" => &self.valid_for,
+            "valid_for_amount" => &self.valid_for_amount,
+            "valid_for_unit" => &self.valid_for_unit,
+            "subject" => self.subject.as_ref()?,
+            _ => return None,
+        };
+        Some(value.clone())
+    }
+
+    fn enumerate(self: &Arc<Self>) -> Enumerator {
+        let names = if self.subject.is_some() {
+            &MAIL_VARS[..]
+        } else {
+            &MAIL_VARS[..11]
+        };
+        Enumerator::Str(names)
+    }
+}
+
+pub(super) fn write_html_escaped(out: &mut impl fmt::Write, s: &str) -> fmt::Result {
+    // A byte scan: the five characters are ASCII, so every cut falls on a
+    // character boundary (`str::find` with a set of chars decodes each char,
+    // several times slower on the links and addresses of every mail).
+    let mut start = 0;
+    for (i, byte) in s.bytes().enumerate() {
+        let entity = match byte {
+            b'&' => "&amp;",
+            b'<' => "&lt;",
+            b'>' => "&gt;",
+            b'"' => "&quot;",
+            b'\'' => "&#39;",
+            _ => continue,
+        };
+        out.write_str(&s[start..i])?;
+        out.write_str(entity)?;
+        start = i + 1;
+    }
+    out.write_str(&s[start..])
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Unit {
+    Second,
+    Minute,
+    Hour,
+    Day,
+}
+
+impl Unit {
+    fn key(self) -> &'static str {
+        match self {
+            Unit::Second => "second",
+            Unit::Minute => "minute",
+            Unit::Hour => "hour",
+            Unit::Day => "day",
+        }
+    }
+}
+
+/// The link's lifetime in the largest unit that states it exactly, else
+/// rounded down (a mail never promises more time than the token gives).
+pub(super) fn validity(ttl: Duration) -> (u64, Unit) {
+    const MINUTE: u64 = 60;
+    const HOUR: u64 = 3600;
+    const DAY: u64 = 86_400;
+    let s = ttl.as_secs();
+    if s >= DAY && s.is_multiple_of(DAY) {
+        (s / DAY, Unit::Day)
+    } else if s >= HOUR && (s.is_multiple_of(HOUR) || s >= DAY) {
+        (s / HOUR, Unit::Hour)
+    } else if s >= MINUTE {
+        (s / MINUTE, Unit::Minute)
+    } else {
+        (s, Unit::Second)
+    }
+}
+
+/// "1 hour" / "30 minutes"; "1 小时" for Chinese (the template adds "内有效").
+/// Other locales get the English form; their templates can use
+/// `valid_for_amount` and `valid_for_unit` instead.
+pub(super) fn valid_for(locale: &str, amount: u64, unit: Unit) -> String {
+    let primary = locale.split('-').next().unwrap_or(locale);
+    if primary.eq_ignore_ascii_case("zh") {
+        let word = match unit {
+            Unit::Second => "秒",
+            Unit::Minute => "分钟",
+            Unit::Hour => "小时",
+            Unit::Day => "天",
+        };
+        return format!("{amount} {word}");
+    }
+    let plural = if amount == 1 { "" } else { "s" };
+    format!("{amount} {}{plural}", unit.key())
+}
