@@ -50,7 +50,9 @@ total() {
   BENCH_CONCURRENCY=${CALLGRIND_CONCURRENCY:-64} "$WORK/verimail-bench" worker --n "$n" --processes 1 ${CALLGRIND_ARGS:-} \
     >"$WORK/bench-$n.log" 2>&1 || { cat "$WORK/bench-$n.log" >&2; exit 1; }
   out=$(comm -13 <(echo "$before") <(ls "$WORK"/callgrind.out.*))
-  callgrind_annotate "$out" 2>/dev/null | awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1; exit }'
+  # awk reads to the end: leaving early would kill callgrind_annotate with SIGPIPE (and
+  # pipefail would end this script without a word).
+  callgrind_annotate "$out" 2>/dev/null | awk '/PROGRAM TOTALS/ && !seen { gsub(",", "", $1); print $1; seen = 1 }'
 }
 
 t1=$(total "$N1")
