@@ -139,27 +139,24 @@ impl CertCache {
                 .fetch_optional(pool)
                 .await
                 .map_err(|e| failed(format!("database: {e}"), false))?;
-        let pem = match stored {
-            Some(pem) => pem,
-            None => {
-                let body = self.fetch.get(checked).await.map_err(|e| failed(e, true))?;
-                let pem = String::from_utf8(body)
-                    .map_err(|_| failed("the certificate is not PEM".into(), true))?;
-                // Checked before it is shared with the other gateways.
-                der_of(&pem).map_err(|e| failed(e, true))?;
-                sqlx::query(
-                    "INSERT INTO sns_certificates (url, pem) VALUES ($1, $2) ON CONFLICT (url) DO NOTHING",
-                )
-                .bind(url)
-                .bind(&pem)
-                .execute(pool)
-                .await
-                .map_err(|e| failed(format!("database: {e}"), false))?;
-                tracing::info!(url, "fetched an SNS signing certificate");
-                pem
-            }
-        };
-        der_of(&pem).map(Arc::new).map_err(|e| failed(e, true))
+        if let Some(pem) = stored {
+            return der_of(&pem).map(Arc::new).map_err(|e| failed(e, true));
+        }
+        let body = self.fetch.get(checked).await.map_err(|e| failed(e, true))?;
+        let pem = String::from_utf8(body)
+            .map_err(|_| failed("the certificate is not PEM".into(), true))?;
+        // Checked before it is shared with the other gateways.
+        let der = der_of(&pem).map_err(|e| failed(e, true))?;
+        sqlx::query(
+            "INSERT INTO sns_certificates (url, pem) VALUES ($1, $2) ON CONFLICT (url) DO NOTHING",
+        )
+        .bind(url)
+        .bind(&pem)
+        .execute(pool)
+        .await
+        .map_err(|e| failed(format!("database: {e}"), false))?;
+        tracing::info!(url, "fetched an SNS signing certificate");
+        Ok(Arc::new(der))
     }
 }
 
