@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use verimail_gateway::BusSlot;
-use verimail_shared::bus::{Bus, Topology};
+
 use verimail_shared::events::EMAIL_VERIFIED;
 
-use crate::Subscriber;
 use crate::common::*;
+use crate::{Subscriber, exchange_only};
 
 /// A row as the gateway writes it, but created `age` ago (its UUIDv7 id too).
 async fn insert_aged_event(app: &TestApp, age: Duration) -> String {
@@ -66,17 +66,7 @@ async fn unpublished_events_older_than_the_retention_are_dropped_and_counted() {
     assert_eq!(fresh.len(), 2);
 
     // The exchange exists, but nobody is subscribed: nothing can be published.
-    let bus = Bus::connect_once(
-        &[verimail_shared::config::defaults::AMQP_URL.to_owned()],
-        "relay-expiry",
-    )
-    .await
-    .expect("RabbitMQ");
-    let topology = Topology::new(namespace.clone());
-    let channel = bus.channel().await.expect("a channel");
-    verimail_shared::bus::declare_exchange(&channel, &topology)
-        .await
-        .expect("declare the exchange");
+    let bus = exchange_only(&namespace, "relay-expiry").await;
     let mut relay = app.state.relay();
     relay.bus = BusSlot::with(bus.clone());
     let stop = CancellationToken::new();
@@ -109,7 +99,6 @@ async fn unpublished_events_older_than_the_retention_are_dropped_and_counted() {
 
     stop.cancel();
     running.await.expect("the relay stops");
-    let _ = channel.close(200, "done".into()).await;
     bus.close().await;
     sub.cleanup().await;
     app.cleanup().await;

@@ -13,10 +13,12 @@ mod backlog;
 mod outage;
 mod relay;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::{EventTap, TestApp};
 use lapin::message::Delivery;
+use verimail_shared::bus::{Bus, Topology};
 use verimail_shared::events::{EMAIL_VERIFIED, Event};
 
 /// A subscriber queue bound to `{ns}` with `verimail.email.verified`: the
@@ -82,4 +84,26 @@ async fn event_id_of(app: &TestApp, key: &str) -> String {
         .fetch_one(app.pool())
         .await
         .expect("a confirmation")
+}
+
+/// A connection of its own to the machine's broker, named `name`.
+async fn connect(name: &str) -> Arc<Bus> {
+    Bus::connect_once(
+        &[verimail_shared::config::defaults::AMQP_URL.to_owned()],
+        name,
+    )
+    .await
+    .expect("RabbitMQ")
+}
+
+/// [`connect`], with `namespace`'s exchange declared and no queue bound to
+/// it: whatever is published there is unroutable.
+async fn exchange_only(namespace: &str, name: &str) -> Arc<Bus> {
+    let bus = connect(name).await;
+    let channel = bus.channel().await.expect("a channel");
+    verimail_shared::bus::declare_exchange(&channel, &Topology::new(namespace.to_owned()))
+        .await
+        .expect("declare the exchange");
+    let _ = channel.close(200, "declared".into()).await;
+    bus
 }

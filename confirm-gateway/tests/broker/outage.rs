@@ -7,10 +7,9 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use verimail_gateway::Gateway;
-use verimail_shared::bus::Bus;
 
-use crate::Subscriber;
 use crate::common::*;
+use crate::{Subscriber, connect};
 
 /// One request through the tests' HTTP client: (status, body).
 async fn http(
@@ -83,12 +82,7 @@ async fn the_outbox_survives_a_broker_outage_and_sends_the_same_id() {
 
     // The broker is back: the relay sends the very same event id.
     let sub = Subscriber::new(&namespace).await;
-    let bus = Bus::connect_once(
-        &[verimail_shared::config::defaults::AMQP_URL.to_owned()],
-        "gateway-back",
-    )
-    .await
-    .expect("RabbitMQ");
+    let bus = connect("gateway-back").await;
     state.bus().set(bus);
     let got = sub
         .next(Duration::from_secs(10))

@@ -7,22 +7,16 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 use verimail_gateway::BusSlot;
-use verimail_shared::bus::{Bus, Topology};
 use verimail_shared::events::{EMAIL_VERIFIED, Event};
 
 use crate::common::*;
-use crate::{Subscriber, event_id_of};
+use crate::{Subscriber, connect, event_id_of, exchange_only};
 
 #[tokio::test]
 async fn the_verified_event_reaches_a_queue_bound_to_the_exchange() {
     let (_, _, namespace) = config(&[]);
     let sub = Subscriber::new(&namespace).await;
-    let bus = Bus::connect_once(
-        &[verimail_shared::config::defaults::AMQP_URL.to_owned()],
-        "gateway-relay",
-    )
-    .await
-    .expect("RabbitMQ");
+    let bus = connect("gateway-relay").await;
     let app = TestApp::with_bus(
         &[("VERIMAIL_NAMESPACE", &namespace)],
         BusSlot::with(bus.clone()),
@@ -115,12 +109,7 @@ async fn two_relays_never_publish_one_row_twice() {
     let stop = CancellationToken::new();
     let mut relays = Vec::new();
     for name in ["relay-a", "relay-b"] {
-        let bus = Bus::connect_once(
-            &[verimail_shared::config::defaults::AMQP_URL.to_owned()],
-            name,
-        )
-        .await
-        .expect("RabbitMQ");
+        let bus = connect(name).await;
         let mut relay = app.state.relay();
         relay.bus = BusSlot::with(bus);
         relays.push(tokio::spawn(relay.run(stop.clone())));
@@ -160,17 +149,7 @@ async fn events_nobody_is_subscribed_to_stay_in_the_outbox_until_a_queue_is_boun
     assert_eq!(before.len(), N);
 
     // The exchange exists, but no queue is bound to it yet.
-    let bus = Bus::connect_once(
-        &[verimail_shared::config::defaults::AMQP_URL.to_owned()],
-        "relay-unroutable",
-    )
-    .await
-    .expect("RabbitMQ");
-    let topology = Topology::new(namespace.clone());
-    let channel = bus.channel().await.expect("a channel");
-    verimail_shared::bus::declare_exchange(&channel, &topology)
-        .await
-        .expect("declare the exchange");
+    let bus = exchange_only(&namespace, "relay-unroutable").await;
     let mut relay = app.state.relay();
     relay.bus = BusSlot::with(bus.clone());
     let publisher = verimail_shared::bus::Publisher::new(bus.clone());
@@ -196,7 +175,6 @@ async fn events_nobody_is_subscribed_to_stay_in_the_outbox_until_a_queue_is_boun
     let third = relay.batch(&publisher).await.expect("a batch");
     assert_eq!(third.published, 0, "{third:?}");
 
-    let _ = channel.close(200, "done".into()).await;
     sub.cleanup().await;
     app.cleanup().await;
 }
