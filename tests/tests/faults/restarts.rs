@@ -9,8 +9,8 @@ use verimail_tests::procs::Proc;
 
 use crate::SERIAL;
 use crate::support::{
-    BrokerDown, DatabaseDown, Figures, Pipeline, click_all, dead_letters, machine_faults_allowed,
-    quiesce, request_body,
+    BrokerDown, Clicks, DatabaseDown, Figures, Outage, Pipeline, click_all, dead_letters,
+    machine_faults_allowed, quiesce, request_body,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -64,38 +64,22 @@ async fn a_broker_restart_while_requests_and_clicks_flow_loses_nothing() {
     let clicking = click_all(&p.smtp, N, Instant::now() + Duration::from_secs(75));
     let (publish_retries, outage, clicks) = tokio::join!(publishing, fault, clicking);
 
-    let answered = p.tap.wait_answered(&ids, Duration::from_secs(60)).await;
-    let verified = p
-        .tap
-        .wait_verified(clicks.confirmed.len(), Duration::from_secs(30))
-        .await;
-    quiesce(&p.env, Duration::from_secs(30)).await;
-    let mails = p.smtp.mails();
-    let mut f = Figures::measure("broker restart", &ids, &p.tap, &mails);
-    let verified_by_request = p.tap.verified();
-    let lost_verified = clicks
-        .confirmed
-        .iter()
-        .filter(|id| !verified_by_request.contains_key(*id))
-        .count();
-    let double_verified = verified_by_request.values().filter(|n| **n > 1).count();
-    f.note(
-        "broker_stop_took_s",
-        format!("{:.1}", outage.stopping.as_secs_f64()),
+    let Settled {
+        f,
+        answered,
+        verified,
+        lost_verified,
+        double_verified,
+    } = settle(
+        &p,
+        ("broker restart", "broker"),
+        &ids,
+        started,
+        outage,
+        publish_retries,
+        &clicks,
     )
-    .note("broker_down_s", format!("{:.1}", outage.down.as_secs_f64()))
-    .note("publish_retries", publish_retries)
-    .note("clicks_confirmed", clicks.confirmed.len())
-    .note("click_503", clicks.unavailable)
-    .note("click_socket_errors", clicks.socket_errors)
-    .note(
-        "verified_events",
-        verified_by_request.values().sum::<usize>(),
-    )
-    .note("lost_verified", lost_verified)
-    .note("double_verified", double_verified)
-    .note("total_s", format!("{:.1}", started.elapsed().as_secs_f64()));
-    f.print();
+    .await;
 
     let logs = p.worker_logs();
     assert!(answered && f.lost == 0, "requests lost: {f}\n{logs}");
@@ -160,40 +144,24 @@ async fn a_database_restart_while_requests_and_clicks_flow_loses_nothing_and_not
     let clicking = click_all(&p.smtp, N, Instant::now() + Duration::from_secs(80));
     let (publish_retries, outage, clicks) = tokio::join!(publishing, fault, clicking);
 
-    let answered = p.tap.wait_answered(&ids, Duration::from_secs(60)).await;
-    let verified = p
-        .tap
-        .wait_verified(clicks.confirmed.len(), Duration::from_secs(30))
-        .await;
-    quiesce(&p.env, Duration::from_secs(30)).await;
-    let mails = p.smtp.mails();
-    let mut f = Figures::measure("database restart", &ids, &p.tap, &mails);
-    let verified_by_request = p.tap.verified();
-    let lost_verified = clicks
-        .confirmed
-        .iter()
-        .filter(|id| !verified_by_request.contains_key(*id))
-        .count();
-    let double_verified = verified_by_request.values().filter(|n| **n > 1).count();
+    let Settled {
+        f,
+        answered,
+        verified,
+        lost_verified,
+        double_verified,
+    } = settle(
+        &p,
+        ("database restart", "db"),
+        &ids,
+        started,
+        outage,
+        publish_retries,
+        &clicks,
+    )
+    .await;
     let worker_running = p.workers.iter_mut().all(Proc::is_running);
     let gateway_running = p.gateway.as_mut().is_some_and(Proc::is_running);
-    f.note(
-        "db_stop_took_s",
-        format!("{:.1}", outage.stopping.as_secs_f64()),
-    )
-    .note("db_down_s", format!("{:.1}", outage.down.as_secs_f64()))
-    .note("publish_retries", publish_retries)
-    .note("clicks_confirmed", clicks.confirmed.len())
-    .note("click_503", clicks.unavailable)
-    .note("click_socket_errors", clicks.socket_errors)
-    .note(
-        "verified_events",
-        verified_by_request.values().sum::<usize>(),
-    )
-    .note("lost_verified", lost_verified)
-    .note("double_verified", double_verified)
-    .note("total_s", format!("{:.1}", started.elapsed().as_secs_f64()));
-    f.print();
 
     assert!(
         worker_running && gateway_running,
@@ -227,4 +195,74 @@ async fn a_database_restart_while_requests_and_clicks_flow_loses_nothing_and_not
     let dead = dead_letters(&p.env).await;
     assert!(dead.is_empty(), "nothing dead-lettered: {dead:?}\n{f}");
     p.stop().await;
+}
+
+/// What both restarts check once the fault is over.
+struct Settled {
+    f: Figures,
+    /// Every request had its outcome within the minute.
+    answered: bool,
+    /// A verified event arrived for every confirmed link.
+    verified: bool,
+    /// Confirmed links without a verified event.
+    lost_verified: usize,
+    /// Links with more than one verified event.
+    double_verified: usize,
+}
+
+/// Waits for every request's outcome and every confirmed link's verified
+/// event, lets the deployment go quiet, then measures and prints the figures
+/// of `scenario` with the outage (`service` names its lines: `broker`, `db`),
+/// the publish retries and the clicks.
+async fn settle(
+    p: &Pipeline,
+    (scenario, service): (&'static str, &str),
+    ids: &[String],
+    started: Instant,
+    outage: Outage,
+    publish_retries: u32,
+    clicks: &Clicks,
+) -> Settled {
+    let answered = p.tap.wait_answered(ids, Duration::from_secs(60)).await;
+    let verified = p
+        .tap
+        .wait_verified(clicks.confirmed.len(), Duration::from_secs(30))
+        .await;
+    quiesce(&p.env, Duration::from_secs(30)).await;
+    let mails = p.smtp.mails();
+    let mut f = Figures::measure(scenario, ids, &p.tap, &mails);
+    let verified_by_request = p.tap.verified();
+    let lost_verified = clicks
+        .confirmed
+        .iter()
+        .filter(|id| !verified_by_request.contains_key(*id))
+        .count();
+    let double_verified = verified_by_request.values().filter(|n| **n > 1).count();
+    f.note(
+        &format!("{service}_stop_took_s"),
+        format!("{:.1}", outage.stopping.as_secs_f64()),
+    )
+    .note(
+        &format!("{service}_down_s"),
+        format!("{:.1}", outage.down.as_secs_f64()),
+    )
+    .note("publish_retries", publish_retries)
+    .note("clicks_confirmed", clicks.confirmed.len())
+    .note("click_503", clicks.unavailable)
+    .note("click_socket_errors", clicks.socket_errors)
+    .note(
+        "verified_events",
+        verified_by_request.values().sum::<usize>(),
+    )
+    .note("lost_verified", lost_verified)
+    .note("double_verified", double_verified)
+    .note("total_s", format!("{:.1}", started.elapsed().as_secs_f64()));
+    f.print();
+    Settled {
+        f,
+        answered,
+        verified,
+        lost_verified,
+        double_verified,
+    }
 }

@@ -12,9 +12,9 @@ mod tap;
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-pub use clicks::click_all;
+pub use clicks::{Clicks, click_all};
 pub use figures::Figures;
-pub use machine::{BrokerDown, DatabaseDown, machine_faults_allowed};
+pub use machine::{BrokerDown, DatabaseDown, Outage, machine_faults_allowed};
 pub use pipeline::{Pipeline, dead_letters, quiesce, request_body, rss_kib, start_gateway};
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
