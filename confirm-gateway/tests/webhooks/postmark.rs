@@ -1,14 +1,12 @@
 //! Postmark: HTTP basic auth with the configured user and password; a
 //! bounce is tied to its mail by Postmark's `MessageID`.
 
-use std::time::Duration;
-
 use axum::http::StatusCode;
 use serde_json::json;
 
 use crate::common::*;
 use crate::sendgrid::SendgridKey;
-use crate::support::{app, b64, events, post, suppressions};
+use crate::support::{app, b64, events, post, sent_through_provider, suppressions};
 
 /// The `USER:PASSWORD` in `WEBHOOK_SECRETS`.
 pub const POSTMARK: &str = "hooks:s3cret-pass";
@@ -31,19 +29,13 @@ pub async fn post_postmark(app: &TestApp, credentials: &str, body: &str) -> Answ
 async fn postmark_needs_its_basic_auth_and_ties_a_bounce_by_its_message_id() {
     let sg = SendgridKey::new();
     let (app, _) = app(&sg, &[]).await;
-    app.insert_request(
+    sent_through_provider(
+        &app,
         "r3",
         "ivy@example.com",
-        "verify_email",
-        None,
-        None,
-        Duration::ZERO,
+        "883953f4-6105-42a2-a16a-77a8eac79483",
     )
     .await;
-    sqlx::query("UPDATE requests SET provider_message_id = '883953f4-6105-42a2-a16a-77a8eac79483' WHERE id = 'r3'")
-        .execute(app.pool())
-        .await
-        .expect("record the provider's id");
     // Postmark's documented HardBounce sample, our address and id in it.
     let bounce = json!({"RecordType": "Bounce", "MessageStream": "outbound", "ID": 4323372036854775807_u64,
         "Type": "HardBounce", "TypeCode": 1, "Name": "Hard bounce", "Tag": "Test",

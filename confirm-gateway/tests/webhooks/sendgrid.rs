@@ -2,15 +2,13 @@
 //! timestamp header followed by the exact body, with the public key its
 //! dashboard shows.
 
-use std::time::Duration;
-
 use axum::http::StatusCode;
 use ring::rand::SystemRandom;
 use ring::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, KeyPair};
 use serde_json::{Value, json};
 
 use crate::common::*;
-use crate::support::{app, b64, events, post, suppressions};
+use crate::support::{app, b64, events, post, sent_through_provider, suppressions};
 
 /// A P-256 key pair and its public key as SendGrid's dashboard shows it.
 pub struct SendgridKey {
@@ -68,21 +66,7 @@ pub async fn post_sendgrid(
 async fn sendgrid_batches_are_verified_with_the_configured_p256_key() {
     let sg = SendgridKey::new();
     let (app, _) = app(&sg, &[]).await;
-    app.insert_request(
-        "r2",
-        "erin@example.com",
-        "verify_email",
-        None,
-        None,
-        Duration::ZERO,
-    )
-    .await;
-    sqlx::query(
-        "UPDATE requests SET provider_message_id = 'LRzXl_NHStOGhQ4kofSm_A' WHERE id = 'r2'",
-    )
-    .execute(app.pool())
-    .await
-    .expect("record the provider's id");
+    sent_through_provider(&app, "r2", "erin@example.com", "LRzXl_NHStOGhQ4kofSm_A").await;
     let body = json!([
         {"email": "erin@example.com", "event": "bounce", "type": "bounce", "status": "5.1.1",
          "reason": "550 5.1.1 no such user", "sg_event_id": "sg-1",

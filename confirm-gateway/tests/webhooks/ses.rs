@@ -17,7 +17,7 @@ use verimail_gateway::webhooks::sns::Fetch;
 
 use crate::common::*;
 use crate::sendgrid::SendgridKey;
-use crate::support::{app, app_with_fetch, b64, events, post, suppressions};
+use crate::support::{app, app_with_fetch, b64, events, post, sent_through_provider, suppressions};
 
 /// The certificate URL the signed messages name.
 pub const CERT_URL: &str = "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-test.pem";
@@ -152,21 +152,7 @@ async fn ses_notifications_are_verified_with_the_sns_certificate_version_1_and_2
         .execute(app.pool())
         .await
         .expect("cache the certificate");
-    app.insert_request(
-        "r4",
-        "kim@example.com",
-        "verify_email",
-        None,
-        None,
-        Duration::ZERO,
-    )
-    .await;
-    sqlx::query(
-        "UPDATE requests SET provider_message_id = '0100018c-ses-id-000000' WHERE id = 'r4'",
-    )
-    .execute(app.pool())
-    .await
-    .expect("record the provider's id");
+    sent_through_provider(&app, "r4", "kim@example.com", "0100018c-ses-id-000000").await;
     let sns_headers = [(
         "x-amz-sns-message-type".to_owned(),
         "Notification".to_owned(),

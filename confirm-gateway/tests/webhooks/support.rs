@@ -136,3 +136,24 @@ pub fn api(method: &str, path: &str, key: Option<&str>, body: &str) -> Request<B
         .body(Body::from(body.to_owned()))
         .expect("a request")
 }
+
+/// A request `id` whose verification mail to `email` went through a
+/// provider that answered `provider_id` (as the worker records it at send
+/// time): bounce notifications name the mail by that id.
+pub async fn sent_through_provider(app: &TestApp, id: &str, email: &str, provider_id: &str) {
+    app.insert_request(
+        id,
+        email,
+        "verify_email",
+        None,
+        None,
+        std::time::Duration::ZERO,
+    )
+    .await;
+    sqlx::query("UPDATE requests SET provider_message_id = $1 WHERE id = $2")
+        .bind(provider_id)
+        .bind(id)
+        .execute(app.pool())
+        .await
+        .expect("record the provider's id");
+}
