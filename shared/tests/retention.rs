@@ -77,6 +77,14 @@ async fn old_records_are_deleted_in_batches_and_fresh_ones_stay() {
     .execute(&pool)
     .await
     .expect("suppressions");
+    // Published marks go with their request.
+    sqlx::query(
+        "INSERT INTO published (request_id, outcome_id) VALUES \
+         ('old-1','o1'), ('old-2','o2'), ('fresh-1','o3')",
+    )
+    .execute(&pool)
+    .await
+    .expect("published marks");
     sqlx::query(
         "INSERT INTO webhook_receipts (provider, event_key, received_at) VALUES \
          ('ses','old',now() - interval '10 days'), ('ses','new',now())",
@@ -98,6 +106,11 @@ async fn old_records_are_deleted_in_batches_and_fresh_ones_stay() {
     );
     assert_eq!(count(&pool, "throttle").await, 1);
     assert_eq!(count(&pool, "confirmations").await, 1);
+    assert_eq!(
+        count(&pool, "published").await,
+        1,
+        "the marks of deleted requests go, a kept request's stays"
+    );
     assert_eq!(swept.webhook_receipts, 1);
     assert_eq!(count(&pool, "webhook_receipts").await, 1);
     assert_eq!(count(&pool, "suppressions").await, 1, "suppressions stay");

@@ -89,11 +89,11 @@ pub async fn consume(
                         match AssertUnwindSafe(handling).catch_unwind().await {
                             Ok(after_ack) => {
                                 drop(permit);
-                                if let Some(id) = after_ack {
+                                if let Some(mark) = after_ack {
                                     // Boxed too: inline, its state would make
                                     // the spawned task, copied at the spawn,
                                     // kilobytes larger.
-                                    Box::pin(process::mark_after_ack(&ctx, &id)).await;
+                                    Box::pin(process::mark_after_ack(&ctx, &mark)).await;
                                 }
                             }
                             Err(_) => {

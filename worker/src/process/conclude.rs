@@ -15,24 +15,24 @@ use super::persist::persist;
 use super::{AfterAck, Ctx, Failure, SOURCE, duplicate};
 use crate::metrics;
 use crate::retry;
-use crate::store::{Claim, Finish};
+use crate::store::{Claim, Finish, Mark};
 
 /// Records that the outcome of request `id` was confirmed, after its delivery
 /// was acknowledged: the delivery's prefetch slot is free by then. Only the
 /// shutdown deadline stops it (the write is retried); then a later duplicate
 /// re-publishes the same event (ARCHITECTURE.md, crash window 3).
-#[instrument(name = "mark", skip_all, fields(request_id = id))]
-pub async fn mark_after_ack(ctx: &Ctx, id: &str) {
+#[instrument(name = "mark", skip_all, fields(request_id = mark.request_id))]
+pub async fn mark_after_ack(ctx: &Ctx, mark: &Mark) {
     let t = Instant::now();
-    let _ = mark_published(ctx, id).await;
+    let _ = mark_published(ctx, mark).await;
     metrics::step("mark", t.elapsed());
 }
 
 /// Records that the broker confirmed the outcome (batched with other
 /// deliveries' conclusions; alone, with retries, when that batch failed).
-pub(super) async fn mark_published(ctx: &Ctx, id: &str) -> Result<(), Failure> {
+pub(super) async fn mark_published(ctx: &Ctx, mark: &Mark) -> Result<(), Failure> {
     persist(ctx, "marking the outcome published", || {
-        ctx.batches.mark_published(id)
+        ctx.batches.mark_published(mark)
     })
     .await
 }
@@ -156,7 +156,7 @@ pub(super) async fn conclude(
     publish(ctx, &msg, true).await?;
     metrics::step("publish", t.elapsed());
     metrics::outcome(outcome.label.0, outcome.label.1);
-    Ok(Some(id.to_owned()))
+    Ok(Some(Mark::new(id, &outcome.id)))
 }
 
 /// Publishes a copy of the delivery to the retry queue of `delay`, through the

@@ -55,7 +55,7 @@ use verimail_shared::token::{Claims, Code, TokenFormat};
 use crate::mail::{Classification, Envelope, MailContext};
 use crate::metrics;
 use crate::retry::{self, HEADER_FAILED_OUTCOME};
-use crate::store::{Claim, Claimed, RequestRow, Stored};
+use crate::store::{Claim, Claimed, Mark, RequestRow, Stored};
 use crate::throttle;
 
 mod conclude;
@@ -74,9 +74,9 @@ use persist::{claim, claim_with_budget, persist};
 pub const SOURCE: &str = "/verimail/worker";
 /// In-process retry budget of one send (well inside the lease).
 const SEND_BUDGET: Duration = Duration::from_secs(4);
-/// What is left to do once the delivery is acknowledged: the request whose
-/// published outcome to mark, if any.
-pub type AfterAck = Option<String>;
+/// What is left to do once the delivery is acknowledged: the published
+/// outcome to mark, if any.
+pub type AfterAck = Option<Mark>;
 
 /// Why a delivery is not acknowledged. A database outage is not one of
 /// them: every step retries in place, holding its message, so an outage
@@ -88,7 +88,7 @@ enum Failure {
 }
 
 /// Processes one delivery and acknowledges it, or hands it back. Returns
-/// the request whose outcome is to be marked published once the delivery is
+/// the outcome to be marked published once the delivery is
 /// acknowledged ([`mark_after_ack`]), if any.
 #[instrument(name = "delivery", skip_all, fields(request_id, user_id, redelivered = delivery.redelivered))]
 pub async fn handle(ctx: Arc<Ctx>, delivery: Delivery) -> AfterAck {
@@ -545,5 +545,5 @@ async fn duplicate(ctx: &Ctx, id: &str, stored: Stored) -> Result<AfterAck, Fail
     info!(outcome_id, "re-publishing the stored outcome");
     let msg = Outgoing::event(&ctx.topology, &ty, &outcome_id, &bytes);
     publish(ctx, &msg, true).await?;
-    Ok(Some(id.to_owned()))
+    Ok(Some(Mark::new(id, &outcome_id)))
 }

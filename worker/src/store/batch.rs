@@ -145,10 +145,12 @@ RETURNING r.id, r.throttle_passed, r.attempts,
         // The marks of outcomes published since the previous batch ride along
         // (`marked`): under load that saves a statement, a round trip and a
         // commit per batch. A statement runs every data-modifying CTE, read
-        // or not. Locks follow the lock order (module docs): every `requests` row of the
-        // batch (finished or marked) in id order first (`held`, run whole by
-        // the main query's one-time filter), then the `throttle` rows in key
-        // order (`thr`, read by `touched` and `released`).
+        // or not. Locks follow the lock order (module docs): every `requests`
+        // row the batch finishes in id order first (`held`, run whole by the
+        // main query's one-time filter), then the `throttle` rows in key order
+        // (`thr`, read by `touched` and `released`): only those a conclusion
+        // refreshes or releases, as a row lock is a write of its own (the
+        // common mail, sent within a second of its claim, needs neither).
         const FINISH_BATCH: &str = r"
 WITH input AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::timestamptz[],
@@ -157,7 +159,7 @@ WITH input AS (
              provider_message_id, suppress)
 ),
 held AS (
-    SELECT id FROM requests WHERE id = ANY($1::text[] || $8::text[])
+    SELECT id FROM requests WHERE id = ANY($1::text[])
     ORDER BY id
     FOR UPDATE
 ),
@@ -176,6 +178,8 @@ thr AS (
     SELECT t.user_id, t.purpose, r.sent_at, r.release_throttle
     FROM throttle t JOIN r ON t.user_id = r.user_id AND t.purpose = r.purpose
                           AND t.request_id = r.id
+    WHERE r.release_throttle
+       OR (r.sent_at IS NOT NULL AND t.last_sent_at < r.sent_at - interval '1 second')
     ORDER BY t.user_id, t.purpose
     FOR UPDATE OF t
 ),
@@ -203,9 +207,13 @@ suppressed AS (
     ON CONFLICT ((lower(email))) DO NOTHING
     RETURNING 1
 ),
+-- The marks: one narrow row each, keyed by request and outcome (see
+-- `shared/migrations/20261206000020_published.sql`), so a mark touches no
+-- `requests` row and takes no lock but its own key's.
 marked AS (
-    UPDATE requests SET outcome_published = true, lease_until = NULL
-    WHERE id = ANY($8) AND state = 'done'
+    INSERT INTO published (request_id, outcome_id)
+    SELECT * FROM unnest($8::text[], $12::text[])
+    ON CONFLICT DO NOTHING
     RETURNING 1
 ),
 -- Already stored with these very bytes (an outcome id is unique): a batch
@@ -218,11 +226,14 @@ same AS (
 SELECT id FROM r WHERE (SELECT count(*) FROM held) >= 0
 UNION ALL
 SELECT id FROM same";
-        let (mut order, mut marks) = (Vec::new(), Vec::new());
+        let (mut order, mut marks, mut outcome_ids) = (Vec::new(), Vec::new(), Vec::new());
         for c in inputs {
             match c {
                 Write::Finish(f) => order.push(f),
-                Write::MarkPublished(id) => marks.push(id.as_str()),
+                Write::MarkPublished(m) => {
+                    marks.push(m.request_id.as_str());
+                    outcome_ids.push(m.outcome_id.as_str());
+                }
             }
         }
         let rows: Vec<String> = sqlx::query_scalar(FINISH_BATCH)
@@ -267,6 +278,7 @@ SELECT id FROM same";
                     .map(|i| i.suppress.as_deref())
                     .collect::<Vec<_>>(),
             )
+            .bind(outcome_ids)
             .fetch_all(conn)
             .await?;
         let done: std::collections::HashSet<&str> = rows.iter().map(String::as_str).collect();
@@ -368,15 +380,35 @@ impl FinishInput {
 pub enum Write {
     /// [`Store::finish`].
     Finish(FinishInput),
-    /// [`Store::mark_published`] of this request id.
-    MarkPublished(String),
+    /// [`Store::mark_published`].
+    MarkPublished(Mark),
+}
+
+/// An outcome the broker confirmed: which request's, and which event (a
+/// replayed request is concluded again with a new one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mark {
+    /// The request id.
+    pub request_id: String,
+    /// The outcome event's id.
+    pub outcome_id: String,
+}
+
+impl Mark {
+    /// The mark of outcome `outcome_id` of request `request_id`.
+    pub fn new(request_id: &str, outcome_id: &str) -> Self {
+        Self {
+            request_id: request_id.to_owned(),
+            outcome_id: outcome_id.to_owned(),
+        }
+    }
 }
 
 impl Keyed for Write {
     fn keys(&self) -> [u64; 2] {
         let id = match self {
             Write::Finish(f) => &f.id,
-            Write::MarkPublished(id) => id,
+            Write::MarkPublished(m) => &m.request_id,
         };
         [batch::key("id", &[id]), 0]
     }

@@ -54,7 +54,7 @@ use verimail_shared::suppression::SuppressionReason;
 mod batch;
 mod session;
 
-pub use batch::{ClaimInput, FinishInput, Write};
+pub use batch::{ClaimInput, FinishInput, Mark, Write};
 pub use session::{BATCH_SESSION, BatchedStore, LOCK_TIMEOUT, STATEMENT_TIMEOUT, deadlines};
 
 use batch::claimed_from;
@@ -202,14 +202,25 @@ impl Store {
     pub async fn lookup_and_lease(&self, id: &str) -> Result<Claim, sqlx::Error> {
         let row = sqlx::query(
             r"
-WITH took AS (
-    UPDATE requests SET lease_until = now() + $2::float8 * interval '1 second'
-    WHERE id = $1 AND state = 'done' AND NOT outcome_published
-      AND (lease_until IS NULL OR lease_until < now())
-    RETURNING id
+WITH marked AS (
+    SELECT r.id, r.state, r.outcome_type, r.outcome,
+           r.outcome_published OR EXISTS (
+               SELECT 1 FROM published p
+               WHERE p.request_id = r.id
+                 AND p.outcome_id = convert_from(r.outcome, 'UTF8')::jsonb ->> 'id'
+           ) AS published
+    FROM requests r WHERE r.id = $1
+),
+took AS (
+    UPDATE requests r SET lease_until = now() + $2::float8 * interval '1 second'
+    FROM marked m
+    WHERE r.id = m.id AND r.state = 'done' AND NOT m.published
+      AND (r.lease_until IS NULL OR r.lease_until < now())
+    RETURNING r.id
 )
-SELECT state, outcome_type, outcome, outcome_published, EXISTS (SELECT 1 FROM took) AS took
-FROM requests WHERE id = $1",
+SELECT state, outcome_type, outcome, published AS outcome_published,
+       EXISTS (SELECT 1 FROM took) AS took
+FROM marked",
         )
         .bind(id)
         .bind(self.lease.as_secs_f64())
@@ -272,9 +283,9 @@ FROM requests WHERE id = $1",
 
     /// Records that the broker confirmed the stored outcome (the batch
     /// statement with one mark).
-    pub async fn mark_published(&self, id: &str) -> Result<(), sqlx::Error> {
+    pub async fn mark_published(&self, mark: &Mark) -> Result<(), sqlx::Error> {
         let mut conn = self.pool.acquire().await?;
-        self.finish_batch_on(&mut conn, &[Write::MarkPublished(id.to_owned())])
+        self.finish_batch_on(&mut conn, &[Write::MarkPublished(mark.clone())])
             .await?;
         Ok(())
     }

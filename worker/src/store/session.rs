@@ -8,7 +8,7 @@ use sqlx::ConnectOptions;
 use sqlx::postgres::{PgConnectOptions, PgConnection};
 use tracing::debug;
 
-use super::{Claim, ClaimInput, Claimed, Finish, FinishInput, RequestRow, Store, Write};
+use super::{Claim, ClaimInput, Claimed, Finish, FinishInput, Mark, RequestRow, Store, Write};
 use crate::batch::Batcher;
 use crate::health::Health;
 
@@ -88,14 +88,14 @@ impl BatchedStore {
     }
 
     /// [`Store::mark_published`], batched with other deliveries' conclusions.
-    pub async fn mark_published(&self, id: &str) -> Result<(), sqlx::Error> {
+    pub async fn mark_published(&self, mark: &Mark) -> Result<(), sqlx::Error> {
         match self
             .conclusions
-            .call(Write::MarkPublished(id.to_owned()))
+            .call(Write::MarkPublished(mark.clone()))
             .await
         {
             Some(_) => Ok(()),
-            None => Box::pin(self.store.mark_published(id)).await,
+            None => Box::pin(self.store.mark_published(mark)).await,
         }
     }
 }

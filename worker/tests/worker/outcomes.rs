@@ -224,12 +224,14 @@ async fn a_duplicate_event_id_yields_one_mail_and_one_outcome() -> Result<()> {
         .fetch_one(&pool)
         .await?;
     assert_eq!(remaining, 0);
-    // The mark follows the ack: both requests are recorded as published (so a
-    // later duplicate is a no-op at once) and their leases released, soon after.
+    // The mark follows the ack: both requests' outcomes are recorded as
+    // published (so a later duplicate is a no-op at once), soon after.
     let deadline = std::time::Instant::now() + WAIT;
     loop {
         let unmarked: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM requests WHERE NOT outcome_published OR lease_until IS NOT NULL",
+            "SELECT count(*) FROM requests r WHERE NOT EXISTS (
+                 SELECT 1 FROM published p WHERE p.request_id = r.id
+                   AND p.outcome_id = convert_from(r.outcome, 'UTF8')::jsonb ->> 'id')",
         )
         .fetch_one(&pool)
         .await?;

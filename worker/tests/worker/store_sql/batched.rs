@@ -5,7 +5,9 @@
 use std::time::Duration;
 
 use anyhow::Result;
-use verimail_worker::store::{BatchedStore, Claim, ClaimInput, Finish, FinishInput, Store, Write};
+use verimail_worker::store::{
+    BatchedStore, Claim, ClaimInput, Finish, FinishInput, Mark, Store, Write,
+};
 
 use super::{Db, MINUTE, row};
 use crate::support::user;
@@ -129,7 +131,7 @@ async fn a_batched_conclusion_without_mail_gives_the_throttle_back() -> Result<(
         matches!(batches.claim(row("b2", &b), MINUTE, true).await?, Claim::Claimed(c) if c.throttle_passed)
     );
     // A finished, published request is done for a duplicate.
-    batches.mark_published("a1").await?;
+    batches.mark_published(&Mark::new("a1", "o")).await?;
     assert!(
         matches!(batches.claim(row("a1", &a), MINUTE, true).await?, Claim::Done(s) if s.published)
     );
@@ -166,14 +168,14 @@ async fn one_claim_statement_answers_each_request_of_a_batch_in_order() -> Resul
     assert_eq!(done, [true, false, true]);
 
     // Marks ride in the same statement as other requests' conclusions.
-    let mark = |id: &str| Write::MarkPublished(id.to_owned());
+    let mark = |id: &str| Write::MarkPublished(Mark::new(id, "o"));
     let done = store
         .finish_batch(&[mark("r1"), f("r4"), mark("r3")])
         .await?;
     assert_eq!(done, [true, true, true]);
     let published = |id: &'static str| {
         sqlx::query_scalar::<_, bool>(
-            "SELECT outcome_published AND lease_until IS NULL FROM requests WHERE id = $1",
+            "SELECT EXISTS (SELECT 1 FROM published WHERE request_id = $1 AND outcome_id = 'o')",
         )
         .bind(id)
         .fetch_one(&db.pool)
@@ -255,7 +257,7 @@ async fn single_and_batched_statements_give_the_same_answers_and_rows() -> Resul
                     Write::Finish(FinishInput::new(&finish(id, *sent, *release)))
                 })
                 .collect();
-            jobs.push(Write::MarkPublished("window".to_owned()));
+            jobs.push(Write::MarkPublished(Mark::new("window", "o")));
             let mut done = store.finish_batch(&jobs).await?;
             done.pop();
             done
@@ -264,12 +266,13 @@ async fn single_and_batched_statements_give_the_same_answers_and_rows() -> Resul
             for (id, sent, release) in conclusions {
                 out.push(store.finish(finish(id, sent, release)).await?);
             }
-            store.mark_published("window").await?;
+            store.mark_published(&Mark::new("window", "o")).await?;
             out
         };
         let requests: Vec<(String, String, bool, bool, i32, bool)> = sqlx::query_as(
-            "SELECT id, state, throttle_passed, outcome_published, attempts,
-                    lease_until IS NOT NULL FROM requests ORDER BY id",
+            "SELECT id, state, throttle_passed,
+                    EXISTS (SELECT 1 FROM published p WHERE p.request_id = r.id), attempts,
+                    lease_until IS NOT NULL FROM requests r ORDER BY id",
         )
         .fetch_all(&db.pool)
         .await?;

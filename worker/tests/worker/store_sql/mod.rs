@@ -6,7 +6,7 @@ mod batched;
 use std::time::Duration;
 
 use anyhow::Result;
-use verimail_worker::store::{Claim, Finish, RequestRow, Store};
+use verimail_worker::store::{Claim, Finish, Mark, RequestRow, Store};
 
 use crate::support::{PG, user};
 
@@ -122,7 +122,10 @@ async fn a_claim_is_busy_while_leased_and_done_after_finishing() -> Result<()> {
     assert_eq!(tries, 0);
     // Concluded but not yet confirmed: the concluding delivery is publishing.
     assert_eq!(store.claim(row("r1", &uid), MINUTE).await?, Claim::Busy);
-    store.mark_published("r1").await?;
+    // A mark of another outcome of r1 (one a replay replaced) is not this one's.
+    store.mark_published(&Mark::new("r1", "o0")).await?;
+    assert_eq!(store.claim(row("r1", &uid), MINUTE).await?, Claim::Busy);
+    store.mark_published(&Mark::new("r1", "o1")).await?;
     assert!(matches!(store.claim(row("r1", &uid), MINUTE).await?, Claim::Done(s) if s.published));
     // A second request for the user is throttled; a duplicate of the old one
     // does not touch the throttle.
@@ -178,7 +181,7 @@ async fn an_expired_lease_is_taken_over_and_a_failed_request_gives_the_throttle_
         other => anyhow::bail!("unexpected {other:?}"),
     }
     assert_eq!(store.claim(row("r1", &uid), MINUTE).await?, Claim::Busy);
-    store.mark_published("r1").await?;
+    store.mark_published(&Mark::new("r1", "o1")).await?;
     // No mail went out: the next request passes.
     assert!(
         matches!(store.claim(row("r2", &uid), MINUTE).await?, Claim::Claimed(c) if c.throttle_passed)
