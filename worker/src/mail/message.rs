@@ -2,6 +2,7 @@
 //! they go over SMTP, into the outbox, or to an HTTP API that takes raw MIME.
 
 use std::io::Write as _;
+use std::time::SystemTime;
 
 use lettre::Address;
 use lettre::address::Envelope as SmtpEnvelope;
@@ -9,6 +10,7 @@ use lettre::message::header::{self, Headers};
 use lettre::message::{Mailbox, Mailboxes};
 use verimail_shared::config::Config;
 
+use super::date;
 use super::mime::write_part;
 use super::{Envelope, MailerError, RenderedMail, SendError};
 
@@ -74,13 +76,12 @@ impl Composer {
             .map(str::trim)
             .filter(|n| !n.is_empty())
             .map(str::to_owned);
-        let mut headers = Headers::with_capacity(3);
+        let mut headers = Headers::with_capacity(2);
         headers.set(header::To::from(Mailboxes::from(Mailbox::new(
             name,
             address.clone(),
         ))));
         headers.set(header::Subject::from(mail.subject.clone()));
-        headers.set(header::Date::now());
         let message_id = self.message_id(to.request_id);
         // The boundary starts with `=_`, which quoted-printable and base64
         // never write and a 7bit part is never chosen to contain; the same
@@ -91,9 +92,12 @@ impl Composer {
         );
         bytes.extend_from_slice(self.from_line.as_bytes());
         // Writing into a Vec cannot fail.
+        let _ = write!(bytes, "{headers}");
+        bytes.extend_from_slice(b"Date: ");
+        bytes.extend_from_slice(&date::rfc5322(SystemTime::now()));
         let _ = write!(
             bytes,
-            "{headers}Message-ID: {message_id}\r\nMIME-Version: 1.0\r\n\
+            "\r\nMessage-ID: {message_id}\r\nMIME-Version: 1.0\r\n\
              Content-Type: multipart/alternative;\r\n boundary=\"{boundary}\"\r\n\r\n\
              --{boundary}\r\n"
         );
