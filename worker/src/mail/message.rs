@@ -11,6 +11,7 @@ use lettre::message::{Mailbox, Mailboxes};
 use verimail_shared::config::Config;
 
 use super::date;
+use super::headers::{write_subject, write_to};
 use super::mime::write_part;
 use super::{Envelope, MailerError, RenderedMail, SendError};
 
@@ -69,32 +70,25 @@ impl Composer {
         let address: Address = to.to_email.parse().map_err(SendError::Address)?;
         let envelope = SmtpEnvelope::new(Some(self.from.email.clone()), vec![address.clone()])
             .map_err(SendError::Message)?;
-        // lettre quotes or RFC 2047-encodes the name and the subject, and
-        // folds long lines: a name cannot add a header or an address.
-        let name = to
-            .to_name
-            .map(str::trim)
-            .filter(|n| !n.is_empty())
-            .map(str::to_owned);
-        let mut headers = Headers::with_capacity(2);
-        headers.set(header::To::from(Mailboxes::from(Mailbox::new(
-            name,
-            address.clone(),
-        ))));
-        headers.set(header::Subject::from(mail.subject.clone()));
+        let name = to.to_name.map(str::trim).filter(|n| !n.is_empty());
         let message_id = self.message_id(to.request_id);
         // The boundary starts with `=_`, which quoted-printable and base64
         // never write and a 7bit part is never chosen to contain; the same
         // request gets the same bytes on every attempt.
         let boundary = format!("=_vm.{:016x}", fnv1a(to.request_id));
+        // Room for the headers and for either part base64-encoded (4/3, plus
+        // line breaks), so the message is never copied into a larger buffer.
         let mut bytes = Vec::with_capacity(
-            512 + mail.text.len() + mail.html.len() * 21 / 20 + 2 * boundary.len(),
+            512 + (mail.text.len() + mail.html.len()) * 7 / 5 + 2 * boundary.len(),
         );
         bytes.extend_from_slice(self.from_line.as_bytes());
-        // Writing into a Vec cannot fail.
-        let _ = write!(bytes, "{headers}");
+        // Quoted or RFC 2047-encoded where needed, and folded: a name cannot
+        // add a header or an address.
+        write_to(&mut bytes, name, &address);
+        write_subject(&mut bytes, &mail.subject);
         bytes.extend_from_slice(b"Date: ");
         bytes.extend_from_slice(&date::rfc5322(SystemTime::now()));
+        // Writing into a Vec cannot fail.
         let _ = write!(
             bytes,
             "\r\nMessage-ID: {message_id}\r\nMIME-Version: 1.0\r\n\

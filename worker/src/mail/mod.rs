@@ -3,7 +3,8 @@
 //! - [`templates`]: the built-in templates (`worker/templates/`, embedded) and
 //!   overrides from `TEMPLATES_DIR`; [`Templates::render`] picks the locale.
 //! - [`message`]: the MIME message every transport sends ([`Composer`]);
-//!   `mime` writes its parts, `date` its `Date` header.
+//!   `mime` writes its parts, `headers` its `To` and `Subject`, `date` its
+//!   `Date`.
 //! - [`mailer`]: [`Mailer`] picks the transport `MAIL_URL` names, bounds each
 //!   attempt by a deadline and retries transient failures with backoff.
 //! - [`smtp`]: our SMTP connection pool, one transaction per mail, pipelined.
@@ -20,6 +21,7 @@
 
 mod date;
 pub mod failure;
+mod headers;
 pub mod http;
 pub mod mailer;
 pub mod message;
