@@ -58,7 +58,8 @@ fn atom(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')
 }
 
-fn put(out: &mut Vec<u8>, parts: &[&str]) {
+/// Appends `parts` (the `fmt` machinery costs more than the copies).
+pub(super) fn put(out: &mut Vec<u8>, parts: &[&str]) {
     for part in parts {
         out.extend_from_slice(part.as_bytes());
     }
