@@ -15,7 +15,7 @@
 //! paused the mail waits, within its budget.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use backon::{ExponentialBuilder, Retryable};
@@ -109,6 +109,17 @@ pub struct Mailer {
     attempt_timeout: Duration,
     pauses: Arc<Pauses>,
     pace: Option<Arc<Pace>>,
+    attempt_seconds: Arc<AttemptSeconds>,
+}
+
+/// [`ATTEMPT_SECONDS`] by result, each registered at its first attempt (the
+/// macro builds its key and looks it up in the recorder's registry at every
+/// call; registered before, a result no attempt had would show as a series).
+#[derive(Debug, Default)]
+struct AttemptSeconds {
+    sent: OnceLock<metrics::Histogram>,
+    transient: OnceLock<metrics::Histogram>,
+    permanent: OnceLock<metrics::Histogram>,
 }
 
 /// One target of `MAIL_URL`.
@@ -156,6 +167,7 @@ impl Mailer {
             attempt_timeout: ATTEMPT_TIMEOUT,
             pauses: Arc::default(),
             pace: None,
+            attempt_seconds: Arc::default(),
         })
     }
 
@@ -285,16 +297,18 @@ impl Mailer {
                 Ok(result) => result,
                 Err(_) => Err(SendError::Timeout(self.attempt_timeout)),
             };
-        let label = match &result {
-            Ok(_) => "sent",
+        let seconds = &self.attempt_seconds;
+        let (label, histogram) = match &result {
+            Ok(_) => ("sent", &seconds.sent),
             Err(e) => match classify(e) {
-                Classification::Transient => "transient",
+                Classification::Transient => ("transient", &seconds.transient),
                 Classification::RecipientRejected
                 | Classification::Refused(_)
-                | Classification::ProviderRejected => "permanent",
+                | Classification::ProviderRejected => ("permanent", &seconds.permanent),
             },
         };
-        metrics::histogram!(ATTEMPT_SECONDS, "result" => label)
+        histogram
+            .get_or_init(|| metrics::histogram!(ATTEMPT_SECONDS, "result" => label))
             .record(started.elapsed().as_secs_f64());
         if result.is_ok() {
             target.sent.increment(1);

@@ -1,7 +1,7 @@
 //! Building the MIME message every transport sends: the same bytes whether
 //! they go over SMTP, into the outbox, or to an HTTP API that takes raw MIME.
 
-use std::io::Write as _;
+use std::time::SystemTime;
 
 use lettre::Address;
 use lettre::address::Envelope as SmtpEnvelope;
@@ -9,6 +9,8 @@ use lettre::message::header::{self, Headers};
 use lettre::message::{Mailbox, Mailboxes};
 use verimail_shared::config::Config;
 
+use super::date;
+use super::headers::{put, write_subject, write_to};
 use super::mime::write_part;
 use super::{Envelope, MailerError, RenderedMail, SendError};
 
@@ -67,40 +69,43 @@ impl Composer {
         let address: Address = to.to_email.parse().map_err(SendError::Address)?;
         let envelope = SmtpEnvelope::new(Some(self.from.email.clone()), vec![address.clone()])
             .map_err(SendError::Message)?;
-        // lettre quotes or RFC 2047-encodes the name and the subject, and
-        // folds long lines: a name cannot add a header or an address.
-        let name = to
-            .to_name
-            .map(str::trim)
-            .filter(|n| !n.is_empty())
-            .map(str::to_owned);
-        let mut headers = Headers::with_capacity(3);
-        headers.set(header::To::from(Mailboxes::from(Mailbox::new(
-            name,
-            address.clone(),
-        ))));
-        headers.set(header::Subject::from(mail.subject.clone()));
-        headers.set(header::Date::now());
+        let name = to.to_name.map(str::trim).filter(|n| !n.is_empty());
         let message_id = self.message_id(to.request_id);
         // The boundary starts with `=_`, which quoted-printable and base64
         // never write and a 7bit part is never chosen to contain; the same
         // request gets the same bytes on every attempt.
-        let boundary = format!("=_vm.{:016x}", fnv1a(to.request_id));
+        let mut boundary = String::from("=_vm.");
+        push_hex(&mut boundary, fnv1a(to.request_id));
+        // Room for the headers and for either part base64-encoded (4/3, plus
+        // line breaks), so the message is never copied into a larger buffer.
         let mut bytes = Vec::with_capacity(
-            512 + mail.text.len() + mail.html.len() * 21 / 20 + 2 * boundary.len(),
+            512 + (mail.text.len() + mail.html.len()) * 7 / 5 + 2 * boundary.len(),
         );
         bytes.extend_from_slice(self.from_line.as_bytes());
-        // Writing into a Vec cannot fail.
-        let _ = write!(
-            bytes,
-            "{headers}Message-ID: {message_id}\r\nMIME-Version: 1.0\r\n\
-             Content-Type: multipart/alternative;\r\n boundary=\"{boundary}\"\r\n\r\n\
-             --{boundary}\r\n"
+        // Quoted or RFC 2047-encoded where needed, and folded: a name cannot
+        // add a header or an address.
+        write_to(&mut bytes, name, &address);
+        write_subject(&mut bytes, &mail.subject);
+        bytes.extend_from_slice(b"Date: ");
+        bytes.extend_from_slice(&date::rfc5322(SystemTime::now()));
+        let b = boundary.as_str();
+        put(
+            &mut bytes,
+            &["\r\nMessage-ID: ", &message_id, "\r\nMIME-Version: 1.0\r\n"],
         );
+        put(
+            &mut bytes,
+            &[
+                "Content-Type: multipart/alternative;\r\n boundary=\"",
+                b,
+                "\"\r\n\r\n",
+            ],
+        );
+        put(&mut bytes, &["--", b, "\r\n"]);
         write_part(&mut bytes, "text/plain; charset=utf-8", &mail.text);
-        let _ = write!(bytes, "--{boundary}\r\n");
+        put(&mut bytes, &["--", b, "\r\n"]);
         write_part(&mut bytes, "text/html; charset=utf-8", &mail.html);
-        let _ = write!(bytes, "--{boundary}--\r\n");
+        put(&mut bytes, &["--", b, "--\r\n"]);
         Ok(Composed {
             envelope,
             to: address,
@@ -114,19 +119,36 @@ impl Composer {
 /// always gives the same id (downstream can spot a duplicate), and the hash
 /// keeps ids apart that sanitizing would merge.
 fn message_id(request_id: &str, domain: &str) -> String {
-    let clean: String = request_id
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
-                c
-            } else {
-                '_'
-            }
-        })
-        .take(64)
-        .collect();
-    let clean = clean.trim_matches('.');
-    format!("<{clean}.{:016x}@{domain}>", fnv1a(request_id))
+    let mut id = String::with_capacity(request_id.len().min(64) + domain.len() + 20);
+    id.push('<');
+    id.extend(request_id.chars().take(64).map(|c| {
+        if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+            c
+        } else {
+            '_'
+        }
+    }));
+    // No dot at either end of the sanitized id.
+    let kept = id.trim_end_matches('.').len();
+    id.truncate(kept);
+    let leading = id[1..].len() - id[1..].trim_start_matches('.').len();
+    id.drain(1..1 + leading);
+    id.push('.');
+    push_hex(&mut id, fnv1a(request_id));
+    id.push('@');
+    id.push_str(domain);
+    id.push('>');
+    id
+}
+
+/// `n` as 16 lowercase hex digits (`{:016x}` without the formatting machinery).
+fn push_hex(out: &mut String, n: u64) {
+    let mut digits = [0; 16];
+    for (i, digit) in digits.iter_mut().enumerate() {
+        *digit = b"0123456789abcdef"[(n >> (60 - 4 * i)) as usize & 15];
+    }
+    // Pushed as one string: a char at a time cost three times as much.
+    out.push_str(std::str::from_utf8(&digits).unwrap_or_default());
 }
 
 /// FNV-1a: stable across Rust versions and platforms, unlike std's hasher.
@@ -197,5 +219,35 @@ mod tests {
         assert!(a.starts_with("<a_b.") && a.ends_with("@x.test>"), "{a}");
         let long = message_id(&"é".repeat(200), "x.test");
         assert!(long.len() < 100, "{long}");
+    }
+
+    #[test]
+    fn message_ids_are_the_formatted_ones() {
+        let ids = [
+            "5f1c-req/1",
+            "..a..",
+            "...",
+            "",
+            "a.b.",
+            ".x",
+            "ü.ä",
+            "x y\r\nz",
+        ];
+        let long = "é.".repeat(50);
+        for id in ids.into_iter().chain([long.as_str()]) {
+            let clean: String = id
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .take(64)
+                .collect();
+            let want = format!("<{}.{:016x}@x.test>", clean.trim_matches('.'), fnv1a(id));
+            assert_eq!(message_id(id, "x.test"), want, "{id:?}");
+        }
     }
 }

@@ -3,7 +3,8 @@
 //! - [`templates`]: the built-in templates (`worker/templates/`, embedded) and
 //!   overrides from `TEMPLATES_DIR`; [`Templates::render`] picks the locale.
 //! - [`message`]: the MIME message every transport sends ([`Composer`]);
-//!   `mime` writes its parts.
+//!   `mime` writes its parts, `headers` its `To` and `Subject`, `date` its
+//!   `Date`.
 //! - [`mailer`]: [`Mailer`] picks the transport `MAIL_URL` names, bounds each
 //!   attempt by a deadline and retries transient failures with backoff.
 //! - [`smtp`]: our SMTP connection pool, one transaction per mail, pipelined.
@@ -18,7 +19,9 @@
 //! inject template syntax, HTML or headers); every delivery attempt ends within
 //! a deadline, so a stuck SMTP server cannot hold a worker's slots forever.
 
+mod date;
 pub mod failure;
+mod headers;
 pub mod http;
 pub mod mailer;
 pub mod message;

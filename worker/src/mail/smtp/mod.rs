@@ -79,7 +79,9 @@ struct Idle {
 
 /// An open session and what its server offered.
 struct Conn {
-    smtp: AsyncSmtpConnection,
+    /// Boxed: the connection is over a kilobyte, and every mail moves it out of
+    /// the idle list, through its send's future and back.
+    smtp: Box<AsyncSmtpConnection>,
     /// The server announced `PIPELINING` in its reply to our `EHLO`.
     pipelining: bool,
 }
@@ -186,7 +188,11 @@ impl SmtpPool {
         loop {
             let idle = lock(&self.idle).pop();
             let Some(Idle { mut conn, since }) = idle else {
-                return self.connect().await;
+                // Boxed: opening a session (lettre's connect, TLS, EHLO, AUTH)
+                // is a state machine of kilobytes, once per connection; inline,
+                // it made every send's future that large, copied whole at each
+                // move of every mail (memcpy in the profile).
+                return Box::pin(self.connect()).await;
             };
             let idle_for = since.elapsed();
             if idle_for > MAX_IDLE {
@@ -265,7 +271,7 @@ impl SmtpPool {
                 .map_err(SendError::Auth)?;
         }
         Ok(Conn {
-            smtp: conn,
+            smtp: Box::new(conn),
             pipelining,
         })
     }
@@ -389,7 +395,7 @@ impl std::fmt::Display for Verbatim<'_> {
 }
 
 /// Says QUIT in the background (bounded), so the server is not left guessing.
-fn retire(mut conn: AsyncSmtpConnection) {
+fn retire(mut conn: Box<AsyncSmtpConnection>) {
     tokio::spawn(async move {
         let _ = tokio::time::timeout(Duration::from_secs(2), conn.quit()).await;
     });

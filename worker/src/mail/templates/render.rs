@@ -165,25 +165,32 @@ impl Object for MailVars {
     }
 }
 
-pub(super) fn write_html_escaped(out: &mut impl fmt::Write, s: &str) -> fmt::Result {
-    // A byte scan: the five characters are ASCII, so every cut falls on a
-    // character boundary (`str::find` with a set of chars decodes each char,
-    // several times slower on the links and addresses of every mail).
-    let mut start = 0;
-    for (i, byte) in s.bytes().enumerate() {
-        let entity = match byte {
+pub(super) fn write_html_escaped(out: &mut impl fmt::Write, mut s: &str) -> fmt::Result {
+    // The five characters are ASCII, so every cut falls on a character
+    // boundary.
+    while let Some(i) = next_to_escape(s.as_bytes()) {
+        let entity = match s.as_bytes()[i] {
             b'&' => "&amp;",
             b'<' => "&lt;",
             b'>' => "&gt;",
             b'"' => "&quot;",
-            b'\'' => "&#39;",
-            _ => continue,
+            _ => "&#39;",
         };
-        out.write_str(&s[start..i])?;
+        out.write_str(&s[..i])?;
         out.write_str(entity)?;
-        start = i + 1;
+        s = &s[i + 1..];
     }
-    out.write_str(&s[start..])
+    out.write_str(s)
+}
+
+/// Where the first of `& < > " '` is: two vectorized scans (the quotes only
+/// up to the first of the others), where a byte at a time cost seven
+/// instructions a byte on the links and addresses of every mail, which
+/// mostly have none.
+fn next_to_escape(bytes: &[u8]) -> Option<usize> {
+    let markup = memchr::memchr3(b'&', b'<', b'>', bytes);
+    let quote = memchr::memchr2(b'"', b'\'', &bytes[..markup.unwrap_or(bytes.len())]);
+    quote.or(markup)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

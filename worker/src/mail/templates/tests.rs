@@ -4,7 +4,7 @@ use std::time::Duration;
 use time::OffsetDateTime;
 
 use super::load::parse_file_name;
-use super::render::{valid_for, validity};
+use super::render::{valid_for, validity, write_html_escaped};
 use super::*;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
@@ -313,4 +313,45 @@ fn file_names_parse_and_locales_are_normalized() {
     assert!(parse_file_name("reset_password.html").is_err());
     assert!(parse_file_name("welcome.en.txt").is_err());
     assert!(parse_file_name("verify_email.e n.txt").is_err());
+}
+
+#[test]
+fn html_escaping_replaces_the_five_characters_as_jinja2_does() {
+    let reference = |s: &str| {
+        s.chars()
+            .map(|c| match c {
+                '&' => "&amp;".to_owned(),
+                '<' => "&lt;".to_owned(),
+                '>' => "&gt;".to_owned(),
+                '"' => "&quot;".to_owned(),
+                '\'' => "&#39;".to_owned(),
+                c => c.to_string(),
+            })
+            .collect::<String>()
+    };
+    let pieces = [
+        "a",
+        "&",
+        "<",
+        ">",
+        "\"",
+        "'",
+        "é",
+        "/",
+        "请",
+        "https://x.test/c?a=1",
+    ];
+    let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+    for len in 0..300 {
+        let mut input = String::new();
+        for _ in 0..len % 60 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            input.push_str(pieces[(seed % pieces.len() as u64) as usize]);
+        }
+        let mut out = String::new();
+        assert!(write_html_escaped(&mut out, &input).is_ok());
+        assert_eq!(out, reference(&input), "{input:?}");
+    }
 }
