@@ -268,8 +268,10 @@ FROM marked",
     /// that took the throttle (the common case): it would move the window by
     /// less than a second and costs a row version and two index entries per
     /// mail, about a third of this statement's work. The lease
-    /// stays until [`Store::mark_published`], so a duplicate arriving while
-    /// the outcome is being published waits instead of publishing it too. Returns
+    /// is renewed and runs out on its own (the mark writes a row of its own
+    /// and leaves this one alone): a duplicate arriving before
+    /// [`Store::mark_published`] waits instead of publishing the outcome too,
+    /// one arriving after it finds the mark. Returns
     /// `false` when the row was no longer `processing` (another delivery
     /// finished it after our lease ran out).
     pub async fn finish(&self, f: Finish<'_>) -> Result<bool, sqlx::Error> {
