@@ -193,3 +193,28 @@ async fn an_expired_lease_is_taken_over_and_a_failed_request_gives_the_throttle_
     db.drop().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outcome_marked_by_an_earlier_release_counts_as_published() -> Result<()> {
+    // During a rolling upgrade an older worker marks `requests.outcome_published`
+    // instead of writing a `published` row: a duplicate must still find it done
+    // and published (not re-publish it), and a row marked neither way must not.
+    let db = Db::new().await?;
+    let store = Store::new(db.pool.clone(), Duration::from_millis(100));
+    sqlx::query(
+        "INSERT INTO requests (id, state, outcome_type, outcome, outcome_published, lease_until)
+         VALUES ('old', 'done', 'verimail.verification.sent', '{\"id\":\"o-old\"}', true, NULL),
+                ('new', 'done', 'verimail.verification.sent', '{\"id\":\"o-new\"}', false, NULL)",
+    )
+    .execute(&db.pool)
+    .await?;
+    assert!(
+        matches!(store.claim(row("old", &user()), MINUTE).await?, Claim::Done(s) if s.published)
+    );
+    assert!(
+        matches!(store.claim(row("new", &user()), MINUTE).await?, Claim::Done(s) if !s.published),
+        "an unmarked outcome is handed over to re-publish"
+    );
+    db.drop().await;
+    Ok(())
+}
