@@ -22,7 +22,7 @@ pub struct Ctx {
     pub topology: Topology,
     /// The worker's tables.
     pub store: Store,
-    /// Batched claims, conclusions and `outcome_published` marks.
+    /// Batched claims, conclusions and published marks.
     pub batches: BatchedStore,
     /// Confirmed publishing.
     pub publisher: Publisher,
