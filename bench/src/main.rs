@@ -16,6 +16,7 @@ mod http_load;
 mod latency;
 mod report;
 mod results;
+mod store;
 mod system;
 mod tap;
 mod worker;
@@ -36,6 +37,7 @@ use crate::http_load::*;
 use crate::latency::*;
 use crate::report::*;
 use crate::results::*;
+use crate::store::*;
 use crate::system::*;
 use crate::tap::*;
 use crate::worker::*;
@@ -93,6 +95,17 @@ enum Cmd {
         /// non-empty list get `_supp{N}` after the label).
         #[arg(long, value_delimiter = ',', default_values_t = [0])]
         suppressions: Vec<usize>,
+    },
+    /// PostgreSQL's CPU per request for the worker's statements alone (claim,
+    /// conclusion, published mark through the worker's batching), no broker,
+    /// no SMTP: the figure to compare SQL changes by.
+    Store {
+        /// Requests.
+        #[arg(long, env = "BENCH_N", default_value_t = 40_000)]
+        n: usize,
+        /// Requests in flight, as the worker's WORKER_CONCURRENCY.
+        #[arg(long, env = "BENCH_CONCURRENCY", default_value_t = usize::from(TUNED_CONCURRENCY))]
+        concurrency: usize,
     },
     /// verimail-worker throughput through the generic `http://` API target
     /// (signed JSON over pooled keep-alive connections) into a stand-in that
@@ -252,6 +265,7 @@ async fn main() -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Store { n, concurrency } => store(&out, n, concurrency).await,
         Cmd::Http { n, concurrency } => {
             let sink = verimail_tests::api::ApiSink::accepting().await?;
             let mail_url = format!("{}/mail", sink.base());

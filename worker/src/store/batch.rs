@@ -40,12 +40,17 @@ impl Store {
         // row. Each input's address is looked up on the suppression list
         // here (`input.suppressed`, by the `lower(email)` index): a
         // suppressed request takes no throttle slot and is answered
-        // `failed`/`suppressed`, with no statement of its own. Locks are taken in the order every statement here keeps (see
-        // the lock order (module docs)): the existing `requests` rows in id order (`held`,
+        // `failed`/`suppressed`, with no statement of its own; the reasons
+        // come back as rows of their own after the claimed ones (a
+        // sub-select per returned row, scanning `input` each time, made the
+        // statement quadratic in the batch: about a fifth of PostgreSQL's
+        // CPU per request at 256 in flight, docs/performance.md). Locks are
+        // taken in the order every statement here keeps (see the lock order
+        // (module docs)): the existing `requests` rows in id order (`held`,
         // read whole by the first throttle row's `array_agg`), then the
-        // `throttle` rows in key order (`thr`, run whole before the main
-        // INSERT by its one-time filter), then the new `requests` rows in id
-        // order.
+        // `throttle` rows in key order (`thr`, run whole before the INSERT
+        // (`claimed`) by its one-time filter), then the new `requests` rows
+        // in id order.
         const CLAIM_BATCH: &str = r"
 WITH input AS (
     SELECT i.*, (SELECT s.reason FROM suppressions s
@@ -74,7 +79,8 @@ thr AS (
                                          WHERE i.id = EXCLUDED.request_id) * interval '1 second'
            OR t.request_id = EXCLUDED.request_id
     RETURNING t.request_id
-)
+),
+claimed AS (
 INSERT INTO requests AS r (id, user_id, email, purpose, locale, return_url, context,
                            lease_until, first_attempt_at, throttle_passed)
 SELECT i.id, i.user_id, i.email, i.purpose, i.locale, i.return_url, i.context::jsonb,
@@ -90,8 +96,12 @@ ON CONFLICT (id) DO UPDATE
     WHERE r.state = 'processing'
       AND (r.lease_until IS NULL OR (r.lease_until < now() AND r.id = ANY ($10::text[])))
 RETURNING r.id, r.throttle_passed, r.attempts,
-          EXTRACT(EPOCH FROM (now() - r.first_attempt_at))::float8 AS elapsed,
-          (SELECT i.suppressed FROM input i WHERE i.id = r.id) AS suppressed";
+          EXTRACT(EPOCH FROM (now() - r.first_attempt_at))::float8 AS elapsed
+)
+SELECT c.id, c.throttle_passed, c.attempts, c.elapsed, NULL::text AS suppressed FROM claimed c
+UNION ALL
+SELECT i.id, NULL::boolean, NULL::int4, NULL::float8, i.suppressed FROM input i
+WHERE i.suppressed IS NOT NULL";
         let order: Vec<&ClaimInput> = inputs.iter().collect();
         let column = |f: fn(&ClaimInput) -> Option<&str>| -> Vec<Option<&str>> {
             order.iter().map(|i| f(i)).collect()
@@ -120,20 +130,39 @@ RETURNING r.id, r.throttle_passed, r.attempts,
             )
             .fetch_all(conn)
             .await?;
+        // Two kinds of rows: the claimed requests, and the suppressed
+        // addresses' reasons (a row with no `throttle_passed`).
         let mut claimed = HashMap::with_capacity(rows.len());
+        let mut reasons = HashMap::new();
         for r in &rows {
             let id: String = r.try_get("id")?;
-            claimed.insert(id, claimed_from(r)?);
+            match r.try_get::<Option<bool>, _>("throttle_passed")? {
+                Some(_) => {
+                    claimed.insert(id, claimed_from(r)?);
+                }
+                None => {
+                    reasons.insert(id, suppression_reason(r.try_get("suppressed")?));
+                }
+            }
         }
-        Ok(inputs.iter().map(|i| claimed.remove(&i.id)).collect())
+        Ok(inputs
+            .iter()
+            .map(|i| {
+                let mut c = claimed.remove(&i.id)?;
+                c.suppressed = reasons.remove(&i.id).flatten();
+                Some(c)
+            })
+            .collect())
     }
 
     /// [`Store::finish`] and [`Store::mark_published`] for many requests in
     /// one statement (one commit); answers in input order (a mark answers
-    /// `true`). The inputs must not share a request id.
+    /// `true`). The inputs must not share a request id. Unlike
+    /// [`Store::finish`], a request already concluded with these very bytes
+    /// answers `false` (see [`LookBack`]).
     pub async fn finish_batch(&self, inputs: &[Write]) -> Result<Vec<bool>, sqlx::Error> {
         let mut conn = self.pool.acquire().await?;
-        self.finish_batch_on(&mut conn, inputs).await
+        self.finish_batch_on(&mut conn, inputs, LookBack::No).await
     }
 
     /// [`Store::finish_batch`] on a given connection.
@@ -141,6 +170,7 @@ RETURNING r.id, r.throttle_passed, r.attempts,
         &self,
         conn: &mut PgConnection,
         inputs: &[Write],
+        look_back: LookBack,
     ) -> Result<Vec<bool>, sqlx::Error> {
         // The marks of outcomes published since the previous batch ride along
         // (`marked`): under load that saves a statement, a round trip and a
@@ -216,12 +246,13 @@ marked AS (
     ON CONFLICT DO NOTHING
     RETURNING 1
 ),
--- Already stored with these very bytes (an outcome id is unique): a batch
--- whose caller gave up on it committed after all, and the caller's own
--- statement must hear `true` to publish it.
+-- Already stored with these very bytes (an outcome id is unique), when the
+-- caller asks ($13, `LookBack`): a batch whose caller gave up on it
+-- committed after all, and the caller's own statement must hear `true` to
+-- publish it.
 same AS (
-    SELECT r.id FROM requests r JOIN input i ON r.id = i.id
-    WHERE r.state = 'done' AND r.outcome = i.outcome
+    SELECT q.id FROM requests q JOIN input i ON q.id = i.id
+    WHERE $13::bool AND q.state = 'done' AND q.outcome = i.outcome
 )
 SELECT id FROM r WHERE (SELECT count(*) FROM held) >= 0
 UNION ALL
@@ -279,6 +310,7 @@ SELECT id FROM same";
                     .collect::<Vec<_>>(),
             )
             .bind(outcome_ids)
+            .bind(look_back == LookBack::Yes)
             .fetch_all(conn)
             .await?;
         let done: std::collections::HashSet<&str> = rows.iter().map(String::as_str).collect();
@@ -290,6 +322,23 @@ SELECT id FROM same";
             })
             .collect())
     }
+}
+
+/// Whether a conclusion statement also answers `true` for a request that is
+/// already `done` with the very bytes it stores. The single-request
+/// statement ([`Store::finish`]) does: it is how a delivery learns that a
+/// batch it gave up on committed its outcome after all. Batches do not: the
+/// look-up cost a primary-key search per row on every batch for a case a
+/// batch never needs to settle, since [`BatchedStore::finish`] hears `false`
+/// and asks the single statement, on a fresh snapshot (docs/performance.md).
+///
+/// [`BatchedStore::finish`]: super::BatchedStore::finish
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LookBack {
+    /// Answer `true` for an outcome already stored with these bytes.
+    Yes,
+    /// Answer `true` only for rows this statement concludes.
+    No,
 }
 
 /// A claim queued for [`Store::claim_batch`]: a [`RequestRow`] and its
@@ -414,12 +463,16 @@ impl Keyed for Write {
     }
 }
 
+/// A suppression list entry's reason as stored; an unknown one (a newer
+/// release's) still suppresses.
+fn suppression_reason(stored: Option<String>) -> Option<SuppressionReason> {
+    stored.map(|s| s.parse().unwrap_or(SuppressionReason::Manual))
+}
+
 pub(super) fn claimed_from(r: &sqlx::postgres::PgRow) -> Result<Claimed, sqlx::Error> {
     let elapsed: Option<f64> = r.try_get("elapsed")?;
-    let suppressed: Option<String> = r.try_get("suppressed")?;
     Ok(Claimed {
-        // An unknown reason (a newer release's) still suppresses.
-        suppressed: suppressed.map(|s| s.parse().unwrap_or(SuppressionReason::Manual)),
+        suppressed: suppression_reason(r.try_get("suppressed")?),
         throttle_passed: r.try_get("throttle_passed")?,
         attempts: r.try_get("attempts")?,
         elapsed: Duration::try_from_secs_f64(elapsed.unwrap_or(0.0).max(0.0)).unwrap_or_default(),

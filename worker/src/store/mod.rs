@@ -54,7 +54,7 @@ use verimail_shared::suppression::SuppressionReason;
 mod batch;
 mod session;
 
-pub use batch::{ClaimInput, FinishInput, Mark, Write};
+pub use batch::{ClaimInput, FinishInput, LookBack, Mark, Write};
 pub use session::{BATCH_SESSION, BatchedStore, LOCK_TIMEOUT, STATEMENT_TIMEOUT, deadlines};
 
 use batch::claimed_from;
@@ -278,7 +278,11 @@ FROM marked",
         // The batch statement with one row: the two can never drift apart.
         let mut conn = self.pool.acquire().await?;
         let done = self
-            .finish_batch_on(&mut conn, &[Write::Finish(FinishInput::new(&f))])
+            .finish_batch_on(
+                &mut conn,
+                &[Write::Finish(FinishInput::new(&f))],
+                LookBack::Yes,
+            )
             .await?;
         Ok(done.first().copied().unwrap_or(false))
     }
@@ -287,8 +291,12 @@ FROM marked",
     /// statement with one mark).
     pub async fn mark_published(&self, mark: &Mark) -> Result<(), sqlx::Error> {
         let mut conn = self.pool.acquire().await?;
-        self.finish_batch_on(&mut conn, &[Write::MarkPublished(mark.clone())])
-            .await?;
+        self.finish_batch_on(
+            &mut conn,
+            &[Write::MarkPublished(mark.clone())],
+            LookBack::No,
+        )
+        .await?;
         Ok(())
     }
 

@@ -8,7 +8,9 @@ use sqlx::ConnectOptions;
 use sqlx::postgres::{PgConnectOptions, PgConnection};
 use tracing::debug;
 
-use super::{Claim, ClaimInput, Claimed, Finish, FinishInput, Mark, RequestRow, Store, Write};
+use super::{
+    Claim, ClaimInput, Claimed, Finish, FinishInput, LookBack, Mark, RequestRow, Store, Write,
+};
 use crate::batch::Batcher;
 use crate::health::Health;
 
@@ -48,7 +50,7 @@ impl BatchedStore {
                 async move {
                     sessions
                         .run("finish", inputs.len(), async |conn| {
-                            s.finish_batch_on(conn, &inputs).await
+                            s.finish_batch_on(conn, &inputs, LookBack::No).await
                         })
                         .await
                 }
@@ -78,12 +80,14 @@ impl BatchedStore {
         }
     }
 
-    /// [`Store::finish`], batched with other deliveries' conclusions.
+    /// [`Store::finish`], batched with other deliveries' conclusions. A
+    /// batch does not look for this very outcome already stored
+    /// ([`LookBack`]): when it concluded nothing, the single statement asks.
     pub async fn finish(&self, f: Finish<'_>) -> Result<bool, sqlx::Error> {
         let job = Write::Finish(FinishInput::new(&f));
         match self.conclusions.call(job).await {
-            Some(done) => Ok(done),
-            None => Box::pin(self.store.finish(f)).await,
+            Some(true) => Ok(true),
+            Some(false) | None => Box::pin(self.store.finish(f)).await,
         }
     }
 

@@ -367,3 +367,83 @@ async fn a_claim_batch_and_a_finish_batch_on_common_rows_never_deadlock() -> Res
     db.drop().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_batch_answers_each_suppressed_address_with_its_reason_and_no_other() -> Result<()>
+{
+    let db = Db::new().await?;
+    let store = Store::new(db.pool.clone(), Duration::from_secs(60));
+    sqlx::query(
+        "INSERT INTO suppressions (email, reason, source)
+         VALUES ('Listed@Example.com', 'complaint', 'ses'), ('bounced@example.com', 'bounce', 'ses')",
+    )
+    .execute(&db.pool)
+    .await?;
+    let with = |id: &str, email: &str| {
+        let user = user();
+        let mut r = row(id, &user);
+        r.email = Some(email);
+        ClaimInput::new(r, MINUTE)
+    };
+    let inputs = [
+        with("s1", "clean-1@example.com"),
+        with("s2", "listed@example.com"),
+        with("s3", "clean-2@example.com"),
+        with("s4", "BOUNCED@example.com"),
+    ];
+    let got = store.claim_batch(&inputs).await?;
+    let reasons: Vec<Option<String>> = got
+        .iter()
+        .map(|c| c.as_ref().and_then(|c| c.suppressed.map(|r| r.to_string())))
+        .collect();
+    assert_eq!(
+        reasons,
+        [None, Some("complaint".into()), None, Some("bounce".into())],
+        "each address's own entry, found case-insensitively, and none for the others"
+    );
+    let passed: Vec<bool> = got
+        .iter()
+        .map(|c| c.as_ref().is_some_and(|c| c.throttle_passed))
+        .collect();
+    assert_eq!(
+        passed,
+        [true, false, true, false],
+        "a suppressed request takes no throttle slot"
+    );
+    db.drop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_single_statement_recognises_an_outcome_already_stored_with_its_bytes()
+-> Result<()> {
+    let db = Db::new().await?;
+    let store = Store::new(db.pool.clone(), Duration::from_secs(60));
+    let uid = user();
+    assert!(matches!(
+        store.claim(row("r1", &uid), MINUTE).await?,
+        Claim::Claimed(_)
+    ));
+    assert!(store.finish(finish("r1", true, false)).await?);
+    let f = || Write::Finish(FinishInput::new(&finish("r1", true, false)));
+    assert_eq!(
+        store.finish_batch(&[f()]).await?,
+        [false],
+        "a batch concludes nothing here, and says so"
+    );
+    assert!(
+        store.finish(finish("r1", true, false)).await?,
+        "the single statement looks back and finds these very bytes"
+    );
+    assert!(
+        !store.finish(another(finish("r1", true, false))).await?,
+        "another outcome is not taken for this one"
+    );
+    let batched = BatchedStore::spawn(store, Default::default());
+    assert!(
+        batched.finish(finish("r1", true, false)).await?,
+        "the batched path asks the single statement when its batch concluded nothing"
+    );
+    db.drop().await;
+    Ok(())
+}
