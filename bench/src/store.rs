@@ -3,8 +3,8 @@
 //! worker's `BatchedStore`, from many concurrent tasks as deliveries make
 //! them, with no broker, no SMTP and no worker process. What one request
 //! costs the database, without the run-to-run noise of the whole pipeline
-//! sharing two cores (the figure `worker` prints moves 10-20 % between
-//! identical runs; this one a few percent).
+//! sharing two cores (still ±10-15 % between identical runs: compare builds
+//! in interleaved runs).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -232,10 +232,14 @@ impl<
         let readable_waker = self.socket_state.readable_waker();
         let writable_waker = self.socket_state.writable_waker();
         let (mut stream, res) = loop {
-            let connecting = self.spawn_connect()?;
-            let connected = connecting.recv_async().await.unwrap_or_else(|_| {
-                Err(Error::from(io::Error::from(io::ErrorKind::ConnectionAborted)))
-            });
+            // verimail: a thread that cannot be started fails the attempt
+            // the way a failed connection does (its promises are settled).
+            let connected = match self.spawn_connect() {
+                Ok(connecting) => connecting.recv_async().await.unwrap_or_else(|_| {
+                    Err(Error::from(io::Error::from(io::ErrorKind::ConnectionAborted)))
+                }),
+                Err(err) => Err(err),
+            };
             let mut stream = connected.inspect_err(|err| {
                 trace!("Poison connection attempt");
                 self.connection_status.poison(err.clone());
@@ -335,9 +339,11 @@ impl<
             self.runtime.clone(),
             self.backoff,
         );
+        let span = tracing::Span::current();
         ThreadBuilder::new()
             .name("lapin-connect".to_owned())
             .spawn(move || {
+                let _enter = span.enter();
                 let attempt = || (*connect)(uri.clone(), runtime.clone());
                 let sleeper = runtime.clone();
                 let attempts = attempt.retry(backoff).sleep(move |dur| sleeper.sleep(dur));

@@ -43,8 +43,7 @@ impl Store {
         // `failed`/`suppressed`, with no statement of its own; the reasons
         // come back as rows of their own after the claimed ones (a
         // sub-select per returned row, scanning `input` each time, made the
-        // statement quadratic in the batch: about a fifth of PostgreSQL's
-        // CPU per request at 256 in flight, docs/performance.md). Locks are
+        // statement quadratic in the batch, docs/performance.md). Locks are
         // taken in the order every statement here keeps (see the lock order
         // (module docs)): the existing `requests` rows in id order (`held`,
         // read whole by the first throttle row's `array_agg`), then the

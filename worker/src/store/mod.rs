@@ -35,8 +35,11 @@
 //! would keep a plan that scans the whole table for every batch, each batch
 //! slower as the table grows (docs/performance.md has the measurement). Every
 //! batch statement reaches its rows by primary key, so on these connections
-//! the only plans left are the right ones at any size. Planning each batch
-//! instead (unnamed statements) cost more than running it.
+//! the only plans left are the right ones at any size, and the generic plan
+//! is always kept (`plan_cache_mode`): PostgreSQL would otherwise re-plan
+//! whenever a custom plan looks cheaper, as one that folds the parameters in
+//! does. Planning each batch (unnamed statements, or re-planning) cost more
+//! than running it.
 
 //! # Rooms
 //!

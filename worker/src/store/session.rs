@@ -106,11 +106,17 @@ impl BatchedStore {
 
 /// Planner settings of the batching tasks' connections (see the module docs):
 /// every batch statement reaches its rows by primary key, through nested
-/// loops over the input arrays, at any table size.
-pub const BATCH_SESSION: [(&str, &str); 3] = [
+/// loops over the input arrays, at any table size; and its one generic plan
+/// is kept. Left to choose, PostgreSQL compared the generic plan's estimate
+/// with its custom plans' (which fold the parameters in and drop the parts
+/// they switch off) and planned every execution anew: about a millisecond of
+/// planning per statement, the most of what a request cost the database at
+/// low load (docs/performance.md).
+pub const BATCH_SESSION: [(&str, &str); 4] = [
     ("enable_seqscan", "off"),
     ("enable_hashjoin", "off"),
     ("enable_mergejoin", "off"),
+    ("plan_cache_mode", "force_generic_plan"),
 ];
 
 /// Longest a batching task waits for its connection to open.
