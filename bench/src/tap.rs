@@ -93,6 +93,17 @@ impl Tap {
                     sink.duplicates.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
+                // The sample first, the count after: a waiter that sees the
+                // count reached reads every sample (counted first, the last
+                // sample could still be on its way, and a run looked one short).
+                if parse && delivery.routing_key.as_str() == VERIFICATION_SENT {
+                    let arrived = OffsetDateTime::now_utc();
+                    if let Some(sample) = sample_of(&delivery.data, arrived)
+                        && let Ok(mut s) = sink.samples.lock()
+                    {
+                        s.push(sample);
+                    }
+                }
                 let counter = match delivery.routing_key.as_str() {
                     VERIFICATION_SENT => &sink.sent,
                     VERIFICATION_THROTTLED => &sink.throttled,
@@ -112,14 +123,6 @@ impl Tap {
                     && f.len() < 5
                 {
                     f.push(String::from_utf8_lossy(&delivery.data).into_owned());
-                }
-                if parse && delivery.routing_key.as_str() == VERIFICATION_SENT {
-                    let arrived = OffsetDateTime::now_utc();
-                    if let Some(sample) = sample_of(&delivery.data, arrived)
-                        && let Ok(mut s) = sink.samples.lock()
-                    {
-                        s.push(sample);
-                    }
                 }
             }
         });
