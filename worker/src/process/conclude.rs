@@ -128,16 +128,10 @@ pub(super) async fn conclude(
     // Retried in place for as long as it takes: a mail may already be out, and
     // handing the delivery back now could send it twice.
     let t = Instant::now();
-    let mut finished = persist(ctx, "storing the outcome", || ctx.batches.finish(finish)).await?;
-    if !finished {
-        // A batch this delivery gave up on (its deadline passed) may have
-        // committed our outcome meanwhile: the statement alone, on a fresh
-        // snapshot, recognises our own bytes.
-        finished = Box::pin(persist(ctx, "storing the outcome", || {
-            ctx.store.finish(finish)
-        }))
-        .await?;
-    }
+    // `false` only when another delivery's outcome is stored: our own bytes,
+    // committed by a batch this delivery gave up on, count as stored
+    // (`BatchedStore::finish`).
+    let finished = persist(ctx, "storing the outcome", || ctx.batches.finish(finish)).await?;
     metrics::step("store", t.elapsed());
     if !finished {
         // Our lease ran out and another delivery concluded first: its outcome stands.

@@ -80,14 +80,26 @@ impl BatchedStore {
         }
     }
 
-    /// [`Store::finish`], batched with other deliveries' conclusions. A
-    /// batch does not look for this very outcome already stored
-    /// ([`LookBack`]): when it concluded nothing, the single statement asks.
+    /// [`Store::finish`], batched with other deliveries' conclusions; like
+    /// it, `true` for this very outcome already stored.
     pub async fn finish(&self, f: Finish<'_>) -> Result<bool, sqlx::Error> {
         let job = Write::Finish(FinishInput::new(&f));
         match self.conclusions.call(job).await {
             Some(true) => Ok(true),
-            Some(false) | None => Box::pin(self.store.finish(f)).await,
+            // A batch does not look for this outcome already stored
+            // ([`LookBack`]): the single statement does, on a snapshot taken
+            // after the batch.
+            Some(false) => Box::pin(self.store.finish(f)).await,
+            // A batch given up on (its deadline passed) may still commit this
+            // outcome: the single statement waits for its rows' locks but
+            // reads with a snapshot from before that commit, so a second one,
+            // on a fresh snapshot, looks again.
+            None => {
+                if Box::pin(self.store.finish(f)).await? {
+                    return Ok(true);
+                }
+                Box::pin(self.store.finish(f)).await
+            }
         }
     }
 
