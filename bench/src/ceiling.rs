@@ -43,8 +43,8 @@ pub(crate) async fn ceiling_in(
     // The consumer side, on its own connection as a worker process would be:
     // one channel consuming, one confirm channel publishing the outcomes. It
     // runs on a runtime of its own (two threads, as a worker has on two cores),
-    // so that its CPU (those threads and its connection's I/O thread) can be
-    // told apart from the tap's.
+    // so that its CPU (those threads, which also run its connection's I/O loop:
+    // vendor/lapin) can be told apart from the tap's.
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name(CONSUMER_THREADS)
@@ -52,18 +52,11 @@ pub(crate) async fn ceiling_in(
         .build()?;
     let t0 = Instant::now();
     let machine0 = machine_ticks();
-    let io_before = own_threads_named(IO_THREADS);
     let errors = Arc::new(AtomicU64::new(0));
     let (conn, pump) = runtime
         .spawn(consume(url, topology.clone(), prefetch, errors.clone()))
         .await??;
-    // The consumer connection's I/O thread is the one that appeared meanwhile.
-    let io_threads: Vec<u32> = own_threads_named(IO_THREADS)
-        .into_iter()
-        .filter(|t| !io_before.contains(t))
-        .collect();
-    let consumer_ticks =
-        || own_threads_ticks(|tid, name| name == CONSUMER_THREADS || io_threads.contains(&tid));
+    let consumer_ticks = || own_threads_ticks(|_, name| name == CONSUMER_THREADS);
     let cpu0 = consumer_ticks();
     let seen = tap.wait(n, Duration::from_secs(20)).await;
     let end = tap.last_at().unwrap_or_else(Instant::now);
@@ -95,8 +88,6 @@ pub(crate) async fn ceiling_in(
 
 /// Name of the consumer's runtime threads (at most 15 bytes: Linux cuts thread names there).
 const CONSUMER_THREADS: &str = "ceiling-rt";
-/// Name lapin gives each connection's I/O thread.
-const IO_THREADS: &str = "lapin-io-loop";
 
 /// Connects, starts consuming, and spawns the task that answers every
 /// delivery with one confirmed outcome and its ack; returns the connection

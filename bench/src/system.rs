@@ -276,17 +276,3 @@ pub(crate) fn own_threads_ticks(pick: impl Fn(u32, &str) -> bool) -> u64 {
         })
         .sum()
 }
-
-/// Thread ids of this process whose name is `name` now.
-pub(crate) fn own_threads_named(name: &str) -> Vec<u32> {
-    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
-        return Vec::new();
-    };
-    dir.flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|tid| {
-            std::fs::read_to_string(format!("/proc/self/task/{tid}/comm"))
-                .is_ok_and(|c| c.trim() == name)
-        })
-        .collect()
-}
