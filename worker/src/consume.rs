@@ -64,6 +64,13 @@ pub async fn consume(
             break;
         };
         info!(queue = %consumer.queue(), prefetch, "consuming");
+        // Deliveries are acknowledged on this channel directly rather than
+        // through their `Acker`, which hands each ack to lapin's internal
+        // task, which spawns a task of its own to send it: two task hops, a
+        // spawn and a second promise per mail (docs/performance.md). No
+        // recovery is configured, so a lost channel stays closed and an ack
+        // on it fails, as the `Acker`'s would.
+        let acks = Arc::new(channel.clone());
         loop {
             let permit = tokio::select! {
                 biased;
@@ -84,7 +91,7 @@ pub async fn consume(
                     // Boxed: the state machine of one delivery is large, and
                     // unboxed it was copied whole on each move into the task
                     // (it showed in the profile as memmove).
-                    let handling = Box::pin(process::handle(ctx.clone(), delivery));
+                    let handling = Box::pin(process::handle(ctx.clone(), acks.clone(), delivery));
                     tracker.spawn(async move {
                         match AssertUnwindSafe(handling).catch_unwind().await {
                             Ok(after_ack) => {

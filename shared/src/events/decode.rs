@@ -4,8 +4,8 @@
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use time::OffsetDateTime;
-use url::Url;
 
+use super::fields::{self, DataFields, ObjectOr};
 use super::outcome::FailureReason;
 use super::request::{DecodeError, Echo, Policy, Purpose, RequestData, RuleBroken, ValidRequest};
 use super::validate::{
@@ -38,21 +38,23 @@ pub fn decode_request(body: &[u8], policy: Policy<'_>) -> Result<ValidRequest, D
             body.len()
         )));
     }
-    let value: Value = serde_json::from_slice(body)
-        .map_err(|e| DecodeError::Undecodable(format!("not JSON: {e}")))?;
-    let Value::Object(mut event) = value else {
-        return Err(DecodeError::Undecodable(
-            "not a JSON object, so not a CloudEvent".into(),
-        ));
+    let event = match fields::read(body) {
+        Ok(ObjectOr::Object(event)) => event,
+        Ok(ObjectOr::Other) => {
+            return Err(DecodeError::Undecodable(
+                "not a JSON object, so not a CloudEvent".into(),
+            ));
+        }
+        Err(e) => return Err(DecodeError::Undecodable(format!("not JSON: {e}"))),
     };
-    let request_id = match event.get("id") {
+    let request_id = match event.id {
         // PostgreSQL text cannot hold NUL: such an id could never be recorded.
         Some(Value::String(s)) if s.contains('\0') => {
             return Err(DecodeError::Undecodable(
                 "id: contains a NUL character".into(),
             ));
         }
-        Some(Value::String(s)) if !s.is_empty() && s.chars().count() <= 128 => s.clone(),
+        Some(Value::String(s)) if !s.is_empty() && s.chars().count() <= 128 => s,
         Some(Value::String(_)) => {
             return Err(DecodeError::Undecodable(
                 "id: must be 1-128 characters".into(),
@@ -60,10 +62,6 @@ pub fn decode_request(body: &[u8], policy: Policy<'_>) -> Result<ValidRequest, D
         }
         Some(_) => return Err(DecodeError::Undecodable("id: not a string".into())),
         None => return Err(DecodeError::Undecodable("id: missing".into())),
-    };
-    let mut echo = Echo {
-        request_id,
-        ..Echo::default()
     };
     let mut problems = Problems::default();
 
@@ -73,22 +71,28 @@ pub fn decode_request(body: &[u8], policy: Policy<'_>) -> Result<ValidRequest, D
             format!("{} bytes, more than {MAX_BODY_BYTES}", body.len()),
         );
     }
-    match event.get("specversion") {
+    match &event.specversion {
         Some(Value::String(v)) if v == "1.0" => {}
         Some(_) => problems.broke("specversion", "must be \"1.0\"".into()),
         None => problems.broke("specversion", "missing".into()),
     }
-    match event.get("source") {
-        Some(Value::String(s)) if !s.is_empty() => echo.source = Some(s.clone()),
-        Some(_) => problems.broke("source", "must be a non-empty string".into()),
-        None => problems.broke("source", "missing".into()),
-    }
-    match event.get("type") {
+    let source = match event.source {
+        Some(Value::String(s)) if !s.is_empty() => Some(s),
+        Some(_) => {
+            problems.broke("source", "must be a non-empty string".into());
+            None
+        }
+        None => {
+            problems.broke("source", "missing".into());
+            None
+        }
+    };
+    match &event.ty {
         Some(Value::String(t)) if t == VERIFICATION_REQUESTED => {}
         Some(_) => problems.broke("type", format!("must be {VERIFICATION_REQUESTED}")),
         None => problems.broke("type", "missing".into()),
     }
-    if let Some(t) = event.get("time") {
+    if let Some(t) = &event.time {
         let ok = t.as_str().is_some_and(|s| {
             OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).is_ok()
         });
@@ -96,46 +100,62 @@ pub fn decode_request(body: &[u8], policy: Policy<'_>) -> Result<ValidRequest, D
             problems.broke("time", "must be an RFC 3339 timestamp".into());
         }
     }
-    match event.get("traceparent") {
-        None | Some(Value::Null) => {}
-        Some(Value::String(tp)) if valid_traceparent(tp) => echo.traceparent = Some(tp.clone()),
-        Some(_) => problems.broke("traceparent", "must be a W3C traceparent".into()),
-    }
-    match event.get("datacontenttype") {
+    let traceparent = match event.traceparent {
+        None | Some(Value::Null) => None,
+        Some(Value::String(tp)) if valid_traceparent(&tp) => Some(tp),
+        Some(_) => {
+            problems.broke("traceparent", "must be a W3C traceparent".into());
+            None
+        }
+    };
+    match &event.datacontenttype {
         None | Some(Value::Null) => {}
         Some(Value::String(ct)) if ct.starts_with("application/json") => {}
         Some(_) => problems.broke("datacontenttype", "must be application/json".into()),
     }
 
-    let data = match event.remove("data") {
-        Some(Value::Object(data)) => data,
-        Some(_) => {
+    let data = match event.data {
+        Some(ObjectOr::Object(data)) => data,
+        Some(ObjectOr::Other) => {
             problems.broke("data", "must be a JSON object".into());
-            Map::new()
+            DataFields::default()
         }
         None => {
             problems.broke("data", "missing".into());
-            Map::new()
+            DataFields::default()
         }
     };
 
-    let user_id = field_user_id(data.get("user_id"));
-    let email = field_email(data.get("email"));
-    let name = optional_text(data.get("name"), 256);
-    let locale = field_locale(data.get("locale"));
-    let purpose = match data.get("purpose") {
+    let user_id = field_user_id(data.user_id.as_ref());
+    let email = field_email(data.email.as_ref());
+    let name = optional_text(data.name.as_ref(), 256);
+    let locale = field_locale(data.locale.as_ref());
+    let purpose = match &data.purpose {
         None | Some(Value::Null) => Ok(Purpose::VerifyEmail),
         Some(Value::String(p)) => p.parse(),
         Some(_) => Err("must be a string".into()),
     };
-    let context = field_context(data.get("context"));
-    echo.user_id = user_id.as_ref().ok().cloned();
-    echo.email = email.as_ref().ok().cloned();
-    echo.purpose = purpose.as_ref().ok().copied();
-    echo.context = context.as_ref().ok().cloned().flatten();
+    let context = field_context(data.context.as_ref());
+    // What a `failed` outcome echoes: every field that was valid. Built
+    // only when the request is refused.
+    let echo = |user_id: Option<String>,
+                email: Option<String>,
+                purpose: Option<Purpose>,
+                context: Option<Map<String, Value>>| {
+        Box::new(Echo {
+            request_id: request_id.clone(),
+            source: source.clone(),
+            traceparent: traceparent.clone(),
+            user_id,
+            email,
+            purpose,
+            context,
+        })
+    };
 
-    let user_id = user_id.map_err(|r| problems.broke("user_id", r)).ok();
-    let email = email.map_err(|r| problems.broke("email", r)).ok();
+    let purpose_ok = purpose.as_ref().ok().copied();
+    let user_id = user_id.map_err(|r| problems.broke("user_id", r));
+    let email = email.map_err(|r| problems.broke("email", r));
     let name = name.map_err(|r| problems.broke("name", r)).ok().flatten();
     let locale = locale
         .map_err(|r| problems.broke("locale", r))
@@ -146,7 +166,7 @@ pub fn decode_request(body: &[u8], policy: Policy<'_>) -> Result<ValidRequest, D
         .map_err(|r| problems.broke("context", r))
         .ok()
         .flatten();
-    let return_url = match field_return_url(data.get("return_url")) {
+    let return_url = match field_return_url(data.return_url.as_ref()) {
         Ok(url) => url,
         Err(rule) => {
             problems.broke("return_url", rule);
@@ -173,7 +193,7 @@ pub fn decode_request(body: &[u8], policy: Policy<'_>) -> Result<ValidRequest, D
     }
     if let Some(failure) = problems.first {
         return Err(DecodeError::Invalid {
-            echo: Box::new(echo),
+            echo: echo(user_id.ok(), email.ok(), purpose_ok, context),
             failure,
         });
     }
@@ -183,7 +203,7 @@ pub fn decode_request(body: &[u8], policy: Policy<'_>) -> Result<ValidRequest, D
         && !policy.return_url_allowlist.contains(&url.origin())
     {
         return Err(DecodeError::Invalid {
-            echo: Box::new(echo),
+            echo: echo(user_id.ok(), email.ok(), purpose_ok, context),
             failure: RuleBroken {
                 reason: FailureReason::ReturnUrlNotAllowed,
                 field: "return_url",
@@ -194,23 +214,22 @@ pub fn decode_request(body: &[u8], policy: Policy<'_>) -> Result<ValidRequest, D
             },
         });
     }
-    let (Some(user_id), Some(email), Some(purpose), Some(source)) =
-        (user_id, email, purpose, echo.source.clone())
+    let (Ok(user_id), Ok(email), Some(purpose), Some(source)) = (user_id, email, purpose, source)
     else {
-        // Every None above recorded a broken rule, handled before; kept total anyway.
+        // Every failure above recorded a broken rule, handled before; kept total anyway.
         return Err(DecodeError::Undecodable("incomplete request".into()));
     };
     Ok(ValidRequest {
-        id: echo.request_id,
+        id: request_id,
         source,
-        traceparent: echo.traceparent,
+        traceparent,
         data: RequestData {
             user_id,
             email,
             name,
             locale,
             purpose,
-            return_url: return_url.as_ref().map(Url::to_string),
+            return_url: return_url.as_ref().map(|u| u.as_str().to_owned()),
             context,
         },
         return_url,
@@ -238,6 +257,7 @@ impl Problems {
 mod tests {
     use super::*;
     use serde_json::json;
+    use url::Url;
 
     fn allow() -> Vec<url::Origin> {
         vec![

@@ -12,6 +12,7 @@ pub mod rfc3339;
 mod decode;
 mod deliverability;
 mod envelope;
+mod fields;
 mod outcome;
 mod request;
 mod validate;

@@ -149,7 +149,7 @@ pub(super) fn field_context(v: Option<&Value>) -> Result<Option<Map<String, Valu
                 Err(format!(
                     "{size} bytes serialized, more than {MAX_CONTEXT_BYTES}"
                 ))
-            } else if has_nul(&Value::Object(m.clone())) {
+            } else if m.iter().any(|(k, v)| k.contains('\0') || has_nul(v)) {
                 // PostgreSQL's jsonb cannot store \u0000.
                 Err("contains a NUL character".into())
             } else {

@@ -36,6 +36,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use lapin::Channel;
 use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
 use lapin::types::{AMQPValue, ShortString};
@@ -89,14 +90,18 @@ enum Failure {
 
 /// Processes one delivery and acknowledges it, or hands it back. Returns
 /// the outcome to be marked published once the delivery is
-/// acknowledged ([`mark_after_ack`]), if any.
+/// acknowledged ([`mark_after_ack`]), if any. `channel` is the one the
+/// delivery came on: its acknowledgement goes there.
 #[instrument(name = "delivery", skip_all, fields(request_id, user_id, redelivered = delivery.redelivered))]
-pub async fn handle(ctx: Arc<Ctx>, delivery: Delivery) -> AfterAck {
+pub async fn handle(ctx: Arc<Ctx>, channel: Arc<Channel>, delivery: Delivery) -> AfterAck {
     let started = Instant::now();
     match process(&ctx, &delivery).await {
         Ok(after_ack) => {
             let t = Instant::now();
-            if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
+            if let Err(e) = channel
+                .basic_ack(delivery.delivery_tag, BasicAckOptions::default())
+                .await
+            {
                 // The channel died meanwhile: the broker redelivers and the
                 // stored outcome makes that redelivery a no-op.
                 debug!(error = %e, "ack failed; the broker will redeliver");
