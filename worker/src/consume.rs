@@ -5,17 +5,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use std::panic::AssertUnwindSafe;
-
 use backon::{ExponentialBuilder, Retryable};
-use futures_util::{FutureExt, StreamExt};
-use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use futures_util::StreamExt;
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Consumer};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 use verimail_shared::bus::{Bus, BusError};
 
 use verimail_shared::bus::declare;
@@ -69,7 +67,10 @@ pub async fn consume(
         // task, which spawns a task of its own to send it: two task hops, a
         // spawn and a second promise per mail (docs/performance.md). No
         // recovery is configured, so a lost channel stays closed and an ack
-        // on it fails, as the `Acker`'s would.
+        // on it fails, as the `Acker`'s would. The tasks' handles keep the
+        // channel open until the last of them is done: deliveries still in
+        // hand when the consumer is lost are acknowledged where they came
+        // from rather than redelivered.
         let acks = Arc::new(channel.clone());
         loop {
             let permit = tokio::select! {
@@ -87,37 +88,17 @@ pub async fn consume(
             match next {
                 Some(Ok(delivery)) => {
                     let ctx = ctx.clone();
-                    let acker = delivery.acker.clone();
                     // Boxed: the state machine of one delivery is large, and
                     // unboxed it was copied whole on each move into the task
                     // (it showed in the profile as memmove).
                     let handling = Box::pin(process::handle(ctx.clone(), acks.clone(), delivery));
                     tracker.spawn(async move {
-                        match AssertUnwindSafe(handling).catch_unwind().await {
-                            Ok(after_ack) => {
-                                drop(permit);
-                                if let Some(mark) = after_ack {
-                                    // Boxed too: inline, its state would make
-                                    // the spawned task, copied at the spawn,
-                                    // kilobytes larger.
-                                    Box::pin(process::mark_after_ack(&ctx, &mark)).await;
-                                }
-                            }
-                            Err(_) => {
-                                // A bug, not an outage: hand the message back after a
-                                // pause; if it keeps failing, the queue's delivery limit
-                                // moves it to the dead-letter queue. Without the nack it
-                                // would stay unacknowledged until the channel closes.
-                                error!("processing panicked; handing the message back");
-                                tokio::time::sleep(Duration::from_secs(1)).await;
-                                let _ = acker
-                                    .nack(BasicNackOptions {
-                                        requeue: true,
-                                        multiple: false,
-                                    })
-                                    .await;
-                                drop(permit);
-                            }
+                        let after_ack = handling.await;
+                        drop(permit);
+                        if let Some(mark) = after_ack {
+                            // Boxed too: inline, its state would make the
+                            // spawned task, copied at the spawn, kilobytes larger.
+                            Box::pin(process::mark_after_ack(&ctx, &mark)).await;
                         }
                     });
                 }

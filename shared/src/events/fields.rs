@@ -1,6 +1,7 @@
 //! A request body's fields, read in one pass over the bytes: the envelope
 //! attributes and the `data` members the rules look at, each kept as the
-//! JSON value it was; everything else is checked as JSON and skipped.
+//! JSON value it was; everything else is checked as JSON (as a whole `Value` would be) and
+//! dropped.
 //!
 //! Reading the body into a whole `serde_json::Value` first built a map with
 //! an owned key for every member and a string for every attribute only
@@ -14,7 +15,7 @@ use std::borrow::Cow;
 use std::fmt;
 use std::marker::PhantomData;
 
-use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
 
 /// A JSON value that is an object, read into `T`, or something else.
@@ -76,7 +77,7 @@ impl Members for Envelope {
                 return Ok(());
             }
             _ => {
-                map.next_value::<IgnoredAny>()?;
+                map.next_value::<Skip>()?;
                 return Ok(());
             }
         };
@@ -96,7 +97,7 @@ impl Members for DataFields {
             "return_url" => &mut self.return_url,
             "context" => &mut self.context,
             _ => {
-                map.next_value::<IgnoredAny>()?;
+                map.next_value::<Skip>()?;
                 return Ok(());
             }
         };
@@ -129,7 +130,7 @@ impl<'de, T: Members> Visitor<'de> for ObjectOrVisitor<T> {
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        while seq.next_element::<Skip>()?.is_some() {}
         Ok(ObjectOr::Other)
     }
 
@@ -159,6 +160,70 @@ impl<'de, T: Members> Visitor<'de> for ObjectOrVisitor<T> {
 
     fn visit_none<E>(self) -> Result<Self::Value, E> {
         Ok(ObjectOr::Other)
+    }
+}
+
+/// A value no rule reads, read through and dropped. Not serde's
+/// `IgnoredAny`: serde_json skips that without checking it (strings not for
+/// UTF-8 or lone surrogates, numbers not for range, nesting not for depth),
+/// so a body the whole-tree reader refused would pass. Read as any value, it
+/// gets every check a `Value` got, and allocates nothing: strings are seen
+/// borrowed or in the reader's scratch buffer.
+struct Skip;
+
+impl<'de> Deserialize<'de> for Skip {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(SkipVisitor)
+    }
+}
+
+struct SkipVisitor;
+
+impl<'de> Visitor<'de> for SkipVisitor {
+    type Value = Skip;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Skip, A::Error> {
+        while map.next_key::<Skip>()?.is_some() {
+            map.next_value::<Skip>()?;
+        }
+        Ok(Skip)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Skip, A::Error> {
+        while seq.next_element::<Skip>()?.is_some() {}
+        Ok(Skip)
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Skip, E> {
+        Ok(Skip)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Skip, E> {
+        Ok(Skip)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Skip, E> {
+        Ok(Skip)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Skip, E> {
+        Ok(Skip)
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<Skip, E> {
+        Ok(Skip)
+    }
+
+    fn visit_unit<E>(self) -> Result<Skip, E> {
+        Ok(Skip)
+    }
+
+    fn visit_none<E>(self) -> Result<Skip, E> {
+        Ok(Skip)
     }
 }
 
@@ -231,5 +296,26 @@ mod tests {
             read(b"{\"extra\":[1,}").is_err(),
             "skipped members are checked as JSON"
         );
+    }
+
+    #[test]
+    fn skipped_values_are_checked_as_a_whole_tree_would_be() {
+        let deep = format!("{}{}", "[".repeat(130), "]".repeat(130));
+        let bad: [Vec<u8>; 6] = [
+            br#"{"id":"a","extra":"\ud800"}"#.to_vec(),
+            br#"{"id":"a","extra":1e400}"#.to_vec(),
+            format!(r#"{{"id":"a","extra":{deep}}}"#).into_bytes(),
+            b"{\"id\":\"a\",\"extra\":\"\xff\"}".to_vec(),
+            br#"{"id":"a","data":{"extra":{"\udc00":1}}}"#.to_vec(),
+            br#"{"id":"a","data":[1e400]}"#.to_vec(),
+        ];
+        for body in bad {
+            let whole = serde_json::from_slice::<Value>(&body);
+            assert!(whole.is_err(), "a Value refuses {body:?}");
+            assert!(
+                read(&body).is_err(),
+                "so does the one-pass reader: {body:?}"
+            );
+        }
     }
 }

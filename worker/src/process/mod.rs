@@ -33,15 +33,17 @@
 //! to the retry and dead-letter queues; `persist` runs database steps that
 //! must not be abandoned, retrying through outages.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::FutureExt;
 use lapin::Channel;
 use lapin::message::Delivery;
-use lapin::options::BasicAckOptions;
+use lapin::options::{BasicAckOptions, BasicNackOptions};
 use lapin::types::{AMQPValue, ShortString};
 use time::OffsetDateTime;
-use tracing::{Span, debug, info, instrument, warn};
+use tracing::{Span, debug, error, info, instrument, warn};
 use verimail_shared::bus::{
     HEADER_REPLAYED, Outgoing, RETRY_DELAYS, dead_letter_headers, header_str,
 };
@@ -95,8 +97,11 @@ enum Failure {
 #[instrument(name = "delivery", skip_all, fields(request_id, user_id, redelivered = delivery.redelivered))]
 pub async fn handle(ctx: Arc<Ctx>, channel: Arc<Channel>, delivery: Delivery) -> AfterAck {
     let started = Instant::now();
-    match process(&ctx, &delivery).await {
-        Ok(after_ack) => {
+    match AssertUnwindSafe(process(&ctx, &delivery))
+        .catch_unwind()
+        .await
+    {
+        Ok(Ok(after_ack)) => {
             let t = Instant::now();
             if let Err(e) = channel
                 .basic_ack(delivery.delivery_tag, BasicAckOptions::default())
@@ -110,8 +115,25 @@ pub async fn handle(ctx: Arc<Ctx>, channel: Arc<Channel>, delivery: Delivery) ->
             metrics::processing(started.elapsed());
             return after_ack;
         }
-        Err(Failure::Stopped) => {
+        Ok(Err(Failure::Stopped)) => {
             debug!("shutdown deadline passed; leaving the delivery for the broker");
+        }
+        Err(_) => {
+            // A bug, not an outage: hand the message back after a pause; if
+            // it keeps failing, the queue's delivery limit moves it to the
+            // dead-letter queue. Without the nack it would stay
+            // unacknowledged until the channel closes. Only processing is
+            // guarded: a panic after the ack cannot nack an acknowledged tag
+            // (the broker would close the channel for it).
+            error!("processing panicked; handing the message back");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let requeue = BasicNackOptions {
+                requeue: true,
+                multiple: false,
+            };
+            if let Err(e) = channel.basic_nack(delivery.delivery_tag, requeue).await {
+                debug!(error = %e, "nack failed; the broker will redeliver");
+            }
         }
     }
     None
