@@ -58,13 +58,32 @@ pub(super) fn read(body: &[u8]) -> Result<ObjectOr<Envelope>, serde_json::Error>
 
 /// An object's members, taken one key at a time.
 trait Members: Default {
-    /// Reads the value of `key` into its field, or skips it.
-    fn member<'de, A: MapAccess<'de>>(&mut self, key: &str, map: &mut A) -> Result<(), A::Error>;
+    /// The field the value of `key` is kept in, if a rule reads it.
+    fn slot(&mut self, key: &str) -> Option<&mut Option<Value>>;
+
+    /// Reads the value of `key` into its field, or reads it through.
+    fn member<'de, A: MapAccess<'de>>(&mut self, key: &str, map: &mut A) -> Result<(), A::Error> {
+        keep(self.slot(key), map)
+    }
+}
+
+/// The next value of `map`, into `slot`, or read through when there is none.
+fn keep<'de, A: MapAccess<'de>>(
+    slot: Option<&mut Option<Value>>,
+    map: &mut A,
+) -> Result<(), A::Error> {
+    match slot {
+        Some(slot) => *slot = Some(map.next_value()?),
+        None => {
+            map.next_value::<Skip>()?;
+        }
+    }
+    Ok(())
 }
 
 impl Members for Envelope {
-    fn member<'de, A: MapAccess<'de>>(&mut self, key: &str, map: &mut A) -> Result<(), A::Error> {
-        let slot = match key {
+    fn slot(&mut self, key: &str) -> Option<&mut Option<Value>> {
+        Some(match key {
             "id" => &mut self.id,
             "specversion" => &mut self.specversion,
             "source" => &mut self.source,
@@ -72,23 +91,22 @@ impl Members for Envelope {
             "time" => &mut self.time,
             "traceparent" => &mut self.traceparent,
             "datacontenttype" => &mut self.datacontenttype,
-            "data" => {
-                self.data = Some(map.next_value()?);
-                return Ok(());
-            }
-            _ => {
-                map.next_value::<Skip>()?;
-                return Ok(());
-            }
-        };
-        *slot = Some(map.next_value()?);
-        Ok(())
+            _ => return None,
+        })
+    }
+
+    fn member<'de, A: MapAccess<'de>>(&mut self, key: &str, map: &mut A) -> Result<(), A::Error> {
+        if key == "data" {
+            self.data = Some(map.next_value()?);
+            return Ok(());
+        }
+        keep(self.slot(key), map)
     }
 }
 
 impl Members for DataFields {
-    fn member<'de, A: MapAccess<'de>>(&mut self, key: &str, map: &mut A) -> Result<(), A::Error> {
-        let slot = match key {
+    fn slot(&mut self, key: &str) -> Option<&mut Option<Value>> {
+        Some(match key {
             "user_id" => &mut self.user_id,
             "email" => &mut self.email,
             "name" => &mut self.name,
@@ -96,15 +114,28 @@ impl Members for DataFields {
             "purpose" => &mut self.purpose,
             "return_url" => &mut self.return_url,
             "context" => &mut self.context,
-            _ => {
-                map.next_value::<Skip>()?;
-                return Ok(());
-            }
-        };
-        *slot = Some(map.next_value()?);
-        Ok(())
+            _ => return None,
+        })
     }
 }
+
+/// No member kept: an object read only to be checked.
+#[derive(Default)]
+struct NoMembers;
+
+impl Members for NoMembers {
+    fn slot(&mut self, _: &str) -> Option<&mut Option<Value>> {
+        None
+    }
+}
+
+/// A value no rule reads, read through and dropped. Not serde's
+/// `IgnoredAny`: serde_json skips that without checking it (strings not for
+/// UTF-8 or lone surrogates, numbers not for range, nesting not for depth),
+/// so a body the whole-tree reader refused would pass. Read as any value (an
+/// object whose members are all read through in turn), it gets every check a
+/// `Value` got, and allocates nothing but the rare escaped key.
+type Skip = ObjectOr<NoMembers>;
 
 impl<'de, T: Members> Deserialize<'de> for ObjectOr<T> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -160,70 +191,6 @@ impl<'de, T: Members> Visitor<'de> for ObjectOrVisitor<T> {
 
     fn visit_none<E>(self) -> Result<Self::Value, E> {
         Ok(ObjectOr::Other)
-    }
-}
-
-/// A value no rule reads, read through and dropped. Not serde's
-/// `IgnoredAny`: serde_json skips that without checking it (strings not for
-/// UTF-8 or lone surrogates, numbers not for range, nesting not for depth),
-/// so a body the whole-tree reader refused would pass. Read as any value, it
-/// gets every check a `Value` got, and allocates nothing: strings are seen
-/// borrowed or in the reader's scratch buffer.
-struct Skip;
-
-impl<'de> Deserialize<'de> for Skip {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_any(SkipVisitor)
-    }
-}
-
-struct SkipVisitor;
-
-impl<'de> Visitor<'de> for SkipVisitor {
-    type Value = Skip;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("any JSON value")
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Skip, A::Error> {
-        while map.next_key::<Skip>()?.is_some() {
-            map.next_value::<Skip>()?;
-        }
-        Ok(Skip)
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Skip, A::Error> {
-        while seq.next_element::<Skip>()?.is_some() {}
-        Ok(Skip)
-    }
-
-    fn visit_bool<E>(self, _: bool) -> Result<Skip, E> {
-        Ok(Skip)
-    }
-
-    fn visit_i64<E>(self, _: i64) -> Result<Skip, E> {
-        Ok(Skip)
-    }
-
-    fn visit_u64<E>(self, _: u64) -> Result<Skip, E> {
-        Ok(Skip)
-    }
-
-    fn visit_f64<E>(self, _: f64) -> Result<Skip, E> {
-        Ok(Skip)
-    }
-
-    fn visit_str<E>(self, _: &str) -> Result<Skip, E> {
-        Ok(Skip)
-    }
-
-    fn visit_unit<E>(self) -> Result<Skip, E> {
-        Ok(Skip)
-    }
-
-    fn visit_none<E>(self) -> Result<Skip, E> {
-        Ok(Skip)
     }
 }
 
