@@ -180,19 +180,6 @@ impl Echo {
 }
 
 impl ValidRequest {
-    /// The fields every outcome of this request carries: what
-    /// `self.echo().outcome_fields()` gives, without the intermediate
-    /// [`Echo`]'s copies (one outcome per mail, so its allocations count).
-    pub fn outcome_fields(&self) -> OutcomeFields {
-        OutcomeFields {
-            request_id: self.id.clone(),
-            user_id: Some(self.data.user_id.clone()),
-            email: Some(self.data.email.clone()),
-            purpose: Some(self.data.purpose.as_str().to_owned()),
-            context: self.data.context.clone(),
-        }
-    }
-
     /// What the outcome echoes.
     pub fn echo(&self) -> Echo {
         Echo {

@@ -276,7 +276,7 @@ async fn valid(ctx: &Ctx, d: &Delivery, req: &ValidRequest) -> Result<AfterAck, 
         // Found by the claim statement itself: no connection, no slot.
         debug!(reason = reason.as_str(), "suppressed");
         let data = FailedData {
-            fields: req.outcome_fields(),
+            fields: req.echo().outcome_fields(),
             reason: FailureReason::Suppressed,
             detail: format!("the address is on the suppression list: {reason}"),
         };
@@ -302,7 +302,7 @@ async fn valid(ctx: &Ctx, d: &Delivery, req: &ValidRequest) -> Result<AfterAck, 
         // Per message, so debug: the outcome event and the metrics say it.
         debug!(retry_after_seconds, "throttled");
         let data = ThrottledData {
-            fields: req.outcome_fields(),
+            fields: req.echo().outcome_fields(),
             retry_after_seconds,
         };
         let outcome = OutcomeEvent::new(VERIFICATION_THROTTLED, data, req.traceparent.clone())
@@ -437,7 +437,7 @@ async fn send(
             // line each would cost more than the send (the metrics count them).
             debug!(smtp_ms = took.as_millis(), "mail sent");
             let data = SentData {
-                fields: req.outcome_fields(),
+                fields: req.echo().outcome_fields(),
                 sent_at,
                 expires_at,
             };
@@ -454,7 +454,7 @@ async fn send(
             metrics::smtp(took, "rejected");
             warn!(error = %e, "recipient rejected");
             let data = FailedData {
-                fields: req.outcome_fields(),
+                fields: req.echo().outcome_fields(),
                 reason: FailureReason::RecipientRejected,
                 detail: e.to_string(),
             };
@@ -472,7 +472,7 @@ async fn send(
             metrics::smtp(took, "provider_rejected");
             warn!(error = %e, "mail refused by the provider's API");
             let data = FailedData {
-                fields: req.outcome_fields(),
+                fields: req.echo().outcome_fields(),
                 reason: FailureReason::ProviderRejected,
                 detail: e.to_string(),
             };
@@ -519,7 +519,7 @@ async fn give_up(
     detail: &str,
 ) -> Result<AfterAck, Failure> {
     let data = FailedData {
-        fields: req.outcome_fields(),
+        fields: req.echo().outcome_fields(),
         reason: FailureReason::DeliveryFailed,
         detail: detail.to_owned(),
     };
