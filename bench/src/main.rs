@@ -16,6 +16,7 @@ mod http_load;
 mod latency;
 mod report;
 mod results;
+mod sink;
 mod store;
 mod system;
 mod tap;
@@ -228,6 +229,16 @@ enum Cmd {
         #[arg(long)]
         exchange: Vec<String>,
     },
+    /// An SMTP server that accepts and discards every mail, offering
+    /// PIPELINING and CHUNKING (BDAT), which Postfix's smtp-sink lacks.
+    SmtpSink {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:2526")]
+        listen: String,
+        /// Offer PIPELINING only: clients use DATA, as with smtp-sink.
+        #[arg(long)]
+        no_chunking: bool,
+    },
     /// Print the final table from the results file.
     Report,
 }
@@ -366,6 +377,10 @@ async fn main() -> Result<()> {
             let _ = conn.close(200, "done".into()).await;
             Ok(())
         }
+        Cmd::SmtpSink {
+            listen,
+            no_chunking,
+        } => sink::run(&listen, !no_chunking).await,
         Cmd::Report => report(&out),
     }
 }

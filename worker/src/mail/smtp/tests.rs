@@ -56,38 +56,54 @@ async fn thousands_of_concurrent_sends_share_a_few_connections() -> TestResult {
     Ok(())
 }
 
-/// A scripted server that offers PIPELINING (the test server does not):
-/// every `RCPT` gets `rcpt_reply`. Counts connections and accepted mails,
-/// and notes whether `RCPT` and `DATA` had arrived before `MAIL` was answered.
+/// A scripted server that offers PIPELINING (the test server does not), and
+/// CHUNKING when asked: every `RCPT` gets `rcpt_reply`. Counts connections
+/// and accepted mails, and notes whether `RCPT` and `DATA` (or `BDAT`) had
+/// arrived before `MAIL` was answered. A `BDAT` chunk is read by its stated
+/// size whatever was answered before, as RFC 3030 asks of a server.
 struct Pipeliner {
     port: u16,
     connections: Arc<std::sync::atomic::AtomicUsize>,
     mails: Arc<std::sync::atomic::AtomicUsize>,
     pipelined: Arc<std::sync::atomic::AtomicBool>,
-    /// Each accepted mail's DATA, as it came over the wire (terminator included).
+    /// Each accepted mail's DATA, as it came over the wire (terminator
+    /// included), or its BDAT chunk.
     bodies: Arc<Mutex<Vec<String>>>,
+    /// Commands seen, by verb (`BDAT`, `DATA`, and anything unknown as `?`).
+    verbs: Arc<Mutex<Vec<String>>>,
 }
 
 impl Pipeliner {
     async fn start(rcpt_reply: &'static str) -> Result<Self, std::io::Error> {
+        Self::serve(rcpt_reply, false).await
+    }
+
+    async fn serve(rcpt_reply: &'static str, chunking: bool) -> Result<Self, std::io::Error> {
         use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let port = listener.local_addr()?.port();
         let connections = Arc::new(AtomicUsize::new(0));
         let mails = Arc::new(AtomicUsize::new(0));
         let pipelined = Arc::new(AtomicBool::new(false));
         let bodies = Arc::new(Mutex::new(Vec::new()));
-        let (c, m, p, b) = (
+        let verbs = Arc::new(Mutex::new(Vec::new()));
+        let (c, m, p, b, v) = (
             connections.clone(),
             mails.clone(),
             pipelined.clone(),
             bodies.clone(),
+            verbs.clone(),
         );
+        let ehlo = if chunking {
+            "250-pipeliner\r\n250-PIPELINING\r\n250-CHUNKING\r\n250 8BITMIME\r\n"
+        } else {
+            "250-pipeliner\r\n250-PIPELINING\r\n250 8BITMIME\r\n"
+        };
         tokio::spawn(async move {
             while let Ok((socket, _)) = listener.accept().await {
                 c.fetch_add(1, Ordering::SeqCst);
-                let (m, p, b) = (m.clone(), p.clone(), b.clone());
+                let (m, p, b, v) = (m.clone(), p.clone(), b.clone(), v.clone());
                 tokio::spawn(async move {
                     let (read, mut write) = socket.into_split();
                     let mut read = BufReader::new(read);
@@ -100,8 +116,9 @@ impl Pipeliner {
                             return Ok::<(), std::io::Error>(());
                         }
                         let verb = line.get(..4).unwrap_or("").to_ascii_uppercase();
+                        lock(&v).push(verb.clone());
                         let reply: &str = match verb.as_str() {
-                            "EHLO" => "250-pipeliner\r\n250-PIPELINING\r\n250 8BITMIME\r\n",
+                            "EHLO" => ehlo,
                             "MAIL" => {
                                 if !read.buffer().is_empty() {
                                     p.store(true, Ordering::SeqCst);
@@ -125,11 +142,33 @@ impl Pipeliner {
                                 "250 queued\r\n"
                             }
                             "DATA" => "554 no valid recipients\r\n",
+                            "BDAT" if chunking => {
+                                // "BDAT <size> LAST": the chunk is read in
+                                // full whatever the reply will be.
+                                let size: usize = line
+                                    .split_whitespace()
+                                    .nth(1)
+                                    .and_then(|n| n.parse().ok())
+                                    .unwrap_or(0);
+                                let mut chunk = vec![0; size];
+                                read.read_exact(&mut chunk).await?;
+                                if rcpt_ok {
+                                    m.fetch_add(1, Ordering::SeqCst);
+                                    lock(&b).push(String::from_utf8_lossy(&chunk).into_owned());
+                                    "250 2.0.0 queued\r\n"
+                                } else {
+                                    "554 5.5.1 no valid recipients\r\n"
+                                }
+                            }
                             "QUIT" => {
                                 write.write_all(b"221 bye\r\n").await?;
                                 return Ok(());
                             }
-                            _ => "250 ok\r\n",
+                            "RSET" | "NOOP" => "250 ok\r\n",
+                            _ => {
+                                lock(&v).push("?".into());
+                                "500 5.5.2 unknown command\r\n"
+                            }
                         };
                         write.write_all(reply.as_bytes()).await?;
                     }
@@ -142,7 +181,13 @@ impl Pipeliner {
             mails,
             pipelined,
             bodies,
+            verbs,
         })
+    }
+
+    /// How many commands with this verb arrived.
+    fn seen(&self, verb: &str) -> usize {
+        lock(&self.verbs).iter().filter(|v| *v == verb).count()
     }
 
     fn count(counter: &std::sync::atomic::AtomicUsize) -> usize {
@@ -230,6 +275,82 @@ async fn pipelined_refusals_keep_their_classification_and_drop_the_connection() 
     let server = Pipeliner::start("451 try later\r\n").await?;
     let m = mailer(&format!("smtp+plain://127.0.0.1:{}", server.port))?;
     let err = m.send(&to, &mail()).await.err().ok_or("451 expected")?;
+    assert_eq!(err.classification(), Classification::Transient, "{err}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_chunking_server_gets_each_mail_in_one_write_as_one_bdat_chunk() -> TestResult {
+    let server = Pipeliner::serve("250 ok\r\n", true).await?;
+    let m = mailer(&format!("smtp+plain://127.0.0.1:{}", server.port))?;
+    let mut dotted = mail();
+    dotted.text = "Hello,\n.a line that starts with a dot\n.\nend\n".into();
+    for _ in 0..3 {
+        m.send(&envelope(Some("Alice"), "alice@example.com"), &dotted)
+            .await?;
+    }
+    assert_eq!(Pipeliner::count(&server.mails), 3);
+    assert_eq!(Pipeliner::count(&server.connections), 1);
+    assert_eq!((server.seen("BDAT"), server.seen("DATA")), (3, 0));
+    assert_eq!(
+        server.seen("?"),
+        0,
+        "no message line was taken for a command"
+    );
+    assert!(
+        server.pipelined.load(std::sync::atomic::Ordering::SeqCst),
+        "RCPT and BDAT were sent before MAIL's reply"
+    );
+    let bodies = lock(&server.bodies).clone();
+    let body = bodies.first().ok_or("no mail")?;
+    // A chunk is the message as it is: no dots added, no terminator.
+    assert!(
+        body.contains("\r\n.a line that starts with a dot\r\n.\r\nend"),
+        "{body}"
+    );
+    assert!(
+        body.ends_with("\r\n") && !body.ends_with("\r\n.\r\n"),
+        "{body}"
+    );
+    let parsed = mail_parser::MessageParser::default()
+        .parse(body.as_bytes())
+        .ok_or("unparsable")?;
+    assert_eq!(parsed.subject(), Some("请确认您的邮箱地址"));
+    assert_eq!(
+        parsed.body_text(0).as_deref(),
+        Some("Hello,\r\n.a line that starts with a dot\r\n.\r\nend\r\n")
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn chunked_refusals_keep_their_classification_and_drop_the_connection() -> TestResult {
+    let server = Pipeliner::serve("550 5.1.1 no such user\r\n", true).await?;
+    let m = mailer(&format!("smtp+plain://127.0.0.1:{}", server.port))?;
+    let to = envelope(None, "nobody@example.com");
+    for _ in 0..2 {
+        let err = m.send(&to, &mail()).await.err().ok_or("550 expected")?;
+        assert!(
+            matches!(
+                err,
+                SendError::Smtp {
+                    step: SmtpStep::Rcpt,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert_eq!(err.classification(), Classification::RecipientRejected);
+    }
+    // Each refused session was aborted (its chunk's reply unread), and the
+    // chunk was read as data, never as commands.
+    assert_eq!(Pipeliner::count(&server.connections), 2);
+    assert_eq!(Pipeliner::count(&server.mails), 0);
+    assert_eq!(server.seen("?"), 0);
+
+    let server = Pipeliner::serve("452 4.2.2 mailbox full\r\n", true).await?;
+    let m = mailer(&format!("smtp+plain://127.0.0.1:{}", server.port))?;
+    let err = m.send(&to, &mail()).await.err().ok_or("452 expected")?;
     assert_eq!(err.classification(), Classification::Transient, "{err}");
     Ok(())
 }
