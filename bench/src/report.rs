@@ -84,6 +84,26 @@ pub(crate) fn report(out: &Results) -> Result<()> {
             "",
         );
     }
+    if let Some(v) = num("worker_chunking_1_mps") {
+        let ceiling_share = ceiling.map_or(String::new(), |c| {
+            format!(", {:.0} % of the ceiling", v / c * 100.0)
+        });
+        row(
+            &format!(
+                "verimail worker, 1 process, into a sink offering CHUNKING (one BDAT round trip per mail; N={})",
+                get("worker_chunking_1_n")
+            ),
+            format!(
+                "{} (steady {}{ceiling_share}); CPU per mail {} / {} ms",
+                fmt_num(Some(v), "mails/s"),
+                fmt_num(num("worker_chunking_1_steady_mps"), "/s"),
+                get("worker_chunking_1_cpu_ms_per_mail"),
+                get("worker_chunking_1_pg_cpu_ms_per_mail")
+            ),
+            "",
+            "",
+        );
+    }
     if w1.is_none() {
         row(
             "verimail worker, 1 process",

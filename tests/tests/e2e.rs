@@ -534,3 +534,43 @@ async fn a_bounce_reported_by_webhook_suppresses_the_address_for_the_next_reques
     assert_eq!(p.smtp.wait_for_mails(2, WAIT).await.len(), 2);
     p.stop().await;
 }
+
+/// `WORKER_THREADS` sets the worker's runtime threads (one by default); a
+/// bad value stops it at start with a message naming the variable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_runs_the_runtime_threads_worker_threads_asks_for() {
+    let env = TestEnv::new("threads");
+    migrate(&env).await;
+    for (threads, expected) in [(None, 1), (Some("3"), 3)] {
+        let mut wenv = env.clone();
+        if let Some(n) = threads {
+            wenv.set("WORKER_THREADS", n);
+        }
+        let (worker, _) = ready_extra_worker(&wenv, WAIT).await;
+        let log = worker.log();
+        let ready = log
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|l| l["message"] == "worker ready");
+        assert_eq!(
+            ready.map(|l| l["runtime_threads"].clone()),
+            Some(Value::from(expected)),
+            "{log}"
+        );
+        assert_eq!(worker.stop(Duration::from_secs(30)).await, Some(0));
+    }
+    let mut bad = env.clone();
+    bad.set("WORKER_THREADS", "0");
+    let mut worker = Proc::start("verimail-worker", &[], &bad);
+    let deadline = std::time::Instant::now() + WAIT;
+    while worker.is_running() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a bad WORKER_THREADS must stop the worker"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = worker.log();
+    assert!(log.contains("WORKER_THREADS: must be at least 1"), "{log}");
+    env.cleanup().await;
+}

@@ -192,7 +192,12 @@ impl Worker {
             in_flight: Default::default(),
             config,
         });
-        info!(metrics_addr = %metrics_addr, namespace = %ctx.config.namespace, "worker ready");
+        info!(
+            metrics_addr = %metrics_addr,
+            namespace = %ctx.config.namespace,
+            runtime_threads = tokio::runtime::Handle::current().metrics().num_workers(),
+            "worker ready"
+        );
         Ok(Self {
             ctx,
             bus,

@@ -17,7 +17,7 @@ use verimail_worker::Worker;
 ///
 /// Configured entirely by environment variables (and a .env file in the
 /// working directory): AMQP_URL, DATABASE_URL, VERIMAIL_NAMESPACE,
-/// VERIMAIL_SECRET_KEY, MAIL_URL, WORKER_CONCURRENCY, METRICS_ADDR, SUPPRESS_ON_REJECT, ...
+/// VERIMAIL_SECRET_KEY, MAIL_URL, WORKER_CONCURRENCY, WORKER_THREADS, METRICS_ADDR, SUPPRESS_ON_REJECT, ...
 /// (see the README). /metrics, /healthz and /readyz answer on METRICS_ADDR.
 #[derive(Debug, Parser)]
 #[command(name = "verimail-worker", version, about, long_about)]
@@ -34,6 +34,7 @@ fn main() -> ExitCode {
     };
     telemetry::init(config.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.worker_threads)
         .enable_all()
         .build()
     {

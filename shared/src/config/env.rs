@@ -204,6 +204,23 @@ impl<F: Fn(&str) -> Option<String>> Env<'_, F> {
         Ok(length)
     }
 
+    /// `WORKER_THREADS`: the worker's runtime threads. One by default: a
+    /// worker waits on sockets far more than it computes, and on a machine
+    /// it shares with the broker and the database a second thread mostly
+    /// adds wake-ups and contention on the allocator's locks between the two
+    /// (docs/performance.md); more workers, or more threads, scale it out.
+    pub(super) fn worker_threads(&self) -> Result<usize, ConfigError> {
+        const MAX: usize = 256;
+        let threads: usize = self.number("WORKER_THREADS", 1, 1)?;
+        if threads > MAX {
+            return Err(ConfigError::new(
+                "WORKER_THREADS",
+                format!("{threads}: at most {MAX}"),
+            ));
+        }
+        Ok(threads)
+    }
+
     pub(super) fn code_max_attempts(&self) -> Result<u32, ConfigError> {
         let attempts: u32 = self.number("CODE_MAX_ATTEMPTS", 5, 1)?;
         if attempts > MAX_CODE_ATTEMPTS {

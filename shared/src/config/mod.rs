@@ -103,6 +103,8 @@ pub struct Config {
     pub templates_dir: Option<PathBuf>,
     /// Messages in flight per worker (`WORKER_CONCURRENCY`).
     pub worker_concurrency: u16,
+    /// Threads of the worker's async runtime (`WORKER_THREADS`).
+    pub worker_threads: usize,
     /// How long transient delivery failures are retried (`MAIL_RETRY_WINDOW_SECONDS`).
     pub mail_retry_window: Duration,
     /// Gateway listen address (`GATEWAY_ADDR`).
@@ -301,6 +303,7 @@ impl Config {
                 .transpose()?,
             templates_dir: env.get("TEMPLATES_DIR").map(PathBuf::from),
             worker_concurrency: env.number("WORKER_CONCURRENCY", 256, 1)?,
+            worker_threads: env.worker_threads()?,
             mail_retry_window: env.seconds("MAIL_RETRY_WINDOW_SECONDS", 900, 0)?,
             gateway_addr: env.parse("GATEWAY_ADDR", parse_addr(defaults::GATEWAY_ADDR))?,
             metrics_addr: env.parse("METRICS_ADDR", parse_addr(defaults::METRICS_ADDR))?,

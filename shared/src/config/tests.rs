@@ -31,6 +31,7 @@ fn defaults_match_the_contract() -> Result<(), ConfigError> {
     assert_eq!(c.mail_rate_limit, None);
     assert_eq!(c.mail_from, "verimail <no-reply@localhost>");
     assert_eq!(c.worker_concurrency, 256);
+    assert_eq!(c.worker_threads, 1);
     assert_eq!(c.mail_retry_window, Duration::from_secs(900));
     assert_eq!(c.gateway_addr.to_string(), "127.0.0.1:8080");
     assert_eq!(c.metrics_addr.to_string(), "127.0.0.1:9464");
@@ -134,6 +135,9 @@ fn each_bad_value_names_its_variable() {
         ("MAIL_URL", "imap://x"),
         ("MAIL_FROM", "nobody"),
         ("WORKER_CONCURRENCY", "0"),
+        ("WORKER_THREADS", "0"),
+        ("WORKER_THREADS", "257"),
+        ("WORKER_THREADS", "two"),
         ("MAIL_RETRY_WINDOW_SECONDS", "x"),
         ("GATEWAY_ADDR", "localhost"),
         ("METRICS_ADDR", "9464"),
