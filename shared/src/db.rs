@@ -156,10 +156,12 @@ pub async fn ensure_database(options: &PgConnectOptions) -> Result<(), DbError> 
             .await
             .map_err(DbError::Connect)?;
         // An ICU cluster (PostgreSQL 15+) would otherwise ignore LC_COLLATE.
-        let libc = if version >= 150_000 { " LOCALE_PROVIDER libc" } else { "" };
-        let create = format!(
-            "CREATE DATABASE {quoted} TEMPLATE template0 LC_COLLATE 'C'{libc}"
-        );
+        let libc = if version >= 150_000 {
+            " LOCALE_PROVIDER libc"
+        } else {
+            ""
+        };
+        let create = format!("CREATE DATABASE {quoted} TEMPLATE template0 LC_COLLATE 'C'{libc}");
         match sqlx::raw_sql(sqlx::AssertSqlSafe(create))
             .execute(&mut conn)
             .await
