@@ -4,6 +4,7 @@
 #
 #   bench/callgrind.sh                 # N1=1000 and N2=3000 requests, prints instructions/mail
 #   CALLGRIND_KEEP=1 bench/callgrind.sh   # keep the profiles (callgrind_annotate them)
+#   CALLGRIND_CHUNKING=1 bench/callgrind.sh   # into a sink offering CHUNKING (the BDAT path)
 #
 # The release worker runs under callgrind twice, draining N1 and N2 preloaded requests into
 # postfix's smtp-sink (`verimail-bench worker --processes 1`); the difference of the two totals
@@ -37,7 +38,12 @@ exec valgrind --tool=callgrind --callgrind-out-file=$WORK/callgrind.out.\$\$ "$B
 EOF
 chmod +x "$WORK/verimail-worker"
 
-"$SMTP_SINK" -c -u nobody "127.0.0.1:$SMTP_PORT" 1000 >/dev/null 2>&1 &
+if [[ ${CALLGRIND_CHUNKING:-0} == 1 ]]; then
+  # The bench's own sink, which offers CHUNKING: the worker's one-round-trip BDAT path.
+  "$BIN/verimail-bench" smtp-sink --listen "127.0.0.1:$SMTP_PORT" >/dev/null 2>&1 &
+else
+  "$SMTP_SINK" -c -u nobody "127.0.0.1:$SMTP_PORT" 1000 >/dev/null 2>&1 &
+fi
 SINK=$!
 trap 'kill $SINK 2>/dev/null || true; [[ ${CALLGRIND_KEEP:-0} == 1 ]] || rm -rf "$WORK"' EXIT
 export BENCH_MAIL_URL=smtp+plain://127.0.0.1:$SMTP_PORT

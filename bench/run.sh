@@ -16,7 +16,7 @@
 # written for the codes run), BENCH_TOKENS (150000: gateway tokens,
 # each used once while they last), BENCH_RATES (200,500,1000), BENCH_RATE_SECONDS (10),
 # BENCH_PROCESSES (1,2,4), BENCH_SKIP_BUILD=1, BENCH_ONLY (space-separated subset of:
-# ceiling worker chunking suppressions http latency gateway codes reference). Needs RabbitMQ and PostgreSQL running
+# ceiling worker suppressions http chunking latency gateway codes reference). Needs RabbitMQ and PostgreSQL running
 # (scripts/services.sh); installs postfix (for smtp-sink), wrk and the reference's venv if missing.
 set -euo pipefail
 
@@ -31,7 +31,7 @@ PROCESSES=${BENCH_PROCESSES:-1,2,4}
 # WORKER_CONCURRENCY of the worker runs and the ceiling's prefetch (one setting for both).
 export BENCH_CONCURRENCY=${BENCH_CONCURRENCY:-256}
 CONCURRENCY=$BENCH_CONCURRENCY
-ONLY=${BENCH_ONLY:-ceiling worker chunking suppressions http latency gateway codes reference}
+ONLY=${BENCH_ONLY:-ceiling worker suppressions http chunking latency gateway codes reference}
 SMTP_PORT=${BENCH_SMTP_PORT:-2525}
 REF_PORT=${BENCH_REF_PORT:-8081}
 RUN=$(date +%Y%m%d-%H%M%S)-$$
@@ -137,6 +137,14 @@ if wants worker; then
   say "2b. the same, 1 process at the former default WORKER_CONCURRENCY (64; the default is 256)"
   step worker_default "$BENCH" worker --n "$N" --processes 1 --concurrency 64 --label worker_default
 fi
+if wants suppressions; then
+  say "2c. the same, 1 process, with 0 and 100,000 suppression entries loaded, three runs each, interleaved"
+  step worker_supp "$BENCH" worker --n "$N" --processes 1 --suppressions 0,100000,100000,0,0,100000 --label worker_supp
+fi
+if wants http; then
+  say "2d. HTTP API delivery: 1 process through the generic https target into a stand-in answering at once"
+  step http "$BENCH" http --n "$N"
+fi
 if wants chunking; then
   # smtp-sink has no CHUNKING; Postfix's smtpd (3.4+), Exchange and Gmail offer it, and the
   # worker then sends each mail in one round trip (BDAT). The bench's own sink offers it.
@@ -147,14 +155,6 @@ if wants chunking; then
   say "2e. the same, 1 process, into a sink that offers CHUNKING (verimail-bench smtp-sink): one round trip per mail"
   step worker_chunking "$BENCH" worker --n "$N" --processes 1 --label worker_chunking \
     --mail-url "smtp+plain://127.0.0.1:$CHUNK_PORT"
-fi
-if wants suppressions; then
-  say "2c. the same, 1 process, with 0 and 100,000 suppression entries loaded, three runs each, interleaved"
-  step worker_supp "$BENCH" worker --n "$N" --processes 1 --suppressions 0,100000,100000,0,0,100000 --label worker_supp
-fi
-if wants http; then
-  say "2d. HTTP API delivery: 1 process through the generic https target into a stand-in answering at once"
-  step http "$BENCH" http --n "$N"
 fi
 if wants latency; then
   say "3. latency, one worker: offered $RATES requests/s for $RATE_SECONDS s each (publish→data.sent_at)"

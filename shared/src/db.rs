@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{ConnectOptions, Connection, PgPool};
+use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
 
 /// The embedded migrations, applied at start when `VERIMAIL_AUTO_MIGRATE` is on.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -144,24 +144,7 @@ pub async fn ensure_database(options: &PgConnectOptions) -> Result<(), DbError> 
             .map_err(DbError::Connect)?;
     if !exists {
         let quoted = format!("\"{}\"", name.replace('"', "\"\""));
-        // Text compared byte by byte (`C`): every key verimail stores is an
-        // id, an address or a name it only compares for equality, and under
-        // any other collation each index search and insert on those keys
-        // goes through the locale's `strcoll` (5-9 % of PostgreSQL's CPU per
-        // mail, docs/performance.md). `lower()` follows LC_CTYPE, kept as
-        // the server's. template0: a collation other than the template's
-        // needs it. A database created beforehand keeps its own settings.
-        let version: i32 = sqlx::query_scalar("SELECT current_setting('server_version_num')::int4")
-            .fetch_one(&mut conn)
-            .await
-            .map_err(DbError::Connect)?;
-        // An ICU cluster (PostgreSQL 15+) would otherwise ignore LC_COLLATE.
-        let libc = if version >= 150_000 {
-            " LOCALE_PROVIDER libc"
-        } else {
-            ""
-        };
-        let create = format!("CREATE DATABASE {quoted} TEMPLATE template0 LC_COLLATE 'C'{libc}");
+        let create = format!("CREATE DATABASE {quoted}{}", byte_order(&mut conn).await?);
         match sqlx::raw_sql(sqlx::AssertSqlSafe(create))
             .execute(&mut conn)
             .await
@@ -177,6 +160,39 @@ pub async fn ensure_database(options: &PgConnectOptions) -> Result<(), DbError> 
     }
     let _ = conn.close().await;
     Ok(())
+}
+
+/// What `CREATE DATABASE` adds so that the new database compares text byte by
+/// byte (`C`): every key verimail stores is an id, an address or a name it
+/// only compares for equality, and under any other collation each index
+/// search and insert on those keys goes through the locale's `strcoll`
+/// (5-9 % of PostgreSQL's CPU per mail, docs/performance.md). Everything else
+/// is template1's, as a plain `CREATE DATABASE` would have it: its encoding
+/// and its LC_CTYPE (which `lower()` follows, as the suppression list's
+/// index does); template0 is named because a collation other than the
+/// template's needs it, so objects added to template1 are not copied (verimail
+/// needs none). On a cluster whose default provider is not libc (ICU, or
+/// PostgreSQL 17's builtin) LC_COLLATE would not set the collation and a
+/// different provider would change what `lower()` does: nothing is added.
+async fn byte_order(conn: &mut PgConnection) -> Result<String, DbError> {
+    // `datlocprovider` exists from PostgreSQL 15; read through to_jsonb, an
+    // older server answers NULL (libc was its only provider).
+    let (encoding, ctype, provider): (String, String, Option<String>) = sqlx::query_as(
+        "SELECT pg_encoding_to_char(encoding), datctype, to_jsonb(d) ->> 'datlocprovider' \
+         FROM pg_database d WHERE datname = 'template1'",
+    )
+    .fetch_one(conn)
+    .await
+    .map_err(DbError::Connect)?;
+    if provider.is_some_and(|p| p != "c") {
+        return Ok(String::new());
+    }
+    let literal = |v: &str| format!("'{}'", v.replace('\'', "''"));
+    Ok(format!(
+        " TEMPLATE template0 ENCODING {} LC_CTYPE {} LC_COLLATE 'C'",
+        literal(&encoding),
+        literal(&ctype)
+    ))
 }
 
 /// Whether the database answers a trivial query within `timeout`.

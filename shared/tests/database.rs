@@ -12,16 +12,33 @@ async fn a_database_verimail_creates_compares_keys_byte_by_byte_and_lowercases_b
     let pool = db::connect(&url, true, PoolSettings::default())
         .await
         .expect("database created and migrated");
-    let (collate, ctype, template_ctype): (String, String, String) = sqlx::query_as(
-        "SELECT d.datcollate, d.datctype, t.datctype FROM pg_database d, pg_database t \
-         WHERE d.datname = current_database() AND t.datname = 'template0'",
+    let (collate, ctype, template_collate, template_ctype, provider): (
+        String,
+        String,
+        String,
+        String,
+        Option<String>,
+    ) = sqlx::query_as(
+        "SELECT d.datcollate, d.datctype, t.datcollate, t.datctype, \
+                to_jsonb(t) ->> 'datlocprovider' \
+         FROM pg_database d, pg_database t \
+         WHERE d.datname = current_database() AND t.datname = 'template1'",
     )
     .fetch_one(&pool)
     .await
     .expect("settings");
-    assert_eq!(collate, "C");
-    // lower() (the suppression list's index) follows LC_CTYPE: the server's own.
+    // lower() (the suppression list's index) follows LC_CTYPE: template1's, as
+    // a plain CREATE DATABASE would have it.
     assert_eq!(ctype, template_ctype);
+    if provider.is_some_and(|p| p != "c") {
+        // ICU or builtin: LC_COLLATE does not choose the collation there, so
+        // nothing was changed.
+        assert_eq!(collate, template_collate);
+        pool.close().await;
+        drop_db(&name).await;
+        return;
+    }
+    assert_eq!(collate, "C");
     let (byte_order, lowered): (bool, String) =
         sqlx::query_as("SELECT 'Zed' < 'apple', lower('Ünïcode@EXAMPLE.com')")
             .fetch_one(&pool)
@@ -32,6 +49,10 @@ async fn a_database_verimail_creates_compares_keys_byte_by_byte_and_lowercases_b
         assert_eq!(lowered, "ünïcode@example.com");
     }
     pool.close().await;
+    drop_db(&name).await;
+}
+
+async fn drop_db(name: &str) {
     if let Ok(admin) = sqlx::PgPool::connect("postgres://postgres@127.0.0.1:5432/postgres").await {
         let sql = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
         let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))

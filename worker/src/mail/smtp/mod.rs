@@ -308,11 +308,11 @@ impl SmtpPool {
 }
 
 /// One mail transaction: `MAIL`, `RCPT` and the message as one `BDAT` chunk
-/// in one write when the server pipelines and takes chunks; else `MAIL`,
-/// `RCPT` and `DATA` in one write when it pipelines (see the module docs),
-/// one at a time otherwise, then the message. A failure says at which step
-/// ([`classify`] needs it). Every reply
-/// is read with lettre's `read_response`, so errors are lettre's; on the
+/// in one write when the server pipelines and takes chunks (and the message
+/// is UTF-8, as ours always are); else `MAIL`, `RCPT` and `DATA` in one write
+/// when it pipelines (see the module docs), one at a time otherwise, then
+/// the message. A failure says at which step ([`classify`] needs it). Every
+/// reply is read with lettre's `read_response`, so errors are lettre's; on the
 /// first negative reply the connection is aborted (as lettre's `send` does),
 /// so unread replies can never be taken for another mail's.
 async fn transaction(
@@ -346,23 +346,18 @@ async fn transaction(
     let steps = std::iter::once(SmtpStep::Mail)
         .chain(rcpts.iter().map(|_| SmtpStep::Rcpt))
         .chain(std::iter::once(SmtpStep::Data));
+    // One recipient only: with several, a chunk sent along would still be
+    // delivered to the accepted ones after another was refused, where DATA's
+    // content is never sent (and a retry would send it twice). Ours always
+    // have one.
     if offers.pipelining
         && offers.chunking
+        && rcpts.len() == 1
         && let Ok(text) = std::str::from_utf8(email)
     {
-        let mut commands = mail;
-        commands.extend(rcpts.iter().map(String::as_str));
-        let ends_with_crlf = text.ends_with("\r\n");
-        // DATA's terminator ends the last line; a chunk carries the line ends
-        // it is given, so one is added where the message lacks it.
-        let size = text.len() + if ends_with_crlf { 0 } else { 2 };
-        commands.reserve(size + 24);
-        let _ = write!(commands, "BDAT {size} LAST\r\n");
-        commands.push_str(text);
-        if !ends_with_crlf {
-            commands.push_str("\r\n");
-        }
-        let sent = pipelined(conn, &commands, steps).await;
+        let mut group = mail;
+        group.extend(rcpts.iter().map(String::as_str));
+        let sent = pipelined(conn, &chunked(group, text), steps).await;
         if sent.is_err() {
             conn.abort().await;
         }
@@ -427,9 +422,28 @@ async fn pipelined(
     Ok(())
 }
 
+/// `group` (the `MAIL` and `RCPT` commands) followed by `BDAT <size> LAST`
+/// and `message` as its chunk. The chunk carries the line ends it is given,
+/// so a message that does not end its last line gets the CRLF that DATA's
+/// terminator would have supplied: both paths deliver the same bytes.
+fn chunked(mut group: String, message: &str) -> String {
+    let ends_line = message.ends_with("\r\n");
+    let size = message.len() + if ends_line { 0 } else { 2 };
+    group.reserve(size + 24);
+    let _ = write!(group, "BDAT {size} LAST\r\n");
+    group.push_str(message);
+    if !ends_line {
+        group.push_str("\r\n");
+    }
+    group
+}
+
 /// DATA's payload: `message` with one more dot on each line that starts
 /// with a dot (RFC 5321, 4.5.2; lines end with CRLF, as lettre's codec reads
-/// them), then the terminator as lettre writes it. `None` if it is not UTF-8.
+/// them), then the terminator: `.` on a line of its own, after a CRLF ending
+/// the last line when the message lacks one (lettre's `message` always writes
+/// `\r\n.\r\n`, adding an empty line to a message that ends its last line).
+/// `None` if it is not UTF-8.
 fn dot_stuffed(message: &[u8]) -> Option<String> {
     let mut out = Vec::with_capacity(message.len() + 16);
     if message.first() == Some(&b'.') {
@@ -442,7 +456,10 @@ fn dot_stuffed(message: &[u8]) -> Option<String> {
         copied = at + 3;
     }
     out.extend_from_slice(&message[copied..]);
-    out.extend_from_slice(b"\r\n.\r\n");
+    if !out.ends_with(b"\r\n") {
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b".\r\n");
     String::from_utf8(out).ok()
 }
 

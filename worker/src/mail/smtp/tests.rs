@@ -14,11 +14,29 @@ fn dot_stuffing_adds_a_dot_to_each_line_that_starts_with_one() {
         dot_stuffed(b".a\r\n..b\r\nc.\r\n.\r\n.").as_deref(),
         Some("..a\r\n...b\r\nc.\r\n..\r\n..\r\n.\r\n")
     );
+    // A message that ends its last line gets no empty line before the dot.
     assert_eq!(
         dot_stuffed(b"no dots\r\n").as_deref(),
-        Some("no dots\r\n\r\n.\r\n")
+        Some("no dots\r\n.\r\n")
     );
+    assert_eq!(dot_stuffed(b"").as_deref(), Some("\r\n.\r\n"));
     assert_eq!(dot_stuffed(b"\xff"), None);
+}
+
+#[test]
+fn a_chunk_states_its_size_and_ends_its_last_line() {
+    let group = "MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\n".to_owned();
+    assert_eq!(
+        chunked(group.clone(), ".a\r\nb\r\n"),
+        "MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nBDAT 7 LAST\r\n.a\r\nb\r\n"
+    );
+    // No final CRLF: the chunk gets the one DATA's terminator would add.
+    assert_eq!(
+        chunked(group, "no end"),
+        "MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nBDAT 8 LAST\r\nno end\r\n"
+    );
+    // Multi-byte text: the size counts bytes.
+    assert!(chunked(String::new(), "确认\r\n").starts_with("BDAT 8 LAST\r\n"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -57,7 +75,8 @@ async fn thousands_of_concurrent_sends_share_a_few_connections() -> TestResult {
 }
 
 /// A scripted server that offers PIPELINING (the test server does not), and
-/// CHUNKING when asked: every `RCPT` gets `rcpt_reply`. Counts connections
+/// CHUNKING when given the reply to an accepted chunk: every `RCPT` gets
+/// `rcpt_reply`. Counts connections
 /// and accepted mails, and notes whether `RCPT` and `DATA` (or `BDAT`) had
 /// arrived before `MAIL` was answered. A `BDAT` chunk is read by its stated
 /// size whatever was answered before, as RFC 3030 asks of a server.
@@ -75,10 +94,14 @@ struct Pipeliner {
 
 impl Pipeliner {
     async fn start(rcpt_reply: &'static str) -> Result<Self, std::io::Error> {
-        Self::serve(rcpt_reply, false).await
+        Self::serve(rcpt_reply, None).await
     }
 
-    async fn serve(rcpt_reply: &'static str, chunking: bool) -> Result<Self, std::io::Error> {
+    async fn serve(
+        rcpt_reply: &'static str,
+        chunk_reply: Option<&'static str>,
+    ) -> Result<Self, std::io::Error> {
+        let chunking = chunk_reply.is_some();
         use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
         use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -152,10 +175,13 @@ impl Pipeliner {
                                     .unwrap_or(0);
                                 let mut chunk = vec![0; size];
                                 read.read_exact(&mut chunk).await?;
-                                if rcpt_ok {
+                                let accepted = chunk_reply.unwrap_or("250 2.0.0 queued\r\n");
+                                if rcpt_ok && accepted.starts_with('2') {
                                     m.fetch_add(1, Ordering::SeqCst);
                                     lock(&b).push(String::from_utf8_lossy(&chunk).into_owned());
-                                    "250 2.0.0 queued\r\n"
+                                    accepted
+                                } else if rcpt_ok {
+                                    accepted
                                 } else {
                                     "554 5.5.1 no valid recipients\r\n"
                                 }
@@ -281,7 +307,7 @@ async fn pipelined_refusals_keep_their_classification_and_drop_the_connection() 
 
 #[tokio::test]
 async fn a_chunking_server_gets_each_mail_in_one_write_as_one_bdat_chunk() -> TestResult {
-    let server = Pipeliner::serve("250 ok\r\n", true).await?;
+    let server = Pipeliner::serve("250 ok\r\n", Some("250 2.0.0 queued\r\n")).await?;
     let m = mailer(&format!("smtp+plain://127.0.0.1:{}", server.port))?;
     let mut dotted = mail();
     dotted.text = "Hello,\n.a line that starts with a dot\n.\nend\n".into();
@@ -325,7 +351,8 @@ async fn a_chunking_server_gets_each_mail_in_one_write_as_one_bdat_chunk() -> Te
 
 #[tokio::test]
 async fn chunked_refusals_keep_their_classification_and_drop_the_connection() -> TestResult {
-    let server = Pipeliner::serve("550 5.1.1 no such user\r\n", true).await?;
+    let server =
+        Pipeliner::serve("550 5.1.1 no such user\r\n", Some("250 2.0.0 queued\r\n")).await?;
     let m = mailer(&format!("smtp+plain://127.0.0.1:{}", server.port))?;
     let to = envelope(None, "nobody@example.com");
     for _ in 0..2 {
@@ -348,9 +375,27 @@ async fn chunked_refusals_keep_their_classification_and_drop_the_connection() ->
     assert_eq!(Pipeliner::count(&server.mails), 0);
     assert_eq!(server.seen("?"), 0);
 
-    let server = Pipeliner::serve("452 4.2.2 mailbox full\r\n", true).await?;
+    let server =
+        Pipeliner::serve("452 4.2.2 mailbox full\r\n", Some("250 2.0.0 queued\r\n")).await?;
     let m = mailer(&format!("smtp+plain://127.0.0.1:{}", server.port))?;
     let err = m.send(&to, &mail()).await.err().ok_or("452 expected")?;
     assert_eq!(err.classification(), Classification::Transient, "{err}");
+
+    // The recipient accepted, the chunk refused: a refusal of the message.
+    let server = Pipeliner::serve("250 ok\r\n", Some("552 5.3.4 message too big\r\n")).await?;
+    let m = mailer(&format!("smtp+plain://127.0.0.1:{}", server.port))?;
+    let err = m.send(&to, &mail()).await.err().ok_or("552 expected")?;
+    assert!(
+        matches!(
+            err,
+            SendError::Smtp {
+                step: SmtpStep::Data,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(server.seen("BDAT"), 1);
+    assert_eq!(Pipeliner::count(&server.mails), 0);
     Ok(())
 }
