@@ -1,17 +1,11 @@
 //! The database verimail creates for itself, against a real PostgreSQL.
 
-use verimail_shared::db::{self, PoolSettings};
+mod support;
+use support::{drop_db, fresh_db};
 
 #[tokio::test]
 async fn a_database_verimail_creates_compares_keys_byte_by_byte_and_lowercases_by_the_server() {
-    let name = format!(
-        "vm_created_{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..12]
-    );
-    let url = format!("postgres://postgres@127.0.0.1:5432/{name}");
-    let pool = db::connect(&url, true, PoolSettings::default())
-        .await
-        .expect("database created and migrated");
+    let (pool, name) = fresh_db("created").await;
     let (collate, ctype, template_collate, template_ctype, provider): (
         String,
         String,
@@ -50,13 +44,4 @@ async fn a_database_verimail_creates_compares_keys_byte_by_byte_and_lowercases_b
     }
     pool.close().await;
     drop_db(&name).await;
-}
-
-async fn drop_db(name: &str) {
-    if let Ok(admin) = sqlx::PgPool::connect("postgres://postgres@127.0.0.1:5432/postgres").await {
-        let sql = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
-        let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-            .execute(&admin)
-            .await;
-    }
 }

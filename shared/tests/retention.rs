@@ -3,29 +3,10 @@
 
 use std::time::Duration;
 
-use verimail_shared::db::{self, PoolSettings};
 use verimail_shared::retention;
 
-async fn fresh_db(label: &str) -> (sqlx::PgPool, String) {
-    let name = format!(
-        "vm_{label}_{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..12]
-    );
-    let url = format!("postgres://postgres@127.0.0.1:5432/{name}");
-    let pool = db::connect(&url, true, PoolSettings::default())
-        .await
-        .expect("database");
-    (pool, name)
-}
-
-async fn drop_db(name: &str) {
-    if let Ok(admin) = sqlx::PgPool::connect("postgres://postgres@127.0.0.1:5432/postgres").await {
-        let sql = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
-        let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-            .execute(&admin)
-            .await;
-    }
-}
+mod support;
+use support::{drop_db, fresh_db};
 
 async fn count(pool: &sqlx::PgPool, table: &str) -> i64 {
     let sql = format!("SELECT count(*) FROM {table}");

@@ -210,26 +210,39 @@ impl<F: Fn(&str) -> Option<String>> Env<'_, F> {
     /// adds wake-ups and contention on the allocator's locks between the two
     /// (docs/performance.md); more workers, or more threads, scale it out.
     pub(super) fn worker_threads(&self) -> Result<usize, ConfigError> {
-        const MAX: usize = 256;
-        let threads: usize = self.number("WORKER_THREADS", 1, 1)?;
-        if threads > MAX {
-            return Err(ConfigError::new(
-                "WORKER_THREADS",
-                format!("{threads}: at most {MAX}"),
-            ));
-        }
-        Ok(threads)
+        self.number_at_most("WORKER_THREADS", 1, 1, 256, "")
     }
 
     pub(super) fn code_max_attempts(&self) -> Result<u32, ConfigError> {
-        let attempts: u32 = self.number("CODE_MAX_ATTEMPTS", 5, 1)?;
-        if attempts > MAX_CODE_ATTEMPTS {
+        self.number_at_most(
+            "CODE_MAX_ATTEMPTS",
+            5,
+            1,
+            MAX_CODE_ATTEMPTS,
+            ", or codes can be guessed",
+        )
+    }
+
+    /// [`Self::number`], at most `max`; `why` follows the message past it.
+    fn number_at_most<T>(
+        &self,
+        name: &'static str,
+        default: T,
+        min: T,
+        max: T,
+        why: &str,
+    ) -> Result<T, ConfigError>
+    where
+        T: FromStr + PartialOrd + std::fmt::Display + Copy,
+    {
+        let value = self.number(name, default, min)?;
+        if value > max {
             return Err(ConfigError::new(
-                "CODE_MAX_ATTEMPTS",
-                format!("{attempts}: at most {MAX_CODE_ATTEMPTS}, or codes can be guessed"),
+                name,
+                format!("{value}: at most {max}{why}"),
             ));
         }
-        Ok(attempts)
+        Ok(value)
     }
 
     /// Comma-separated keys; each must fit an `Authorization` header and be

@@ -346,28 +346,22 @@ async fn transaction(
     let steps = std::iter::once(SmtpStep::Mail)
         .chain(rcpts.iter().map(|_| SmtpStep::Rcpt))
         .chain(std::iter::once(SmtpStep::Data));
-    // One recipient only: with several, a chunk sent along would still be
-    // delivered to the accepted ones after another was refused, where DATA's
-    // content is never sent (and a retry would send it twice). Ours always
-    // have one.
-    if offers.pipelining
-        && offers.chunking
-        && rcpts.len() == 1
-        && let Ok(text) = std::str::from_utf8(email)
-    {
+    let replies = if offers.pipelining {
         let mut group = mail;
         group.extend(rcpts.iter().map(String::as_str));
-        let sent = pipelined(conn, &chunked(group, text), steps).await;
-        if sent.is_err() {
-            conn.abort().await;
+        // One recipient only: with several, a chunk sent along would still be
+        // delivered to the accepted ones after another was refused, where
+        // DATA's content is never sent (and a retry would send it twice).
+        // Ours always have one.
+        if offers.chunking
+            && rcpts.len() == 1
+            && let Ok(text) = std::str::from_utf8(email)
+        {
+            let sent = pipelined(conn, &chunked(group, text), steps).await;
+            return aborted_on_error(conn, sent).await;
         }
-        return sent;
-    }
-    let replies: Result<(), (SmtpStep, lettre::transport::smtp::Error)> = if offers.pipelining {
-        let mut commands = mail;
-        commands.extend(rcpts.iter().map(String::as_str));
-        commands.push_str(&Data.to_string());
-        pipelined(conn, &commands, steps).await
+        group.push_str(&Data.to_string());
+        pipelined(conn, &group, steps).await
     } else {
         let data = Data.to_string();
         let commands = std::iter::once(&mail)
@@ -382,10 +376,7 @@ async fn transaction(
         }
         result
     };
-    if let Err(e) = replies {
-        conn.abort().await;
-        return Err(e);
-    }
+    aborted_on_error(conn, replies).await?;
     // The message dot-stuffed with its terminator, in one write; lettre's
     // `message` (stuffing a byte at a time) only for bytes that are not text,
     // which our messages never are.
@@ -393,13 +384,21 @@ async fn transaction(
         Some(data) => conn.command(Verbatim(&data)).await,
         None => conn.message(email).await,
     };
-    match sent {
-        Ok(_) => Ok(()),
-        Err(e) => {
-            conn.abort().await;
-            Err((SmtpStep::Data, e))
-        }
+    let sent = sent.map(drop).map_err(|e| (SmtpStep::Data, e));
+    aborted_on_error(conn, sent).await
+}
+
+/// `result`, after aborting the session if it is a negative reply or an I/O
+/// error (as lettre's `send` does), so that replies left unread can never be
+/// taken for another mail's.
+async fn aborted_on_error<T, E>(
+    conn: &mut AsyncSmtpConnection,
+    result: Result<T, E>,
+) -> Result<T, E> {
+    if result.is_err() {
+        conn.abort().await;
     }
+    result
 }
 
 /// Writes `group` (commands, each ending with CRLF) at once and reads one
