@@ -60,6 +60,11 @@ pub enum SendError {
     /// No complete exchange within the deadline.
     #[error("no answer from the SMTP server within {} s", .0.as_secs())]
     Timeout(Duration),
+    /// The mail went out in one write with others, and the exchange ended
+    /// (the connection broke, or its sender's deadline passed) before the
+    /// server answered it: it may or may not have arrived.
+    #[error("the SMTP exchange carrying this mail ended before the server answered it")]
+    Unanswered,
     /// Writing to the `file://` outbox failed.
     #[error("writing the mail file failed: {0}")]
     File(#[source] std::io::Error),
@@ -208,6 +213,7 @@ pub fn classify(error: &SendError) -> Classification {
         SendError::Connect(_)
         | SendError::Session(_)
         | SendError::Timeout(_)
+        | SendError::Unanswered
         | SendError::File(_)
         | SendError::HttpTransport { .. }
         | SendError::Paused(_) => Classification::Transient,

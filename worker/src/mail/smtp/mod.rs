@@ -52,10 +52,14 @@ use lettre::transport::smtp::commands::{Data, Ehlo, Mail, Rcpt};
 use lettre::transport::smtp::extension::{ClientId, Extension, MailBodyParameter, MailParameter};
 use secrecy::{ExposeSecret, SecretString};
 use tokio::net::TcpStream;
-use tokio::sync::Semaphore;
 use verimail_shared::config::SmtpSecurity;
 
 use super::{MailerError, SendError, SmtpStep};
+
+mod batch;
+mod line;
+
+use line::{Entry, Line, Turn, Waiting};
 
 /// Longest the TCP (and TLS) connection may take to open.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -76,8 +80,8 @@ pub(super) struct SmtpPool {
     tls: Option<TlsParameters>,
     credentials: Option<Credentials>,
     hello: ClientId,
-    /// Caps the connections open at once.
-    permits: Semaphore,
+    /// Caps the connections in use at once; mails wait in it for one.
+    line: Line,
     max_idle: usize,
     /// Connections that completed their last exchange cleanly, newest last.
     idle: Mutex<Vec<Idle>>,
@@ -163,21 +167,67 @@ impl SmtpPool {
                 Credentials::new(user.clone(), pass.expose_secret().to_owned())
             }),
             hello: ClientId::default(),
-            permits: Semaphore::new(size),
+            line: Line::new(size),
             max_idle: size,
             idle: Mutex::new(Vec::with_capacity(size)),
         })
     }
 
-    /// Sends `bytes` to `envelope`'s recipients on a pooled connection.
+    /// Sends `bytes` to `envelope`'s recipients on a pooled connection, or
+    /// has them sent by the sender that gets one next, with its own mail
+    /// (`batch`), when the server pipelines.
     pub(super) async fn send(
         &self,
         envelope: &SmtpEnvelope,
         bytes: &[u8],
     ) -> Result<(), SendError> {
-        // The semaphore is never closed, so acquiring fails only in theory.
-        let _permit = self.permits.acquire().await.ok();
-        let mut conn = self.checkout().await?;
+        let _slot = match self.line.enter(envelope, bytes) {
+            Entry::Lead(slot) => slot,
+            Entry::Wait(waiter) => match waiter.turn().await {
+                Turn::Sent(result) => return result,
+                Turn::Lead(slot) => slot,
+            },
+        };
+        let conn = self.checkout().await?;
+        if conn.offers.pipelining && batch::fits(&conn.smtp, envelope, bytes) {
+            let fits = |w: &Waiting| batch::fits(&conn.smtp, &w.envelope, &w.bytes);
+            let others = self.line.take(batch::MAX_BATCH - 1, fits);
+            return self.send_batch(conn, (envelope, bytes), others).await;
+        }
+        self.send_one(conn, envelope, bytes).await
+    }
+
+    /// `own` and the mails taken from the line in one write; each of those
+    /// gets its result, and `own`'s is returned.
+    async fn send_batch(
+        &self,
+        mut conn: Conn,
+        own: (&SmtpEnvelope, &[u8]),
+        others: Vec<Waiting>,
+    ) -> Result<(), SendError> {
+        let mails: Vec<(&SmtpEnvelope, &[u8])> = std::iter::once(own)
+            .chain(others.iter().map(|w| (&w.envelope, w.bytes.as_slice())))
+            .collect();
+        let exchanged = batch::exchange(&mut conn.smtp, &mails, conn.offers.chunking).await;
+        drop(mails);
+        let mut results = exchanged.results.into_iter();
+        let own = results.next().unwrap_or(Err(SendError::Unanswered));
+        for (waiting, result) in others.into_iter().zip(results) {
+            waiting.answer(result);
+        }
+        if exchanged.reusable {
+            self.checkin(conn);
+        }
+        own
+    }
+
+    /// One mail on `conn`, alone.
+    async fn send_one(
+        &self,
+        mut conn: Conn,
+        envelope: &SmtpEnvelope,
+        bytes: &[u8],
+    ) -> Result<(), SendError> {
         let ascii = envelope
             .from()
             .into_iter()
@@ -426,6 +476,12 @@ async fn pipelined(
 /// so a message that does not end its last line gets the CRLF that DATA's
 /// terminator would have supplied: both paths deliver the same bytes.
 fn chunked(mut group: String, message: &str) -> String {
+    push_chunk(&mut group, message);
+    group
+}
+
+/// Appends `BDAT <size> LAST` and `message` as its chunk (see [`chunked`]).
+fn push_chunk(group: &mut String, message: &str) {
     let ends_line = message.ends_with("\r\n");
     let size = message.len() + if ends_line { 0 } else { 2 };
     group.reserve(size + 24);
@@ -434,7 +490,6 @@ fn chunked(mut group: String, message: &str) -> String {
     if !ends_line {
         group.push_str("\r\n");
     }
-    group
 }
 
 /// DATA's payload: `message` with one more dot on each line that starts

@@ -75,8 +75,8 @@ async fn thousands_of_concurrent_sends_share_a_few_connections() -> TestResult {
 }
 
 /// A scripted server that offers PIPELINING (the test server does not), and
-/// CHUNKING when given the reply to an accepted chunk: every `RCPT` gets
-/// `rcpt_reply`. Counts connections
+/// CHUNKING when given the reply to an accepted chunk: a `RCPT` for a
+/// `nobody…@` address gets `rcpt_reply`, any other `250 ok`. Counts connections
 /// and accepted mails, and notes whether `RCPT` and `DATA` (or `BDAT`) had
 /// arrived before `MAIL` was answered. A `BDAT` chunk is read by its stated
 /// size whatever was answered before, as RFC 3030 asks of a server.
@@ -85,6 +85,9 @@ struct Pipeliner {
     connections: Arc<std::sync::atomic::AtomicUsize>,
     mails: Arc<std::sync::atomic::AtomicUsize>,
     pipelined: Arc<std::sync::atomic::AtomicBool>,
+    /// Chunks or messages read with the next command already behind them:
+    /// transactions that came in one write with the one before.
+    batched: Arc<std::sync::atomic::AtomicUsize>,
     /// Each accepted mail's DATA, as it came over the wire (terminator
     /// included), or its BDAT chunk.
     bodies: Arc<Mutex<Vec<String>>>,
@@ -109,14 +112,16 @@ impl Pipeliner {
         let connections = Arc::new(AtomicUsize::new(0));
         let mails = Arc::new(AtomicUsize::new(0));
         let pipelined = Arc::new(AtomicBool::new(false));
+        let batched = Arc::new(AtomicUsize::new(0));
         let bodies = Arc::new(Mutex::new(Vec::new()));
         let verbs = Arc::new(Mutex::new(Vec::new()));
-        let (c, m, p, b, v) = (
+        let (c, m, p, b, v, n) = (
             connections.clone(),
             mails.clone(),
             pipelined.clone(),
             bodies.clone(),
             verbs.clone(),
+            batched.clone(),
         );
         let ehlo = if chunking {
             "250-pipeliner\r\n250-PIPELINING\r\n250-CHUNKING\r\n250 8BITMIME\r\n"
@@ -126,12 +131,16 @@ impl Pipeliner {
         tokio::spawn(async move {
             while let Ok((socket, _)) = listener.accept().await {
                 c.fetch_add(1, Ordering::SeqCst);
-                let (m, p, b, v) = (m.clone(), p.clone(), b.clone(), v.clone());
+                let (m, p, b, v, n) = (m.clone(), p.clone(), b.clone(), v.clone(), n.clone());
                 tokio::spawn(async move {
                     let (read, mut write) = socket.into_split();
                     let mut read = BufReader::new(read);
                     let mut line = String::new();
                     let mut rcpt_ok = false;
+                    // A transaction is open from MAIL until its message is
+                    // accepted or RSET; a refused one stays open, as it does
+                    // on servers that keep the sender after a refused DATA.
+                    let mut open = false;
                     write.write_all(b"220 pipeliner\r\n").await?;
                     loop {
                         line.clear();
@@ -142,15 +151,22 @@ impl Pipeliner {
                         lock(&v).push(verb.clone());
                         let reply: &str = match verb.as_str() {
                             "EHLO" => ehlo,
+                            "MAIL" if open => "503 5.5.1 nested MAIL command\r\n",
                             "MAIL" => {
                                 if !read.buffer().is_empty() {
                                     p.store(true, Ordering::SeqCst);
                                 }
+                                open = true;
                                 "250 ok\r\n"
                             }
                             "RCPT" => {
-                                rcpt_ok = rcpt_reply.starts_with('2');
-                                rcpt_reply
+                                let reply = if line.to_ascii_lowercase().contains("<nobody") {
+                                    rcpt_reply
+                                } else {
+                                    "250 ok\r\n"
+                                };
+                                rcpt_ok = reply.starts_with('2');
+                                reply
                             }
                             "DATA" if rcpt_ok => {
                                 write.write_all(b"354 go on\r\n").await?;
@@ -160,8 +176,12 @@ impl Pipeliner {
                                         return Ok(());
                                     }
                                 }
+                                if !read.buffer().is_empty() {
+                                    n.fetch_add(1, Ordering::SeqCst);
+                                }
                                 m.fetch_add(1, Ordering::SeqCst);
                                 lock(&b).push(body);
+                                open = false;
                                 "250 queued\r\n"
                             }
                             "DATA" => "554 no valid recipients\r\n",
@@ -175,8 +195,12 @@ impl Pipeliner {
                                     .unwrap_or(0);
                                 let mut chunk = vec![0; size];
                                 read.read_exact(&mut chunk).await?;
+                                if !read.buffer().is_empty() {
+                                    n.fetch_add(1, Ordering::SeqCst);
+                                }
                                 let accepted = chunk_reply.unwrap_or("250 2.0.0 queued\r\n");
                                 if rcpt_ok && accepted.starts_with('2') {
+                                    open = false;
                                     m.fetch_add(1, Ordering::SeqCst);
                                     lock(&b).push(String::from_utf8_lossy(&chunk).into_owned());
                                     accepted
@@ -190,7 +214,11 @@ impl Pipeliner {
                                 write.write_all(b"221 bye\r\n").await?;
                                 return Ok(());
                             }
-                            "RSET" | "NOOP" => "250 ok\r\n",
+                            "RSET" => {
+                                open = false;
+                                "250 ok\r\n"
+                            }
+                            "NOOP" => "250 ok\r\n",
                             _ => {
                                 lock(&v).push("?".into());
                                 "500 5.5.2 unknown command\r\n"
@@ -206,6 +234,7 @@ impl Pipeliner {
             connections,
             mails,
             pipelined,
+            batched,
             bodies,
             verbs,
         })
@@ -270,7 +299,7 @@ async fn a_line_starting_with_a_dot_arrives_intact_over_the_pipelined_path() -> 
 }
 
 #[tokio::test]
-async fn pipelined_refusals_keep_their_classification_and_drop_the_connection() -> TestResult {
+async fn pipelined_refusals_keep_their_classification_and_the_session_in_step() -> TestResult {
     let server = Pipeliner::start("550 no such user\r\n").await?;
     let m = mailer(&format!("smtp+plain://127.0.0.1:{}", server.port))?;
     let to = envelope(None, "nobody@example.com");
@@ -281,16 +310,18 @@ async fn pipelined_refusals_keep_their_classification_and_drop_the_connection() 
         Classification::RecipientRejected,
         "{err}"
     );
-    // The refused session was aborted: its unread DATA reply cannot be
-    // taken for the next mail's, which gets a connection of its own.
+    // Every reply was read (DATA's 554 too), so the session stayed in step:
+    // the next mails use it, and each gets its own answer.
     let err = m.send(&to, &mail()).await.err().ok_or("550 expected")?;
     assert_eq!(
         err.classification(),
         Classification::RecipientRejected,
         "{err}"
     );
-    assert_eq!(Pipeliner::count(&server.connections), 2);
-    assert_eq!(Pipeliner::count(&server.mails), 0);
+    m.send(&envelope(None, "alice@example.com"), &mail())
+        .await?;
+    assert_eq!(Pipeliner::count(&server.connections), 1);
+    assert_eq!(Pipeliner::count(&server.mails), 1);
 
     let server = Pipeliner::start("550 5.7.1 relaying denied\r\n").await?;
     let m = mailer(&format!("smtp+plain://127.0.0.1:{}", server.port))?;
@@ -350,7 +381,7 @@ async fn a_chunking_server_gets_each_mail_in_one_write_as_one_bdat_chunk() -> Te
 }
 
 #[tokio::test]
-async fn chunked_refusals_keep_their_classification_and_drop_the_connection() -> TestResult {
+async fn chunked_refusals_keep_their_classification_and_the_session_in_step() -> TestResult {
     let server =
         Pipeliner::serve("550 5.1.1 no such user\r\n", Some("250 2.0.0 queued\r\n")).await?;
     let m = mailer(&format!("smtp+plain://127.0.0.1:{}", server.port))?;
@@ -369,10 +400,13 @@ async fn chunked_refusals_keep_their_classification_and_drop_the_connection() ->
         );
         assert_eq!(err.classification(), Classification::RecipientRejected);
     }
-    // Each refused session was aborted (its chunk's reply unread), and the
-    // chunk was read as data, never as commands.
-    assert_eq!(Pipeliner::count(&server.connections), 2);
-    assert_eq!(Pipeliner::count(&server.mails), 0);
+    // Every reply of a refused transaction was read (its chunk's too), so
+    // the session stayed in step and the next mail used it; the chunks were
+    // read as data, never as commands.
+    m.send(&envelope(None, "alice@example.com"), &mail())
+        .await?;
+    assert_eq!(Pipeliner::count(&server.connections), 1);
+    assert_eq!(Pipeliner::count(&server.mails), 1);
     assert_eq!(server.seen("?"), 0);
 
     let server =
@@ -397,5 +431,97 @@ async fn chunked_refusals_keep_their_classification_and_drop_the_connection() ->
     );
     assert_eq!(server.seen("BDAT"), 1);
     assert_eq!(Pipeliner::count(&server.mails), 0);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mails_waiting_for_a_connection_go_together_and_each_keeps_its_own_answer() -> TestResult {
+    for chunking in [true, false] {
+        waiting_mails_go_together(chunking).await?;
+    }
+    Ok(())
+}
+
+/// Sixty mails over two connections, every fifth refused.
+async fn waiting_mails_go_together(chunking: bool) -> TestResult {
+    let chunk_reply = chunking.then_some("250 2.0.0 queued\r\n");
+    let server = Pipeliner::serve("550 5.1.1 no such user\r\n", chunk_reply).await?;
+    let m = Arc::new(Mailer::from_config(&config(&[
+        (
+            "MAIL_URL",
+            &format!("smtp+plain://127.0.0.1:{}", server.port),
+        ),
+        ("WORKER_CONCURRENCY", "2"),
+    ])?)?);
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..60 {
+        let m = Arc::clone(&m);
+        tasks.spawn(async move {
+            // Every fifth recipient is refused, in the middle of the others.
+            let to = if i % 5 == 4 {
+                format!("nobody{i}@example.com")
+            } else {
+                format!("user{i}@example.com")
+            };
+            (i, m.send(&envelope(None, &to), &mail()).await)
+        });
+    }
+    let (mut sent, mut refused) = (0, 0);
+    while let Some(done) = tasks.join_next().await {
+        let (i, result) = done?;
+        if i % 5 == 4 {
+            let err = result.err().ok_or("a refusal expected")?;
+            assert!(
+                matches!(
+                    err,
+                    SendError::Smtp {
+                        step: SmtpStep::Rcpt,
+                        ..
+                    }
+                ),
+                "{err:?}"
+            );
+            assert_eq!(err.classification(), Classification::RecipientRejected);
+            refused += 1;
+        } else {
+            result?;
+            sent += 1;
+        }
+    }
+    assert_eq!((sent, refused), (48, 12));
+    // Each accepted mail arrived once, and no chunk was read as commands.
+    assert_eq!(Pipeliner::count(&server.mails), 48);
+    let bodies = lock(&server.bodies).clone();
+    assert!(bodies.iter().all(|b| b.ends_with("\r\n")));
+    assert_eq!(server.seen("?"), 0);
+    let verbs = (server.seen("BDAT"), server.seen("DATA"));
+    assert_eq!(verbs, if chunking { (60, 0) } else { (0, 60) });
+    // Each refused transaction was reset before the next MAIL (the server
+    // keeps a refused one open and would refuse a nested MAIL).
+    assert!(server.seen("RSET") >= 12, "{} RSET", server.seen("RSET"));
+    assert!(
+        Pipeliner::count(&server.batched) > 0,
+        "no transaction came in one write with the one before"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_421_ends_the_session_and_the_next_mail_gets_a_new_one() -> TestResult {
+    let server =
+        Pipeliner::serve("421 4.3.2 shutting down\r\n", Some("250 2.0.0 queued\r\n")).await?;
+    let pool = SmtpPool::new(SmtpSecurity::None, "127.0.0.1", server.port, None, 4)?;
+    let message = b"Subject: hello\r\n\r\nhello\r\n";
+    let refused = SmtpEnvelope::new(None, vec!["nobody@example.com".parse()?])?;
+    let err = pool
+        .send(&refused, message)
+        .await
+        .err()
+        .ok_or("421 expected")?;
+    assert_eq!(err.classification(), Classification::Transient, "{err}");
+    let accepted = SmtpEnvelope::new(None, vec!["alice@example.com".parse()?])?;
+    pool.send(&accepted, message).await?;
+    assert_eq!(Pipeliner::count(&server.connections), 2);
+    assert_eq!(Pipeliner::count(&server.mails), 1);
     Ok(())
 }
