@@ -36,13 +36,19 @@ use lettre::transport::smtp::commands::{Mail, Rcpt};
 use lettre::transport::smtp::extension::{Extension, MailBodyParameter, MailParameter};
 
 use std::fmt::Write as _;
+use std::time::Duration;
 
-use super::{Verbatim, dot_stuffed, push_chunk};
+use super::{Verbatim, push_chunk, push_dot_stuffed};
 use crate::mail::{SendError, SmtpStep};
 
 /// Most mails in one write: bounds what one broken connection leaves
 /// unanswered.
 pub(super) const MAX_BATCH: usize = 16;
+
+/// A waiting mail is taken along only if it joined the line less than this
+/// long ago: its sender's deadline (the attempt's 30 s) runs from about then,
+/// and a mail whose sender gave up mid-exchange may arrive and be sent again.
+pub(super) const TAKE_WITHIN: Duration = Duration::from_secs(10);
 
 /// Whether a mail can go as a chunk in a batch on `conn`: one recipient,
 /// ASCII addresses (no `SMTPUTF8` to ask for), UTF-8 text, and 8-bit text only
@@ -146,13 +152,13 @@ async fn with_data(
     results: &mut [Result<(), SendError>],
 ) {
     // The mail whose message goes first in the next write, and the message.
-    let mut carried: Option<(usize, String)> = None;
+    let mut carried: Option<(usize, &str)> = None;
     for i in 0..=mails.len() {
         let next = mails.get(i);
         let reset = session.open && next.is_some();
-        let mut group = String::new();
-        if let Some((_, payload)) = &carried {
-            group.push_str(payload);
+        let mut group = String::with_capacity(carried.map_or(0, |(_, t)| t.len() + 16) + 256);
+        if let Some((_, text)) = carried {
+            push_dot_stuffed(&mut group, text);
         }
         if let Some((envelope, bytes)) = next {
             if reset {
@@ -184,11 +190,11 @@ async fn with_data(
         }
         let (answer, in_data) = session.transaction().await;
         match (answer, in_data) {
-            (Ok(()), true) => match dot_stuffed(bytes) {
-                Some(payload) => carried = Some((i, payload)),
+            (Ok(()), true) => match std::str::from_utf8(bytes) {
+                Ok(text) => carried = Some((i, text)),
                 // `fits` checked that it is UTF-8; the server waits for a
                 // message that cannot be sent: end the session.
-                None => session.broken = true,
+                Err(_) => session.broken = true,
             },
             (answer, in_data) => {
                 // A refused MAIL or RCPT with DATA still answered 354: the

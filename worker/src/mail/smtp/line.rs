@@ -16,6 +16,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
+use std::time::Instant;
 
 use lettre::address::Envelope as SmtpEnvelope;
 use tokio::sync::oneshot;
@@ -38,6 +39,8 @@ struct State {
 pub(super) struct Waiting {
     pub(super) envelope: SmtpEnvelope,
     pub(super) bytes: Vec<u8>,
+    /// When it joined the line: its sender's deadline runs from about then.
+    pub(super) entered: Instant,
     answer: oneshot::Sender<Answer>,
 }
 
@@ -94,6 +97,7 @@ impl Line {
         state.waiting.push_back(Waiting {
             envelope: envelope.clone(),
             bytes: bytes.to_vec(),
+            entered: Instant::now(),
             answer,
         });
         Entry::Wait(Waiter {

@@ -190,7 +190,10 @@ impl SmtpPool {
         };
         let conn = self.checkout().await?;
         if conn.offers.pipelining && batch::fits(&conn.smtp, envelope, bytes) {
-            let fits = |w: &Waiting| batch::fits(&conn.smtp, &w.envelope, &w.bytes);
+            let fits = |w: &Waiting| {
+                w.entered.elapsed() < batch::TAKE_WITHIN
+                    && batch::fits(&conn.smtp, &w.envelope, &w.bytes)
+            };
             let others = self.line.take(batch::MAX_BATCH - 1, fits);
             return self.send_batch(conn, (envelope, bytes), others).await;
         }
@@ -499,22 +502,30 @@ fn push_chunk(group: &mut String, message: &str) {
 /// `\r\n.\r\n`, adding an empty line to a message that ends its last line).
 /// `None` if it is not UTF-8.
 fn dot_stuffed(message: &[u8]) -> Option<String> {
-    let mut out = Vec::with_capacity(message.len() + 16);
-    if message.first() == Some(&b'.') {
-        out.push(b'.');
+    let text = std::str::from_utf8(message).ok()?;
+    let mut out = String::new();
+    push_dot_stuffed(&mut out, text);
+    Some(out)
+}
+
+/// Appends DATA's payload for `message` (see [`dot_stuffed`]).
+fn push_dot_stuffed(out: &mut String, message: &str) {
+    out.reserve(message.len() + 16);
+    if message.starts_with('.') {
+        out.push('.');
     }
     let mut copied = 0;
-    for at in memchr::memmem::find_iter(message, b"\r\n.") {
-        out.extend_from_slice(&message[copied..at + 3]);
-        out.push(b'.');
+    for at in memchr::memmem::find_iter(message.as_bytes(), b"\r\n.") {
+        // `at + 3` follows the ASCII dot: a character boundary.
+        out.push_str(&message[copied..at + 3]);
+        out.push('.');
         copied = at + 3;
     }
-    out.extend_from_slice(&message[copied..]);
-    if !out.ends_with(b"\r\n") {
-        out.extend_from_slice(b"\r\n");
+    out.push_str(&message[copied..]);
+    if !message.ends_with("\r\n") {
+        out.push_str("\r\n");
     }
-    out.extend_from_slice(b".\r\n");
-    String::from_utf8(out).ok()
+    out.push_str(".\r\n");
 }
 
 /// Commands already formatted (each ends with CRLF), written as one.
