@@ -6,14 +6,14 @@
 //! all of them go in one write: `MAIL`, `RCPT` and `BDAT <size> LAST` with
 //! the message, for each, and every reply is read in order. A chunk states
 //! its size, so the server reads each transaction to its end whatever it
-//! answered before, and the next `MAIL` starts a new one (RFC 3030, 4.2): a
-//! refusal stays with its own mail. With `DATA`, whose message may only
-//! follow its 354, each write carries one mail's message and the next mail's
-//! `MAIL`, `RCPT` and `DATA` (RFC 2920 lets the message open a group): one
-//! write per mail and one more, instead of two per mail. Over loopback a write is the largest share of a mail's CPU (the
-//! kernel's TCP path for both ends, the wake-up of the server); over a
-//! network, where each round trip costs milliseconds, a connection carries
-//! as many mails per round trip as are waiting.
+//! answered before (RFC 3030, 4.2): a refusal stays with its own mail. With
+//! `DATA`, whose message may only follow its 354, each write carries one
+//! mail's message and the next mail's `MAIL`, `RCPT` and `DATA` (RFC 2920
+//! lets the message open a group): one write per mail and one more, instead
+//! of two per mail. Over a network, where each round trip costs
+//! milliseconds, a busy connection carries as many mails per round trip as
+//! are waiting; over loopback it saves system calls, not CPU
+//! (docs/performance.md, "Mails per write").
 //!
 //! Every reply is read before the connection is judged, so none can be
 //! taken for a later mail's. A refused transaction may still be open on the
@@ -30,13 +30,13 @@
 //! [`SendError::Unanswered`] (retried later, as a mail whose reply was lost
 //! always is).
 
+use std::fmt::Write as _;
+use std::time::Duration;
+
 use lettre::address::Envelope as SmtpEnvelope;
 use lettre::transport::smtp::client::AsyncSmtpConnection;
 use lettre::transport::smtp::commands::{Mail, Rcpt};
 use lettre::transport::smtp::extension::{Extension, MailBodyParameter, MailParameter};
-
-use std::fmt::Write as _;
-use std::time::Duration;
 
 use super::{Verbatim, push_chunk, push_dot_stuffed};
 use crate::mail::{SendError, SmtpStep};
@@ -50,7 +50,7 @@ pub(super) const MAX_BATCH: usize = 16;
 /// and a mail whose sender gave up mid-exchange may arrive and be sent again.
 pub(super) const TAKE_WITHIN: Duration = Duration::from_secs(10);
 
-/// Whether a mail can go as a chunk in a batch on `conn`: one recipient,
+/// Whether a mail can go in a batch on `conn`: one recipient,
 /// ASCII addresses (no `SMTPUTF8` to ask for), UTF-8 text, and 8-bit text only
 /// where the server takes it. Ours always are; anything else goes alone.
 pub(super) fn fits(conn: &AsyncSmtpConnection, envelope: &SmtpEnvelope, bytes: &[u8]) -> bool {

@@ -388,17 +388,7 @@ async fn chunked_refusals_keep_their_classification_and_the_session_in_step() ->
     let to = envelope(None, "nobody@example.com");
     for _ in 0..2 {
         let err = m.send(&to, &mail()).await.err().ok_or("550 expected")?;
-        assert!(
-            matches!(
-                err,
-                SendError::Smtp {
-                    step: SmtpStep::Rcpt,
-                    ..
-                }
-            ),
-            "{err:?}"
-        );
-        assert_eq!(err.classification(), Classification::RecipientRejected);
+        assert_recipient_refused(&err);
     }
     // Every reply of a refused transaction was read (its chunk's too), so
     // the session stayed in step and the next mail used it; the chunks were
@@ -471,17 +461,7 @@ async fn waiting_mails_go_together(chunking: bool) -> TestResult {
         let (i, result) = done?;
         if i % 5 == 4 {
             let err = result.err().ok_or("a refusal expected")?;
-            assert!(
-                matches!(
-                    err,
-                    SendError::Smtp {
-                        step: SmtpStep::Rcpt,
-                        ..
-                    }
-                ),
-                "{err:?}"
-            );
-            assert_eq!(err.classification(), Classification::RecipientRejected);
+            assert_recipient_refused(&err);
             refused += 1;
         } else {
             result?;
@@ -524,4 +504,19 @@ async fn a_421_ends_the_session_and_the_next_mail_gets_a_new_one() -> TestResult
     assert_eq!(Pipeliner::count(&server.connections), 2);
     assert_eq!(Pipeliner::count(&server.mails), 1);
     Ok(())
+}
+
+/// `err` is the refusal of the `RCPT`, classified `recipient_rejected`.
+fn assert_recipient_refused(err: &SendError) {
+    assert!(
+        matches!(
+            err,
+            SendError::Smtp {
+                step: SmtpStep::Rcpt,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(err.classification(), Classification::RecipientRejected);
 }
