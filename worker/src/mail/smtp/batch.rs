@@ -50,10 +50,13 @@ pub(super) const MAX_BATCH: usize = 16;
 /// and a mail whose sender gave up mid-exchange may arrive and be sent again.
 pub(super) const TAKE_WITHIN: Duration = Duration::from_secs(10);
 
-/// Whether a mail can go in a batch on `conn`: one recipient,
-/// ASCII addresses (no `SMTPUTF8` to ask for), UTF-8 text, and 8-bit text only
-/// where the server takes it. Ours always are; anything else goes alone.
-pub(super) fn fits(conn: &AsyncSmtpConnection, envelope: &SmtpEnvelope, bytes: &[u8]) -> bool {
+/// A mail, its message as text (a batch carries UTF-8 only).
+pub(super) type Outgoing<'a> = (&'a SmtpEnvelope, &'a str);
+
+/// Whether a mail can go in a batch on `conn`: one recipient, ASCII
+/// addresses (no `SMTPUTF8` to ask for), and 8-bit text only where the
+/// server takes it. Ours always are; anything else goes alone.
+pub(super) fn fits(conn: &AsyncSmtpConnection, envelope: &SmtpEnvelope, text: &str) -> bool {
     let ascii_addresses = envelope
         .from()
         .into_iter()
@@ -61,8 +64,7 @@ pub(super) fn fits(conn: &AsyncSmtpConnection, envelope: &SmtpEnvelope, bytes: &
         .all(|a| AsRef::<str>::as_ref(a).is_ascii());
     envelope.to().len() == 1
         && ascii_addresses
-        && std::str::from_utf8(bytes).is_ok()
-        && (bytes.is_ascii() || conn.server_info().supports_feature(Extension::EightBitMime))
+        && (text.is_ascii() || conn.server_info().supports_feature(Extension::EightBitMime))
 }
 
 /// What a batch came to.
@@ -79,7 +81,7 @@ pub(super) struct Exchanged {
 /// closing or refused to reset is aborted.
 pub(super) async fn exchange(
     conn: &mut AsyncSmtpConnection,
-    mails: &[(&SmtpEnvelope, &[u8])],
+    mails: &[Outgoing<'_>],
     chunking: bool,
 ) -> Exchanged {
     let mut results: Vec<Result<(), SendError>> =
@@ -116,17 +118,16 @@ const RSET: &str = "RSET\r\n";
 /// with `RSET`.
 async fn chunked(
     session: &mut Session<'_>,
-    mails: &[(&SmtpEnvelope, &[u8])],
+    mails: &[Outgoing<'_>],
     results: &mut [Result<(), SendError>],
 ) {
-    let mut group = String::with_capacity(mails.iter().map(|(_, b)| b.len() + 128).sum());
-    for (k, (envelope, bytes)) in mails.iter().enumerate() {
+    let mut group = String::with_capacity(mails.iter().map(|(_, t)| t.len() + 128).sum());
+    for (k, (envelope, text)) in mails.iter().enumerate() {
         if k > 0 {
             group.push_str(RSET);
         }
-        push_commands(&mut group, envelope, bytes);
-        // `fits` checked that it is UTF-8.
-        push_chunk(&mut group, &String::from_utf8_lossy(bytes));
+        push_commands(&mut group, envelope, text);
+        push_chunk(&mut group, text);
     }
     session.unwritten = Some(group);
     for (k, result) in results.iter_mut().enumerate() {
@@ -148,7 +149,7 @@ async fn chunked(
 /// was refused); the last write, the last message.
 async fn with_data(
     session: &mut Session<'_>,
-    mails: &[(&SmtpEnvelope, &[u8])],
+    mails: &[Outgoing<'_>],
     results: &mut [Result<(), SendError>],
 ) {
     // The mail whose message goes first in the next write, and the message.
@@ -160,11 +161,11 @@ async fn with_data(
         if let Some((_, text)) = carried {
             push_dot_stuffed(&mut group, text);
         }
-        if let Some((envelope, bytes)) = next {
+        if let Some((envelope, text)) = next {
             if reset {
                 group.push_str(RSET);
             }
-            push_commands(&mut group, envelope, bytes);
+            push_commands(&mut group, envelope, text);
             group.push_str("DATA\r\n");
         }
         if group.is_empty() {
@@ -182,7 +183,7 @@ async fn with_data(
         if reset {
             session.reset().await;
         }
-        let Some((_, bytes)) = next else {
+        let Some(&(_, text)) = next else {
             return;
         };
         if session.broken {
@@ -190,12 +191,7 @@ async fn with_data(
         }
         let (answer, in_data) = session.transaction().await;
         match (answer, in_data) {
-            (Ok(()), true) => match std::str::from_utf8(bytes) {
-                Ok(text) => carried = Some((i, text)),
-                // `fits` checked that it is UTF-8; the server waits for a
-                // message that cannot be sent: end the session.
-                Err(_) => session.broken = true,
-            },
+            (Ok(()), true) => carried = Some((i, text)),
             (answer, in_data) => {
                 // A refused MAIL or RCPT with DATA still answered 354: the
                 // session cannot go on without sending the message.
@@ -211,8 +207,8 @@ async fn with_data(
 }
 
 /// `MAIL` (8-bit declared when the message is not ASCII) and `RCPT`.
-fn push_commands(group: &mut String, envelope: &SmtpEnvelope, bytes: &[u8]) {
-    let parameters = if bytes.is_ascii() {
+fn push_commands(group: &mut String, envelope: &SmtpEnvelope, text: &str) {
+    let parameters = if text.is_ascii() {
         Vec::new()
     } else {
         vec![MailParameter::Body(MailBodyParameter::EightBitMime)]

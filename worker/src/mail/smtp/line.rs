@@ -1,8 +1,8 @@
 //! The line of mails waiting for an SMTP connection, and its hand-over.
 //!
 //! At most `slots` senders hold a connection at once (the pool's size). A
-//! sender that finds them all taken joins the line with a copy of its mail
-//! and waits for one of two answers: its mail's result, when a holder sent
+//! sender that finds them all taken joins the line, with a copy of its mail
+//! when a holder could carry it, and waits for one of two answers: its mail's result, when a holder sent
 //! it in one write with its own (the pool's `send`), or the slot itself,
 //! handed over by a holder leaving with the line not empty. So the work
 //! stays in the tasks of the deliveries: no task of its own per connection,
@@ -16,7 +16,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use lettre::address::Envelope as SmtpEnvelope;
 use tokio::sync::oneshot;
@@ -35,12 +35,19 @@ struct State {
     waiting: VecDeque<Waiting>,
 }
 
-/// A mail in the line: what its holder needs to send it.
-pub(super) struct Waiting {
-    pub(super) envelope: SmtpEnvelope,
-    pub(super) bytes: Vec<u8>,
+/// A sender in the line.
+struct Waiting {
+    /// A copy of its mail, if another holder may send it.
+    mail: Option<(SmtpEnvelope, String)>,
     /// When it joined the line: its sender's deadline runs from about then.
-    pub(super) entered: Instant,
+    entered: Instant,
+    answer: oneshot::Sender<Answer>,
+}
+
+/// A mail taken from the line, for its holder to send and answer.
+pub(super) struct Taken {
+    pub(super) envelope: SmtpEnvelope,
+    pub(super) text: String,
     answer: oneshot::Sender<Answer>,
 }
 
@@ -86,8 +93,9 @@ impl Line {
         }
     }
 
-    /// A free slot, or a place in the line with a copy of the mail.
-    pub(super) fn enter(&self, envelope: &SmtpEnvelope, bytes: &[u8]) -> Entry<'_> {
+    /// A free slot, or a place in the line, with a copy of `mail` if given
+    /// (only a mail a holder may carry is worth the copy).
+    pub(super) fn enter(&self, mail: Option<(&SmtpEnvelope, &str)>) -> Entry<'_> {
         let mut state = lock(&self.state);
         if state.held < self.slots {
             state.held += 1;
@@ -95,8 +103,7 @@ impl Line {
         }
         let (answer, receiver) = oneshot::channel();
         state.waiting.push_back(Waiting {
-            envelope: envelope.clone(),
-            bytes: bytes.to_vec(),
+            mail: mail.map(|(envelope, text)| (envelope.clone(), text.to_owned())),
             entered: Instant::now(),
             answer,
         });
@@ -106,18 +113,38 @@ impl Line {
         })
     }
 
-    /// Takes up to `n` mails from the front of the line that `fits` accepts
-    /// and whose senders still wait; the others keep their places.
-    pub(super) fn take(&self, n: usize, fits: impl Fn(&Waiting) -> bool) -> Vec<Waiting> {
+    /// Takes up to `n` mails from the front of the line that came with a
+    /// copy, joined it less than `within` ago, and `fits` accepts, whose
+    /// senders still wait; the others keep their places.
+    pub(super) fn take(
+        &self,
+        n: usize,
+        within: Duration,
+        fits: impl Fn(&SmtpEnvelope, &str) -> bool,
+    ) -> Vec<Taken> {
         let mut taken = Vec::new();
         let mut state = lock(&self.state);
         let mut i = 0;
         while taken.len() < n && i < state.waiting.len() {
             let w = &state.waiting[i];
+            let carried = w.entered.elapsed() < within
+                && w.mail.as_ref().is_some_and(|(e, text)| fits(e, text));
             if w.answer.is_closed() {
                 state.waiting.remove(i);
-            } else if fits(w) {
-                taken.extend(state.waiting.remove(i));
+            } else if carried {
+                let Some(Waiting {
+                    mail: Some((envelope, text)),
+                    answer,
+                    ..
+                }) = state.waiting.remove(i)
+                else {
+                    continue;
+                };
+                taken.push(Taken {
+                    envelope,
+                    text,
+                    answer,
+                });
             } else {
                 i += 1;
             }
@@ -137,7 +164,7 @@ impl Line {
     }
 }
 
-impl Waiting {
+impl Taken {
     /// Tells the waiting sender its mail's result (nobody hears it if the
     /// sender has given up meanwhile).
     pub(super) fn answer(self, result: Result<(), SendError>) {
@@ -182,37 +209,33 @@ mod tests {
         SmtpEnvelope::new(None, to.into_iter().collect()).expect("an envelope")
     }
 
+    /// Enters with a copy of a mail whose text is `text`; the slot if one was free.
+    fn enter<'a>(line: &'a Line, text: &str) -> Result<Slot<'a>, Waiter<'a>> {
+        match line.enter(Some((&envelope(), text))) {
+            Entry::Lead(slot) => Ok(slot),
+            Entry::Wait(waiter) => Err(waiter),
+        }
+    }
+
     #[tokio::test]
     async fn a_slot_left_goes_to_the_first_sender_still_waiting() {
         let line = Line::new(1);
-        let Entry::Lead(slot) = line.enter(&envelope(), b"a") else {
-            panic!("the first sender leads");
-        };
-        let Entry::Wait(gone) = line.enter(&envelope(), b"b") else {
-            panic!("the second waits");
-        };
-        let Entry::Wait(next) = line.enter(&envelope(), b"c") else {
-            panic!("the third waits");
-        };
+        let slot = enter(&line, "a").ok().expect("the first sender leads");
+        let gone = enter(&line, "b").err().expect("the second waits");
+        let next = enter(&line, "c").err().expect("the third waits");
         drop(gone);
         drop(slot);
         assert!(matches!(next.turn().await, Turn::Lead(_)));
         // Both slots' holders gone: the line is free again.
-        assert!(matches!(line.enter(&envelope(), b"d"), Entry::Lead(_)));
+        assert!(matches!(line.enter(None), Entry::Lead(_)));
     }
 
     #[tokio::test]
     async fn a_waiter_dropped_with_the_slot_in_its_hands_hands_it_on() {
         let line = Line::new(1);
-        let Entry::Lead(slot) = line.enter(&envelope(), b"a") else {
-            panic!("the first sender leads");
-        };
-        let Entry::Wait(first) = line.enter(&envelope(), b"b") else {
-            panic!("waits");
-        };
-        let Entry::Wait(second) = line.enter(&envelope(), b"c") else {
-            panic!("waits");
-        };
+        let slot = enter(&line, "a").ok().expect("the first sender leads");
+        let first = enter(&line, "b").err().expect("waits");
+        let second = enter(&line, "c").err().expect("waits");
         // The slot is handed to `first`, which gives up before reading it.
         drop(slot);
         drop(first);
@@ -222,21 +245,16 @@ mod tests {
     #[tokio::test]
     async fn taken_mails_get_their_answers_and_a_dropped_holder_leaves_them_unanswered() {
         let line = Line::new(1);
-        let Entry::Lead(slot) = line.enter(&envelope(), b"a") else {
-            panic!("leads");
-        };
-        let Entry::Wait(sent) = line.enter(&envelope(), b"sent") else {
+        let slot = enter(&line, "a").ok().expect("leads");
+        let sent = enter(&line, "sent").err().expect("waits");
+        let skipped = enter(&line, "not this one").err().expect("waits");
+        let Entry::Wait(uncopied) = line.enter(None) else {
             panic!("waits");
         };
-        let Entry::Wait(skipped) = line.enter(&envelope(), b"not this one") else {
-            panic!("waits");
-        };
-        let Entry::Wait(lost) = line.enter(&envelope(), b"lost") else {
-            panic!("waits");
-        };
-        let mut taken = line.take(5, |w| w.bytes != b"not this one");
-        assert_eq!(taken.len(), 2);
-        assert_eq!(taken[0].bytes, b"sent");
+        let lost = enter(&line, "lost").err().expect("waits");
+        let mut taken = line.take(5, Duration::MAX, |_, text| text != "not this one");
+        assert_eq!(taken.len(), 2, "only mails that came with a copy, and fit");
+        assert_eq!(taken[0].text, "sent");
         taken.remove(0).answer(Ok(()));
         assert!(matches!(sent.turn().await, Turn::Sent(Ok(()))));
         // The holder is dropped before answering the mail it took.
@@ -245,8 +263,21 @@ mod tests {
             lost.turn().await,
             Turn::Sent(Err(SendError::Unanswered))
         ));
-        // The mail it did not take keeps its place and gets the slot.
+        // The mails it did not take keep their places and get the slot in turn.
         drop(slot);
-        assert!(matches!(skipped.turn().await, Turn::Lead(_)));
+        let Turn::Lead(slot) = skipped.turn().await else {
+            panic!("the slot expected");
+        };
+        drop(slot);
+        assert!(matches!(uncopied.turn().await, Turn::Lead(_)));
+    }
+
+    #[tokio::test]
+    async fn a_mail_that_waited_too_long_is_not_taken() {
+        let line = Line::new(1);
+        let _slot = enter(&line, "a").ok().expect("leads");
+        let _waiting = enter(&line, "b").err().expect("waits");
+        assert!(line.take(5, Duration::ZERO, |_, _| true).is_empty());
+        assert_eq!(line.take(5, Duration::MAX, |_, _| true).len(), 1);
     }
 }

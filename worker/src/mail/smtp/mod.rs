@@ -42,6 +42,7 @@
 //! content must wait for its `354` and a chunk need not.
 
 use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -59,7 +60,7 @@ use super::{MailerError, SendError, SmtpStep};
 mod batch;
 mod line;
 
-use line::{Entry, Line, Turn, Waiting};
+use line::{Entry, Line, Taken, Turn};
 
 /// Longest the TCP (and TLS) connection may take to open.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -82,6 +83,10 @@ pub(super) struct SmtpPool {
     hello: ClientId,
     /// Caps the connections in use at once; mails wait in it for one.
     line: Line,
+    /// The server may pipeline (it offered `PIPELINING` on the last
+    /// connection opened, or none is open yet): a waiting mail may be carried
+    /// by another sender, so its copy is worth making.
+    pipelining: AtomicBool,
     max_idle: usize,
     /// Connections that completed their last exchange cleanly, newest last.
     idle: Mutex<Vec<Idle>>,
@@ -168,6 +173,7 @@ impl SmtpPool {
             }),
             hello: ClientId::default(),
             line: Line::new(size),
+            pipelining: AtomicBool::new(true),
             max_idle: size,
             idle: Mutex::new(Vec::with_capacity(size)),
         })
@@ -181,7 +187,12 @@ impl SmtpPool {
         envelope: &SmtpEnvelope,
         bytes: &[u8],
     ) -> Result<(), SendError> {
-        let _slot = match self.line.enter(envelope, bytes) {
+        // Checked once: a batch carries text only.
+        let text = std::str::from_utf8(bytes).ok();
+        let copy = text
+            .filter(|_| self.pipelining.load(Ordering::Relaxed))
+            .map(|text| (envelope, text));
+        let _slot = match self.line.enter(copy) {
             Entry::Lead(slot) => slot,
             Entry::Wait(waiter) => match waiter.turn().await {
                 Turn::Sent(result) => return result,
@@ -189,13 +200,16 @@ impl SmtpPool {
             },
         };
         let conn = self.checkout().await?;
-        if conn.offers.pipelining && batch::fits(&conn.smtp, envelope, bytes) {
-            let fits = |w: &Waiting| {
-                w.entered.elapsed() < batch::TAKE_WITHIN
-                    && batch::fits(&conn.smtp, &w.envelope, &w.bytes)
-            };
-            let others = self.line.take(batch::MAX_BATCH - 1, fits);
-            return self.send_batch(conn, (envelope, bytes), others).await;
+        if conn.offers.pipelining
+            && let Some(text) = text
+            && batch::fits(&conn.smtp, envelope, text)
+        {
+            let fits =
+                |envelope: &SmtpEnvelope, text: &str| batch::fits(&conn.smtp, envelope, text);
+            let others = self
+                .line
+                .take(batch::MAX_BATCH - 1, batch::TAKE_WITHIN, fits);
+            return self.send_batch(conn, (envelope, text), others).await;
         }
         self.send_one(conn, envelope, bytes).await
     }
@@ -205,18 +219,18 @@ impl SmtpPool {
     async fn send_batch(
         &self,
         mut conn: Conn,
-        own: (&SmtpEnvelope, &[u8]),
-        others: Vec<Waiting>,
+        own: batch::Outgoing<'_>,
+        others: Vec<Taken>,
     ) -> Result<(), SendError> {
-        let mails: Vec<(&SmtpEnvelope, &[u8])> = std::iter::once(own)
-            .chain(others.iter().map(|w| (&w.envelope, w.bytes.as_slice())))
+        let mails: Vec<batch::Outgoing<'_>> = std::iter::once(own)
+            .chain(others.iter().map(|t| (&t.envelope, t.text.as_str())))
             .collect();
         let exchanged = batch::exchange(&mut conn.smtp, &mails, conn.offers.chunking).await;
         drop(mails);
         let mut results = exchanged.results.into_iter();
         let own = results.next().unwrap_or(Err(SendError::Unanswered));
-        for (waiting, result) in others.into_iter().zip(results) {
-            waiting.answer(result);
+        for (taken, result) in others.into_iter().zip(results) {
+            taken.answer(result);
         }
         if exchanged.reusable {
             self.checkin(conn);
@@ -348,6 +362,7 @@ impl SmtpPool {
             .await
             .map_err(SendError::Session)?;
         let offers = Offers::from_ehlo(offered.message());
+        self.pipelining.store(offers.pipelining, Ordering::Relaxed);
         if let Some(credentials) = &self.credentials {
             conn.auth(DEFAULT_MECHANISMS, credentials)
                 .await
