@@ -76,7 +76,8 @@ async fn thousands_of_concurrent_sends_share_a_few_connections() -> TestResult {
 
 /// A scripted server that offers PIPELINING (the test server does not), and
 /// CHUNKING when given the reply to an accepted chunk: a `RCPT` for a
-/// `nobody…@` address gets `rcpt_reply`, any other `250 ok`. Counts connections
+/// `nobody…@` address gets `rcpt_reply`, one for a `vanish…@` address closes
+/// the connection unanswered, any other gets `250 ok`. Counts connections
 /// and accepted mails, and notes whether `RCPT` and `DATA` (or `BDAT`) had
 /// arrived before `MAIL` was answered. A `BDAT` chunk is read by its stated
 /// size whatever was answered before, as RFC 3030 asks of a server.
@@ -133,6 +134,9 @@ impl Pipeliner {
                 c.fetch_add(1, Ordering::SeqCst);
                 let (m, p, b, v, n) = (m.clone(), p.clone(), b.clone(), v.clone(), n.clone());
                 tokio::spawn(async move {
+                    // As real servers do: a reply written while the one
+                    // before is unacknowledged must not wait for the ACK.
+                    socket.set_nodelay(true)?;
                     let (read, mut write) = socket.into_split();
                     let mut read = BufReader::new(read);
                     let mut line = String::new();
@@ -158,6 +162,12 @@ impl Pipeliner {
                                 }
                                 open = true;
                                 "250 ok\r\n"
+                            }
+                            // A server that dies mid-session: no reply,
+                            // the socket closed with the rest of the write
+                            // unread.
+                            "RCPT" if line.to_ascii_lowercase().contains("<vanish") => {
+                                return Ok(());
                             }
                             "RCPT" => {
                                 let reply = if line.to_ascii_lowercase().contains("<nobody") {
@@ -519,4 +529,124 @@ fn assert_recipient_refused(err: &SendError) {
         "{err:?}"
     );
     assert_eq!(err.classification(), Classification::RecipientRejected);
+}
+
+#[tokio::test]
+async fn a_connection_that_breaks_mid_batch_answers_the_mails_before_and_leaves_the_rest_unanswered()
+-> TestResult {
+    for chunking in [true, false] {
+        let chunk_reply = chunking.then_some("250 2.0.0 queued\r\n");
+        let server = Pipeliner::serve("550 5.1.1 no such user\r\n", chunk_reply).await?;
+        let pool = SmtpPool::new(SmtpSecurity::None, "127.0.0.1", server.port, None, 1)?;
+        let mut conn = pool.checkout().await?;
+        let to = |name: &str| -> Result<SmtpEnvelope, Box<dyn std::error::Error>> {
+            Ok(SmtpEnvelope::new(
+                None,
+                vec![format!("{name}@example.com").parse()?],
+            )?)
+        };
+        let envelopes = [
+            to("first")?,
+            to("nobody")?,
+            to("second")?,
+            to("vanish")?,
+            to("never-read")?,
+            to("never-read-either")?,
+        ];
+        let text = "Subject: hello\r\n\r\nhello\r\n";
+        let mails: Vec<batch::Outgoing<'_>> = envelopes.iter().map(|e| (e, text)).collect();
+        let exchanged = batch::exchange(&mut conn.smtp, &mails, chunking).await;
+        let results = &exchanged.results;
+        assert_eq!(results.len(), 6);
+        // Answered before the break: each its own answer.
+        assert!(results[0].is_ok(), "{chunking}: {:?}", results[0]);
+        assert_recipient_refused(results[1].as_ref().err().ok_or("a refusal expected")?);
+        assert!(results[2].is_ok(), "{chunking}: {:?}", results[2]);
+        // The mail the server died on, and the ones written behind it: none
+        // reported sent or refused, all to be tried again.
+        for result in &results[3..] {
+            let err = result.as_ref().err().ok_or("a failure expected")?;
+            assert_eq!(err.classification(), Classification::Transient, "{err}");
+        }
+        assert!(
+            matches!(results[4], Err(SendError::Unanswered))
+                && matches!(results[5], Err(SendError::Unanswered)),
+            "{chunking}: {results:?}"
+        );
+        assert!(!exchanged.reusable, "a broken connection is not kept");
+        assert_eq!(Pipeliner::count(&server.mails), 2);
+        // The pool opens a new session for the next mail.
+        pool.send(&to("retried")?, text.as_bytes()).await?;
+        assert_eq!(Pipeliner::count(&server.connections), 2);
+        assert_eq!(Pipeliner::count(&server.mails), 3);
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_break_mid_batch_every_mail_is_sent_once_when_its_failures_are_retried()
+-> TestResult {
+    for chunking in [true, false] {
+        let chunk_reply = chunking.then_some("250 2.0.0 queued\r\n");
+        let server = Pipeliner::serve("550 5.1.1 no such user\r\n", chunk_reply).await?;
+        let pool = Arc::new(SmtpPool::new(
+            SmtpSecurity::None,
+            "127.0.0.1",
+            server.port,
+            None,
+            1,
+        )?);
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..40 {
+            let pool = Arc::clone(&pool);
+            tasks.spawn(async move {
+                // Three mails whose RCPT the server dies on, amid the others.
+                let name = if i % 13 == 6 {
+                    format!("vanish{i}")
+                } else {
+                    format!("user{i}")
+                };
+                let envelope =
+                    SmtpEnvelope::new(None, vec![format!("{name}@example.com").parse()?])?;
+                let message = format!("Subject: {name}\r\n\r\nhello\r\n");
+                // What a delivery does: a transient failure is tried again,
+                // here at once (the worker waits with backoff).
+                let mut failures = 0;
+                while let Err(err) = pool.send(&envelope, message.as_bytes()).await {
+                    assert_eq!(err.classification(), Classification::Transient, "{err}");
+                    failures += 1;
+                    if name.starts_with("vanish") && failures == 3 {
+                        return Ok::<_, Box<dyn std::error::Error + Send + Sync>>((name, false));
+                    }
+                }
+                Ok((name, true))
+            });
+        }
+        let mut sent = Vec::new();
+        while let Some(done) = tasks.join_next().await {
+            let (name, ok) = done?.map_err(|e| e.to_string())?;
+            assert_eq!(ok, !name.starts_with("vanish"), "{name}");
+            if ok {
+                sent.push(name);
+            }
+        }
+        assert_eq!(sent.len(), 37);
+        // Every mail reported sent arrived, and none arrived twice.
+        let mut arrived: Vec<String> = lock(&server.bodies)
+            .iter()
+            .filter_map(|b| {
+                b.lines()
+                    .next()?
+                    .strip_prefix("Subject: ")
+                    .map(str::to_owned)
+            })
+            .collect();
+        arrived.sort();
+        sent.sort();
+        assert_eq!(arrived, sent, "chunking: {chunking}");
+        // A session broke (and was replaced) at least once; mails behind a
+        // vanishing one in its write failed unanswered and were retried.
+        assert!(Pipeliner::count(&server.connections) >= 2);
+    }
+    Ok(())
 }
