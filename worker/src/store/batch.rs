@@ -1,7 +1,6 @@
 //! The batch statements: many deliveries' claims, or their conclusions and
 //! published marks, in one statement and one commit.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use sqlx::Row;
@@ -131,8 +130,11 @@ WHERE i.suppressed IS NOT NULL";
             .await?;
         // Two kinds of rows: the claimed requests, and the suppressed
         // addresses' reasons (a row with no `throttle_passed`).
-        let mut claimed = HashMap::with_capacity(rows.len());
-        let mut reasons = HashMap::new();
+        // foldhash: keyed by request ids, looked up once each; the maps
+        // live for one batch.
+        let mut claimed =
+            foldhash::HashMap::with_capacity_and_hasher(rows.len(), Default::default());
+        let mut reasons = foldhash::HashMap::default();
         for r in &rows {
             let id: String = r.try_get("id")?;
             match r.try_get::<Option<bool>, _>("throttle_passed")? {
@@ -312,7 +314,7 @@ SELECT id FROM same";
             .bind(look_back == LookBack::Yes)
             .fetch_all(conn)
             .await?;
-        let done: std::collections::HashSet<&str> = rows.iter().map(String::as_str).collect();
+        let done: foldhash::HashSet<&str> = rows.iter().map(String::as_str).collect();
         Ok(inputs
             .iter()
             .map(|c| match c {

@@ -30,13 +30,11 @@
 //! [`SendError::Unanswered`] (retried later, as a mail whose reply was lost
 //! always is).
 
-use std::fmt::Write as _;
 use std::time::Duration;
 
 use lettre::address::Envelope as SmtpEnvelope;
 use lettre::transport::smtp::client::AsyncSmtpConnection;
-use lettre::transport::smtp::commands::{Mail, Rcpt};
-use lettre::transport::smtp::extension::{Extension, MailBodyParameter, MailParameter};
+use lettre::transport::smtp::extension::Extension;
 
 use super::{Verbatim, push_chunk, push_dot_stuffed};
 use crate::mail::{SendError, SmtpStep};
@@ -206,16 +204,23 @@ async fn with_data(
     }
 }
 
-/// `MAIL` (8-bit declared when the message is not ASCII) and `RCPT`.
+/// `MAIL` (8-bit declared when the message is not ASCII) and `RCPT`, as
+/// lettre's `Mail` and `Rcpt` write them (tested), without copying the
+/// addresses into commands first.
 fn push_commands(group: &mut String, envelope: &SmtpEnvelope, text: &str) {
-    let parameters = if text.is_ascii() {
-        Vec::new()
-    } else {
-        vec![MailParameter::Body(MailBodyParameter::EightBitMime)]
-    };
-    let _ = write!(group, "{}", Mail::new(envelope.from().cloned(), parameters));
+    group.push_str("MAIL FROM:<");
+    if let Some(from) = envelope.from() {
+        group.push_str(from.as_ref());
+    }
+    group.push('>');
+    if !text.is_ascii() {
+        group.push_str(" BODY=8BITMIME");
+    }
+    group.push_str("\r\n");
     for to in envelope.to() {
-        let _ = write!(group, "{}", Rcpt::new(to.clone(), Vec::new()));
+        group.push_str("RCPT TO:<");
+        group.push_str(to.as_ref());
+        group.push_str(">\r\n");
     }
 }
 
@@ -281,5 +286,39 @@ impl Session<'_> {
             }
         }
         (result, last_positive)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lettre::transport::smtp::commands::{Mail, Rcpt};
+    use lettre::transport::smtp::extension::{MailBodyParameter, MailParameter};
+
+    #[test]
+    fn commands_are_written_as_lettre_writes_them() -> Result<(), Box<dyn std::error::Error>> {
+        let from = "noreply@example.com".parse()?;
+        let to = "alice+tag@example.org".parse()?;
+        for (envelope, text) in [
+            (SmtpEnvelope::new(Some(from), vec![to])?, "ascii"),
+            (
+                SmtpEnvelope::new(None, vec!["bob@example.net".parse()?])?,
+                "8-bit: 确认",
+            ),
+        ] {
+            let parameters = if text.is_ascii() {
+                Vec::new()
+            } else {
+                vec![MailParameter::Body(MailBodyParameter::EightBitMime)]
+            };
+            let mut expected = Mail::new(envelope.from().cloned(), parameters).to_string();
+            for to in envelope.to() {
+                expected.push_str(&Rcpt::new(to.clone(), Vec::new()).to_string());
+            }
+            let mut group = String::new();
+            push_commands(&mut group, &envelope, text);
+            assert_eq!(group, expected);
+        }
+        Ok(())
     }
 }
