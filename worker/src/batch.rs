@@ -34,7 +34,8 @@ pub const IN_FLIGHT: usize = 1;
 
 /// A conflict key: jobs with an equal key never share a batch. `0` is "none".
 /// A hash: a collision only costs a job one batch of waiting, so a fast
-/// unkeyed one serves (SipHash, std's, cost a tenth of a microsecond a key).
+/// unkeyed one serves (std's SipHash, here and in the per-mail sets, was
+/// about 4 k instructions a mail: docs/performance.md).
 pub fn key(domain: &str, parts: &[&str]) -> u64 {
     let mut h = foldhash::fast::FixedState::default().build_hasher();
     domain.hash(&mut h);
