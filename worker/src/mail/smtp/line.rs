@@ -2,9 +2,10 @@
 //!
 //! At most `slots` senders hold a connection at once (the pool's size). A
 //! sender that finds them all taken joins the line, with a copy of its mail
-//! when a holder could carry it, and waits for one of two answers: its mail's result, when a holder sent
-//! it in one write with its own (the pool's `send`), or the slot itself,
-//! handed over by a holder leaving with the line not empty. So the work
+//! when a holder could carry it, and waits for one of two answers: its
+//! mail's result, when a holder sent it in one write with its own (the
+//! pool's `send`), or the slot itself, handed over by a holder leaving with
+//! the line not empty. So the work
 //! stays in the tasks of the deliveries: no task of its own per connection,
 //! no hop to one and back per mail.
 //!
@@ -127,26 +128,28 @@ impl Line {
         let mut i = 0;
         while taken.len() < n && i < state.waiting.len() {
             let w = &state.waiting[i];
+            if w.answer.is_closed() {
+                // Its sender left: drop the place.
+                state.waiting.remove(i);
+                continue;
+            }
             let carried = w.entered.elapsed() < within
                 && w.mail.as_ref().is_some_and(|(e, text)| fits(e, text));
-            if w.answer.is_closed() {
-                state.waiting.remove(i);
-            } else if carried {
-                let Some(Waiting {
-                    mail: Some((envelope, text)),
-                    answer,
-                    ..
-                }) = state.waiting.remove(i)
-                else {
-                    continue;
-                };
+            if !carried {
+                i += 1;
+                continue;
+            }
+            if let Some(Waiting {
+                mail: Some((envelope, text)),
+                answer,
+                ..
+            }) = state.waiting.remove(i)
+            {
                 taken.push(Taken {
                     envelope,
                     text,
                     answer,
                 });
-            } else {
-                i += 1;
             }
         }
         taken
