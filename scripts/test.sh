@@ -45,11 +45,15 @@ skip_machine=()
 for t in "${machine_tests[@]}"; do skip_machine+=(--skip "$t"); done
 
 logs=$(mktemp -d)
+# Every group selects `--workspace` and names its test targets, as the build
+# above did: `-p verimail-tests` alone unifies fewer features (serde_core,
+# sha2, tokio-rustls…) and compiled 63 crates a second time, minutes and
+# gigabytes. Test target names are unique across the workspace for this.
 declare -A groups=(
   [crates]="cargo test --workspace --exclude verimail-tests"
-  [e2e]="cargo test -p verimail-tests --test e2e --test hostile --test codes"
-  [faults]="cargo test -p verimail-tests --test faults -- ${skip_machine[*]}"
-  [delivery]="cargo test -p verimail-tests --test delivery -- --skip $rate_test"
+  [e2e]="cargo test --workspace --test e2e --test hostile --test codes"
+  [faults]="cargo test --workspace --test faults -- ${skip_machine[*]}"
+  [delivery]="cargo test --workspace --test delivery -- --skip $rate_test"
 )
 # A new test binary in tests/tests/ (a file, or a directory with its main.rs)
 # must join a group: fail rather than skip it.
@@ -59,6 +63,14 @@ for f in tests/tests/*.rs tests/tests/*/main.rs; do
     */main.rs) t=$(basename "$(dirname "$f")") ;;
     *) t=$(basename "$f" .rs) ;;
   esac
+  # The groups pick targets by name across the workspace: a second package's
+  # test of the same name would run in two groups.
+  for other in */tests/"$t".rs */tests/"$t"/main.rs; do
+    [ -e "$other" ] && [ "${other%%/*}" != tests ] && {
+      echo "scripts/test.sh: $other has the name of test binary $t in tests/tests"
+      exit 1
+    }
+  done
   [ "$t" = cluster ] || grep -q -- "--test $t\b" <<<"${groups[*]}" || {
     echo "scripts/test.sh: $f (test binary $t) is in no group"
     exit 1
@@ -89,8 +101,8 @@ done
 # The shared send budget is measured at the sink (50/s over any 2 s): alone,
 # so the other groups' load does not delay the workers' sends into bursts.
 echo "== tests: MAIL_RATE_LIMIT across workers (alone)"
-cargo test -p verimail-tests --test delivery -- --exact "$rate_test"
+cargo test --workspace --test delivery -- --exact "$rate_test"
 echo "== tests: the machine's broker and database restarted (alone)"
-VERIMAIL_FAULT_TESTS=1 cargo test -p verimail-tests --test faults -- --exact "${machine_tests[@]}"
+VERIMAIL_FAULT_TESTS=1 cargo test --workspace --test faults -- --exact "${machine_tests[@]}"
 echo "== tests: a three-node RabbitMQ cluster loses a node (alone)"
-cargo test -p verimail-tests --test cluster
+cargo test --workspace --test cluster

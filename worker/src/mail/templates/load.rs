@@ -10,7 +10,8 @@ use minijinja::{AutoEscape, Environment, UndefinedBehavior};
 use time::OffsetDateTime;
 use verimail_shared::events::{Purpose, validate_locale};
 
-use super::render::write_html_escaped;
+use super::plain::Plain;
+use super::render::{render_plain, write_html_escaped};
 use super::{MailContext, Part, TemplateError, Templates, template_name};
 
 macro_rules! builtin {
@@ -111,11 +112,14 @@ impl Templates {
         });
         let mut locales: HashMap<Purpose, BTreeSet<String>> = HashMap::new();
         let mut origins = HashMap::new();
+        let mut parts: HashMap<(Purpose, String), [Option<Plain>; 3]> = HashMap::new();
         let mut names: Vec<_> = sources.into_iter().collect();
         // Deterministic order: the first broken file reported is always the same one.
         names.sort_by_key(|((p, l, part), _)| template_name(*p, l, *part));
         for ((purpose, locale, part), source) in names {
             let name = template_name(purpose, &locale, part);
+            parts.entry((purpose, locale.clone())).or_default()[part as usize] =
+                Plain::compile(&source.text, part == Part::Html, part != Part::Subject);
             env.add_template_owned(name.clone(), source.text)
                 .map_err(|e| TemplateError::Template {
                     file: describe(&name, &source.origin),
@@ -124,44 +128,90 @@ impl Templates {
             origins.insert(name, source.origin);
             locales.entry(purpose).or_default().insert(locale);
         }
-        let templates = Self {
+        let mut templates = Self {
             env,
             locales: locales
                 .into_iter()
                 .map(|(p, set)| (p, set.into_iter().collect()))
                 .collect(),
             origins,
+            plain: HashMap::new(),
         };
         templates.check()?;
+        for ((purpose, locale), parts) in parts {
+            if let [Some(subject), Some(text), Some(html)] = parts {
+                let plain = [subject, text, html];
+                if templates.renders_alike(&plain, purpose, &locale)? {
+                    templates
+                        .plain
+                        .entry(purpose)
+                        .or_default()
+                        .insert(locale, plain);
+                }
+            }
+        }
         Ok(templates)
     }
 
     /// Renders every template with sample data, with and without a name, so
     /// runtime errors (unknown filter, undefined variable) show at start.
     fn check(&self) -> Result<(), TemplateError> {
-        let expires_at = OffsetDateTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
         for purpose in Purpose::ALL {
             for locale in self.locales_for(purpose) {
-                let link = Some("https://verify.example.com/confirm/sample-token");
-                let code = Some("123456");
-                for name in [Some("Alice"), None] {
-                    for (link, code) in [(link, code), (link, None), (None, code)] {
-                        let sample = MailContext {
-                            name,
-                            email: "alice@example.com",
-                            link,
-                            code,
-                            purpose,
-                            expires_at,
-                            ttl: Duration::from_secs(3600),
-                        };
-                        self.render_in(locale, &sample)?;
-                    }
+                for sample in samples(purpose) {
+                    self.render_jinja(locale, &sample)?;
                 }
             }
         }
         Ok(())
     }
+
+    /// Whether the plain templates of `purpose` in `locale` render every
+    /// sample exactly as minijinja renders their sources.
+    fn renders_alike(
+        &self,
+        plain: &[Plain; 3],
+        purpose: Purpose,
+        locale: &str,
+    ) -> Result<bool, TemplateError> {
+        for sample in samples(purpose) {
+            let jinja = self.render_jinja(locale, &sample)?;
+            let fast = render_plain(plain, locale, &sample);
+            if (&jinja.subject, &jinja.text, &jinja.html) != (&fast.subject, &fast.text, &fast.html)
+            {
+                tracing::warn!(
+                    purpose = purpose.as_str(),
+                    locale,
+                    "a template renders differently without minijinja; minijinja renders it"
+                );
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// The start-up check's mails: with a name, a blank one, one to escape and
+/// none; with a link and a code, only a link and only a code.
+fn samples(purpose: Purpose) -> Vec<MailContext<'static>> {
+    let expires_at = OffsetDateTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+    let link = Some("https://verify.example.com/confirm/sample-token?a=1&b=\"2\"");
+    let code = Some("123456");
+    let mut samples = Vec::new();
+    for name in [Some("Alice"), Some(" "), Some("O'Neil & <Co>"), None] {
+        for (link, code) in [(link, code), (link, None), (None, code)] {
+            samples.push(MailContext {
+                name,
+                email: "alice+x@example.com",
+                link,
+                code,
+                purpose,
+                expires_at,
+                ttl: Duration::from_secs(5400),
+            });
+        }
+    }
+    samples
 }
 
 pub(super) fn describe(name: &str, origin: &Origin) -> String {

@@ -45,6 +45,7 @@
 //!   wording and the HTML escaping.
 
 mod load;
+mod plain;
 mod render;
 
 use std::collections::HashMap;
@@ -135,6 +136,10 @@ pub struct Templates {
     locales: HashMap<Purpose, Vec<String>>,
     /// Template name → where it came from (for runtime error messages).
     origins: HashMap<String, Origin>,
+    /// Purpose → locale → its subject, text and HTML compiled as plain
+    /// templates, where all three are and render as minijinja does
+    /// (`plain`'s module docs).
+    plain: HashMap<Purpose, HashMap<String, [plain::Plain; 3]>>,
 }
 
 impl fmt::Debug for Templates {
@@ -152,6 +157,17 @@ impl Templates {
             .get(&purpose)
             .map(|l| l.iter().map(String::as_str).collect())
             .unwrap_or_default()
+    }
+
+    /// The plain templates of `purpose` in `locale`, if it has them.
+    fn plain_for(&self, purpose: Purpose, locale: &str) -> Option<&[plain::Plain; 3]> {
+        self.plain.get(&purpose)?.get(locale)
+    }
+
+    /// How many (purpose, locale) pairs render without minijinja (for tests).
+    #[cfg(test)]
+    fn plain_count(&self) -> usize {
+        self.plain.values().map(HashMap::len).sum()
     }
 }
 

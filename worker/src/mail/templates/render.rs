@@ -11,6 +11,7 @@ use minijinja::value::{Enumerator, Object};
 use verimail_shared::events::{Purpose, resolve_locale, rfc3339};
 
 use super::load::describe;
+use super::plain::{Plain, Values};
 use super::{
     DEFAULT_LOCALE, MailContext, Part, RenderedMail, TemplateError, Templates, template_name,
 };
@@ -30,6 +31,18 @@ impl Templates {
     /// Renders in exactly `locale` (the start-up check renders every locale
     /// this way).
     pub(super) fn render_in(
+        &self,
+        locale: &str,
+        ctx: &MailContext<'_>,
+    ) -> Result<RenderedMail, TemplateError> {
+        match self.plain_for(ctx.purpose, locale) {
+            Some(plain) => Ok(render_plain(plain, locale, ctx)),
+            None => self.render_jinja(locale, ctx),
+        }
+    }
+
+    /// Renders with minijinja, whatever the templates are.
+    pub(super) fn render_jinja(
         &self,
         locale: &str,
         ctx: &MailContext<'_>,
@@ -59,8 +72,7 @@ impl Templates {
             Part::Subject,
             Value::from_object(vars.clone()),
         )?;
-        // One line whatever the template's white space (lettre encodes the rest).
-        let subject = raw_subject.split_whitespace().collect::<Vec<_>>().join(" ");
+        let subject = one_line(raw_subject);
         vars.subject = Some(Value::from(subject.as_str()));
         let full = Value::from_object(vars);
         let mut text = self.render_part(ctx.purpose, locale, Part::Text, full.clone())?;
@@ -97,6 +109,61 @@ impl Templates {
             .render(ctx)
             .map_err(error)
     }
+}
+
+/// Renders with the compiled plain templates (subject, text, HTML): the same
+/// values as [`MailVars`], without minijinja's.
+pub(super) fn render_plain(
+    plain: &[Plain; 3],
+    locale: &str,
+    ctx: &MailContext<'_>,
+) -> RenderedMail {
+    let (amount, unit) = validity(ctx.ttl);
+    let expires_at = rfc3339::format(ctx.expires_at);
+    let valid_for = valid_for(locale, amount, unit);
+    let mut values = Values {
+        name: ctx.name.filter(|n| !n.trim().is_empty()),
+        email: ctx.email,
+        link: ctx.link,
+        code: ctx.code,
+        purpose: ctx.purpose.as_str(),
+        locale,
+        expires_at: &expires_at,
+        ttl_seconds: ctx.ttl.as_secs(),
+        valid_for: &valid_for,
+        valid_for_amount: amount,
+        valid_for_unit: unit.key(),
+        // The subject template cannot name it (compiling refuses it there).
+        subject: "",
+    };
+    let [subject, text, html] = plain;
+    let subject = one_line(subject.render(&values));
+    values.subject = &subject;
+    let mut text = text.render(&values);
+    if !text.ends_with('\n') {
+        text.push('\n');
+    }
+    let html = html.render(&values);
+    RenderedMail {
+        subject,
+        text,
+        html,
+        locale: locale.to_owned(),
+    }
+}
+
+/// The subject on one line whatever the template's white space (lettre
+/// encodes the rest); most subjects are already, and are kept as they are.
+fn one_line(raw: String) -> String {
+    let single = !raw.starts_with(char::is_whitespace)
+        && !raw.ends_with(char::is_whitespace)
+        && !raw
+            .split(' ')
+            .any(|word| word.is_empty() || word.contains(char::is_whitespace));
+    if single {
+        return raw;
+    }
+    raw.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// The variables a mail's templates see (module docs, "Variables"), each

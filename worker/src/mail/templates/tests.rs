@@ -355,3 +355,98 @@ fn html_escaping_replaces_the_five_characters_as_jinja2_does() {
         assert_eq!(out, reference(&input), "{input:?}");
     }
 }
+
+#[test]
+fn the_built_ins_render_without_minijinja_exactly_as_with_it() -> TestResult {
+    let t = Templates::load(None)?;
+    // Every built-in (two purposes, two locales) compiles as plain.
+    assert_eq!(t.plain_count(), 4);
+    let names = [
+        None,
+        Some("Alice"),
+        Some("   "),
+        Some("小明 <&> \"'"),
+        Some("Zoë"),
+    ];
+    let links = [
+        None,
+        Some("http://127.0.0.1:8080/confirm/abc.DEF-123_x"),
+        Some("https://a.example/c?t=1&u=<2>"),
+    ];
+    let codes = [None, Some("042917")];
+    let ttls = [59, 60, 3600, 5400, 86_400, 90_061, 172_800];
+    let mut compared = 0;
+    for purpose in Purpose::ALL {
+        for locale in ["en", "zh-CN"] {
+            for name in names {
+                for link in links {
+                    for code in codes {
+                        if link.is_none() && code.is_none() {
+                            continue;
+                        }
+                        for ttl in ttls {
+                            let ctx = MailContext {
+                                name,
+                                email: "o'neil+tag@example.com",
+                                link,
+                                code,
+                                purpose,
+                                expires_at: OffsetDateTime::UNIX_EPOCH
+                                    + Duration::from_secs(1_900_000_000),
+                                ttl: Duration::from_secs(ttl),
+                            };
+                            let plain = t.render_in(locale, &ctx)?;
+                            let jinja = t.render_jinja(locale, &ctx)?;
+                            assert_eq!(plain.subject, jinja.subject);
+                            assert_eq!(plain.text, jinja.text, "{purpose:?} {locale} {ctx:?}");
+                            assert_eq!(plain.html, jinja.html, "{purpose:?} {locale} {ctx:?}");
+                            compared += 1;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert_eq!(compared, 2 * 2 * 5 * 5 * 7);
+    Ok(())
+}
+
+#[test]
+fn an_override_that_is_not_plain_still_renders_with_minijinja() -> TestResult {
+    let dir = TempDir::new(&[(
+        "verify_email.en.txt",
+        "{{ (name or 'friend')|upper }}: {{ link }}\n",
+    )])?;
+    let t = Templates::load(Some(&dir.0))?;
+    // English verification is minijinja's now; the other three stay plain.
+    assert_eq!(t.plain_count(), 3);
+    let mail = t.render(Some("en"), &ctx(None, Purpose::VerifyEmail))?;
+    assert_eq!(
+        mail.text,
+        "FRIEND: http://127.0.0.1:8080/confirm/abc.DEF-123_x\n"
+    );
+    assert_eq!(mail.subject, "Confirm your email address");
+
+    // A plain override renders without minijinja, as minijinja would.
+    let dir = TempDir::new(&[
+        (
+            "verify_email.fr.subject.txt",
+            "  Confirmez\n   votre adresse  ",
+        ),
+        (
+            "verify_email.fr.txt",
+            "{% if name %}Bonjour {{ name }}{% else %}Bonjour{% endif %} : {{ link }} ({{ valid_for_amount }} {{ valid_for_unit }})",
+        ),
+        ("verify_email.fr.html", "<p>{{ subject }} {{ name }}</p>\n"),
+    ])?;
+    let t = Templates::load(Some(&dir.0))?;
+    assert_eq!(t.plain_count(), 5);
+    let mail = t.render(Some("fr"), &ctx(Some("<Zoé>"), Purpose::VerifyEmail))?;
+    assert_eq!(mail.subject, "Confirmez votre adresse");
+    assert_eq!(
+        mail.text,
+        "Bonjour <Zoé> : http://127.0.0.1:8080/confirm/abc.DEF-123_x (1 hour)\n"
+    );
+    assert_eq!(mail.html, "<p>Confirmez votre adresse &lt;Zoé&gt;</p>");
+    Ok(())
+}
