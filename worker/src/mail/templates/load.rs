@@ -159,7 +159,7 @@ impl Templates {
         for purpose in Purpose::ALL {
             for locale in self.locales_for(purpose) {
                 for sample in samples(purpose) {
-                    self.render_jinja(locale, &sample)?;
+                    self.render_with_minijinja(locale, &sample)?;
                 }
             }
         }
@@ -175,7 +175,7 @@ impl Templates {
         locale: &str,
     ) -> Result<bool, TemplateError> {
         for sample in samples(purpose) {
-            let jinja = self.render_jinja(locale, &sample)?;
+            let jinja = self.render_with_minijinja(locale, &sample)?;
             let fast = render_plain(plain, locale, &sample);
             if (&jinja.subject, &jinja.text, &jinja.html) != (&fast.subject, &fast.text, &fast.html)
             {

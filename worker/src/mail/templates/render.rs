@@ -37,12 +37,14 @@ impl Templates {
     ) -> Result<RenderedMail, TemplateError> {
         match self.plain_for(ctx.purpose, locale) {
             Some(plain) => Ok(render_plain(plain, locale, ctx)),
-            None => self.render_jinja(locale, ctx),
+            None => self.render_with_minijinja(locale, ctx),
         }
     }
 
-    /// Renders with minijinja, whatever the templates are.
-    pub(super) fn render_jinja(
+    /// Renders in exactly `locale` with minijinja, whatever the templates
+    /// are: the reference the plain path is checked against at load, and the
+    /// render bench's baseline (`cargo bench -p verimail-worker --bench render`).
+    pub fn render_with_minijinja(
         &self,
         locale: &str,
         ctx: &MailContext<'_>,

@@ -396,7 +396,7 @@ fn the_built_ins_render_without_minijinja_exactly_as_with_it() -> TestResult {
                                 ttl: Duration::from_secs(ttl),
                             };
                             let plain = t.render_in(locale, &ctx)?;
-                            let jinja = t.render_jinja(locale, &ctx)?;
+                            let jinja = t.render_with_minijinja(locale, &ctx)?;
                             assert_eq!(plain.subject, jinja.subject);
                             assert_eq!(plain.text, jinja.text, "{purpose:?} {locale} {ctx:?}");
                             assert_eq!(plain.html, jinja.html, "{purpose:?} {locale} {ctx:?}");
