@@ -90,26 +90,7 @@ impl Templates {
             }
         }
 
-        let mut env = Environment::new();
-        env.set_undefined_behavior(UndefinedBehavior::Strict);
-        env.set_auto_escape_callback(|name| {
-            if name.ends_with(".html") {
-                AutoEscape::Html
-            } else {
-                AutoEscape::None
-            }
-        });
-        // HTML escaping as in Jinja2/markupsafe (`& < > " '`): minijinja also
-        // escapes `/`, which would turn every link into `http:&#x2f;&#x2f;…`.
-        env.set_formatter(|out, state, value| {
-            if matches!(state.auto_escape(), AutoEscape::Html)
-                && !value.is_safe()
-                && let Some(s) = value.as_str()
-            {
-                return write_html_escaped(out, s).map_err(minijinja::Error::from);
-            }
-            minijinja::escape_formatter(out, state, value)
-        });
+        let mut env = environment();
         let mut locales: HashMap<Purpose, BTreeSet<String>> = HashMap::new();
         let mut origins = HashMap::new();
         let mut parts: HashMap<(Purpose, String), [Option<Plain>; 3]> = HashMap::new();
@@ -212,6 +193,32 @@ fn samples(purpose: Purpose) -> Vec<MailContext<'static>> {
         }
     }
     samples
+}
+
+/// The minijinja environment the templates are added to: strict about
+/// undefined variables, `.html` templates HTML-escaped.
+pub(super) fn environment() -> Environment<'static> {
+    let mut env = Environment::new();
+    env.set_undefined_behavior(UndefinedBehavior::Strict);
+    env.set_auto_escape_callback(|name| {
+        if name.ends_with(".html") {
+            AutoEscape::Html
+        } else {
+            AutoEscape::None
+        }
+    });
+    // HTML escaping as in Jinja2/markupsafe (`& < > " '`): minijinja also
+    // escapes `/`, which would turn every link into `http:&#x2f;&#x2f;…`.
+    env.set_formatter(|out, state, value| {
+        if matches!(state.auto_escape(), AutoEscape::Html)
+            && !value.is_safe()
+            && let Some(s) = value.as_str()
+        {
+            return write_html_escaped(out, s).map_err(minijinja::Error::from);
+        }
+        minijinja::escape_formatter(out, state, value)
+    });
+    env
 }
 
 pub(super) fn describe(name: &str, origin: &Origin) -> String {

@@ -284,6 +284,8 @@ fn is_jinja_space(c: char) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
 
     fn values() -> Values<'static> {
@@ -353,5 +355,113 @@ mod tests {
             html.render(&values()),
             "<p>A &amp; &lt;B&gt; https://x.example/confirm/t?a=1&amp;b=&#39;2&#39; { } {x}</p>"
         );
+    }
+
+    /// A random plain template, as source text: text with `{`, `}`, `%`,
+    /// markup and non-ASCII, variables and branches nested two deep, with
+    /// any white space inside the tags.
+    fn template() -> impl Strategy<Value = String> {
+        let text = prop::sample::select(vec![
+            "a", "Hello ", "<p>", "&amp;", "\n", " ", "}", "%}", "#", "{ x", "é", "小", "=", "'",
+            "\"", "\r\n",
+        ])
+        .prop_map(str::to_owned);
+        let name = prop::sample::select(NAMES.to_vec());
+        let space = prop::sample::select(vec!["", " ", "  ", "\n", "\t"]);
+        let print = (space.clone(), name.clone(), space.clone())
+            .prop_map(|(a, n, b)| format!("{{{{{a}{n}{b}}}}}"));
+        let leaf = prop_oneof![3 => text, 2 => print];
+        leaf.prop_recursive(2, 24, 6, move |inner| {
+            let body = prop::collection::vec(inner, 0..5).prop_map(|v| v.concat());
+            (
+                name.clone(),
+                space.clone(),
+                body.clone(),
+                prop::option::of(body),
+            )
+                .prop_map(|(n, s, then, otherwise)| match otherwise {
+                    Some(o) => format!("{{%{s}if {n}{s}%}}{then}{{% else %}}{o}{{%endif%}}"),
+                    None => format!("{{% if{s} {n} %}}{then}{{% endif {s}%}}"),
+                })
+        })
+    }
+
+    const NAMES: [&str; 12] = [
+        "name",
+        "email",
+        "link",
+        "code",
+        "purpose",
+        "locale",
+        "expires_at",
+        "ttl_seconds",
+        "valid_for",
+        "valid_for_amount",
+        "valid_for_unit",
+        "subject",
+    ];
+
+    fn text_value() -> impl Strategy<Value = Option<String>> {
+        prop::option::of(
+            prop::sample::select(vec!["", " ", "Alice", "<b>&'\"</b>", "小明", "a=b"])
+                .prop_map(str::to_owned),
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn a_plain_template_renders_as_minijinja_renders_it(
+            pieces in prop::collection::vec(template(), 1..6),
+            trailing_newline in any::<bool>(),
+            html in any::<bool>(),
+            name in text_value(),
+            link in text_value(),
+            code in text_value(),
+            ttl in prop::sample::select(vec![0u64, 1, 3600]),
+        ) {
+            let mut source = pieces.concat();
+            if trailing_newline {
+                source.push('\n');
+            }
+            let plain = Plain::compile(&source, html, true);
+            prop_assert!(plain.is_some(), "not plain: {source:?}");
+            let values = Values {
+                name: name.as_deref(),
+                email: "o'neil@example.com",
+                link: link.as_deref(),
+                code: code.as_deref(),
+                purpose: "verify_email",
+                locale: "en",
+                expires_at: "2027-01-15T08:00:00Z",
+                ttl_seconds: ttl,
+                valid_for: "1 hour",
+                valid_for_amount: ttl / 3600,
+                valid_for_unit: "<hour>",
+                subject: "Hi & bye",
+            };
+            let mut env = super::super::load::environment();
+            let file = if html { "t.html" } else { "t.txt" };
+            env.add_template_owned(file, source.clone()).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let jinja = env
+                .get_template(file)
+                .and_then(|t| {
+                    t.render(minijinja::context! {
+                        name => values.name,
+                        email => values.email,
+                        link => values.link,
+                        code => values.code,
+                        purpose => values.purpose,
+                        locale => values.locale,
+                        expires_at => values.expires_at,
+                        ttl_seconds => values.ttl_seconds,
+                        valid_for => values.valid_for,
+                        valid_for_amount => values.valid_for_amount,
+                        valid_for_unit => values.valid_for_unit,
+                        subject => values.subject,
+                    })
+                })
+                .map_err(|e| TestCaseError::fail(format!("{source:?}: {e}")))?;
+            prop_assert_eq!(plain.map(|p| p.render(&values)), Some(jinja), "{:?}", source);
+        }
     }
 }
