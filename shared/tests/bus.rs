@@ -143,3 +143,142 @@ async fn connecting_to_a_closed_port_fails_fast_with_connect_once() {
     assert!(matches!(err, Err(BusError::Unreachable { .. })));
     assert!(started.elapsed() < Duration::from_secs(15));
 }
+
+/// A TCP proxy in front of the machine's broker whose broker-to-client
+/// direction can be muted: what the broker says is read and dropped, so a
+/// request the client makes is never answered, on a connection that stays
+/// open. Counts the client connections it accepted.
+struct MutingProxy {
+    url: String,
+    mute: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl MutingProxy {
+    async fn start() -> Self {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a port");
+        let url = format!(
+            "amqp://guest:guest@{}/%2f",
+            listener.local_addr().expect("bound")
+        );
+        let mute = Arc::new(AtomicBool::new(false));
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let (m, a) = (mute.clone(), accepted.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                a.fetch_add(1, Ordering::SeqCst);
+                let Ok(broker) = tokio::net::TcpStream::connect("127.0.0.1:5672").await else {
+                    continue;
+                };
+                let (mut client_read, mut client_write) = client.into_split();
+                let (mut broker_read, mut broker_write) = broker.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut client_read, &mut broker_write).await;
+                });
+                let mute = m.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0; 16 * 1024];
+                    while let Ok(n) = broker_read.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        if !mute.load(Ordering::SeqCst)
+                            && client_write.write_all(&buf[..n]).await.is_err()
+                        {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        Self {
+            url,
+            mute,
+            accepted,
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_confirm_channel_the_broker_never_opens_is_given_up_and_the_next_publish_reconnects() {
+    use std::sync::atomic::Ordering;
+
+    let proxy = MutingProxy::start().await;
+    let shutdown = CancellationToken::new();
+    let bus = Bus::connect(std::slice::from_ref(&proxy.url), "bus-test-mute", &shutdown)
+        .await
+        .expect("broker through the proxy");
+    // The queue, on a direct connection the proxy does not touch.
+    let direct = Bus::connect(&[URL.to_owned()], "bus-test-direct", &shutdown)
+        .await
+        .expect("broker");
+    let ch = direct.channel().await.expect("channel");
+    let queue = format!("{}.muted", namespace());
+    ch.queue_declare(
+        queue.as_str().into(),
+        Default::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("queue");
+    let publisher = Publisher::new(bus.clone());
+    let msg = Outgoing {
+        exchange: "",
+        routing_key: &queue,
+        message_id: "m-1",
+        kind: None,
+        body: b"{}",
+        headers: FieldTable::default(),
+    };
+
+    // The connection is up, but the broker's answer to the channel's opening
+    // never arrives: the publish must fail, not wait for ever (it did, in the
+    // cluster test, holding every other publish behind it).
+    proxy.mute.store(true, Ordering::SeqCst);
+    let started = std::time::Instant::now();
+    let first = tokio::time::timeout(Duration::from_secs(25), publisher.publish(&msg))
+        .await
+        .expect("the publish gave up instead of hanging");
+    assert!(
+        matches!(
+            first,
+            Err(BusError::TimedOut {
+                what: "opening a confirm channel",
+                ..
+            })
+        ),
+        "{first:?}"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(9),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // The next publish does not reuse the silent connection: it opens a new
+    // one, and the broker takes the message.
+    proxy.mute.store(false, Ordering::SeqCst);
+    tokio::time::timeout(Duration::from_secs(20), publisher.publish(&msg))
+        .await
+        .expect("no hang")
+        .expect("published on a fresh connection");
+    assert_eq!(proxy.accepted.load(Ordering::SeqCst), 2);
+    let got = ch
+        .basic_get(queue.as_str().into(), Default::default())
+        .await
+        .expect("basic.get");
+    assert!(got.is_some(), "the message reached the queue");
+
+    let _ = ch
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await;
+    publisher.close().await;
+    bus.close().await;
+    direct.close().await;
+}

@@ -40,11 +40,14 @@ where
 {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut quiet_rounds = 0;
+    let mut last = (false, None);
     while tokio::time::Instant::now() < deadline {
-        let quiet = outbox_empty(env).await
-            && list()
-                .await
-                .is_some_and(|listing| queues_quiet(&listing, env, tap_queue));
+        let outbox = outbox_empty(env).await;
+        let listing = list().await;
+        let quiet = outbox
+            && listing
+                .as_deref()
+                .is_some_and(|listing| queues_quiet(listing, env, tap_queue));
         if quiet {
             quiet_rounds += 1;
             if quiet_rounds == 2 {
@@ -53,8 +56,16 @@ where
         } else {
             quiet_rounds = 0;
         }
+        last = (outbox, listing);
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // What was still moving, so a failure says which of the two it was.
+    let (outbox, listing) = last;
+    eprintln!(
+        "not settled after {timeout:?}: outbox empty: {outbox}; the last queue listing \
+         (name, ready, unacknowledged; the tap is {tap_queue}):\n{}",
+        listing.as_deref().unwrap_or("(no node answered)")
+    );
     false
 }
 

@@ -70,6 +70,16 @@ pub enum BusError {
     /// The message matched no queue (returned to the publisher as mandatory).
     #[error("the message was returned unroutable: {0}")]
     Unroutable(String),
+    /// The broker did not answer in time: a confirm channel that would not
+    /// open, or a publish never confirmed. The channel is dropped and a
+    /// retry starts afresh.
+    #[error("RabbitMQ did not answer ({what}) within {after:?}")]
+    TimedOut {
+        /// What was waited for.
+        what: &'static str,
+        /// How long.
+        after: std::time::Duration,
+    },
 }
 
 impl BusError {

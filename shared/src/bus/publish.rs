@@ -14,6 +14,12 @@ use tokio_util::sync::CancellationToken;
 use super::{Bus, BusError, Topology};
 use crate::events::CONTENT_TYPE;
 
+/// How long a confirm channel may take to open (normally milliseconds).
+const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a publish may wait for its confirm.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// One message to publish.
 #[derive(Debug, Clone)]
 pub struct Outgoing<'a> {
@@ -75,8 +81,27 @@ impl Publisher {
         {
             return Ok(ch.clone());
         }
-        let ch = self.bus.channel().await?;
-        ch.confirm_select(ConfirmSelectOptions::default()).await?;
+        // Bounded: in the cluster test a worker whose node was killed got
+        // its consumer back on a new connection, but its publisher never got
+        // a channel (none on the broker, no error, for ten minutes), and
+        // every publish waited behind this lock with it. Given up after
+        // OPEN_TIMEOUT, the connection is forgotten, so the retry opens the
+        // channel on a fresh one.
+        let open = async {
+            let ch = self.bus.channel().await?;
+            ch.confirm_select(ConfirmSelectOptions::default()).await?;
+            Ok::<_, BusError>(ch)
+        };
+        let ch = match tokio::time::timeout(OPEN_TIMEOUT, open).await {
+            Ok(ch) => ch?,
+            Err(_) => {
+                self.bus.forget().await;
+                return Err(BusError::TimedOut {
+                    what: "opening a confirm channel",
+                    after: OPEN_TIMEOUT,
+                });
+            }
+        };
         *slot = Some(ch.clone());
         Ok(ch)
     }
@@ -127,16 +152,19 @@ impl Publisher {
                 .await?
                 .await
         };
-        let confirmation = match tokio::time::timeout(Duration::from_secs(30), outcome).await {
+        let confirmation = match tokio::time::timeout(CONFIRM_TIMEOUT, outcome).await {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
                 self.drop_channel(&channel).await;
                 return Err(e.into());
             }
             Err(_) => {
-                // No confirm within 30 s: treat the channel as broken.
+                // No confirm within CONFIRM_TIMEOUT: treat the channel as broken.
                 self.drop_channel(&channel).await;
-                return Err(BusError::Nacked);
+                return Err(BusError::TimedOut {
+                    what: "a publish confirm",
+                    after: CONFIRM_TIMEOUT,
+                });
             }
         };
         if confirmation.is_nack() {
