@@ -225,7 +225,7 @@ impl Parser<'_> {
             if inner.starts_with(['-', '+']) || inner.ends_with(['-', '+']) {
                 return None;
             }
-            let inner = inner.trim_matches(is_jinja_space);
+            let inner = inner.trim_matches(char::is_whitespace);
             if !statement {
                 nodes.push(Node::Print(self.var(inner)?));
                 continue;
@@ -236,10 +236,10 @@ impl Parser<'_> {
                 _ => {}
             }
             let test = inner.strip_prefix("if")?;
-            if !test.starts_with(is_jinja_space) {
+            if !test.starts_with(char::is_whitespace) {
                 return None;
             }
-            let test = self.var(test.trim_matches(is_jinja_space))?;
+            let test = self.var(test.trim_matches(char::is_whitespace))?;
             let (then, end) = self.block()?;
             let otherwise = match end {
                 End::Endif => Vec::new(),
@@ -277,15 +277,11 @@ fn push_text(nodes: &mut Vec<Node>, text: &str) {
     }
 }
 
-/// The white space minijinja's lexer skips inside a tag.
-fn is_jinja_space(c: char) -> bool {
-    c.is_whitespace()
-}
-
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
 
+    use super::super::render::MAIL_VARS;
     use super::*;
 
     fn values() -> Values<'static> {
@@ -366,7 +362,7 @@ mod tests {
             "\"", "\r\n",
         ])
         .prop_map(str::to_owned);
-        let name = prop::sample::select(NAMES.to_vec());
+        let name = prop::sample::select(MAIL_VARS.to_vec());
         let space = prop::sample::select(vec!["", " ", "  ", "\n", "\t"]);
         let print = (space.clone(), name.clone(), space.clone())
             .prop_map(|(a, n, b)| format!("{{{{{a}{n}{b}}}}}"));
@@ -385,21 +381,6 @@ mod tests {
                 })
         })
     }
-
-    const NAMES: [&str; 12] = [
-        "name",
-        "email",
-        "link",
-        "code",
-        "purpose",
-        "locale",
-        "expires_at",
-        "ttl_seconds",
-        "valid_for",
-        "valid_for_amount",
-        "valid_for_unit",
-        "subject",
-    ];
 
     fn text_value() -> impl Strategy<Value = Option<String>> {
         prop::option::of(

@@ -189,7 +189,7 @@ struct MailVars {
 }
 
 /// [`MailVars`]' names, `subject` last.
-static MAIL_VARS: [&str; 12] = [
+pub(super) static MAIL_VARS: [&str; 12] = [
     "name",
     "email",
     "link",
