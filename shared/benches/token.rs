@@ -5,32 +5,18 @@
 //! reports the best batch's mean, which is the least disturbed by other processes.
 
 use std::hint::black_box;
-use std::time::{Duration, Instant};
 
 use secrecy::SecretString;
 use time::OffsetDateTime;
 use verimail_shared::token::{Claims, Digest, Keys, ProofPayload, Signer};
 
-const WARM_UP: Duration = Duration::from_millis(100);
-const MEASURE: Duration = Duration::from_millis(500);
+#[path = "support/timing.rs"]
+mod timing;
+
 const BATCH: u32 = 1_000;
 
-fn bench(name: &str, mut op: impl FnMut()) {
-    let start = Instant::now();
-    while start.elapsed() < WARM_UP {
-        for _ in 0..BATCH {
-            op();
-        }
-    }
-    let mut best = f64::INFINITY;
-    let start = Instant::now();
-    while start.elapsed() < MEASURE {
-        let batch = Instant::now();
-        for _ in 0..BATCH {
-            op();
-        }
-        best = best.min(batch.elapsed().as_nanos() as f64 / f64::from(BATCH));
-    }
+fn bench(name: &str, op: impl FnMut()) {
+    let best = timing::best_mean_ns(BATCH, op);
     println!("{name:<32} {best:>9.0} ns/op");
 }
 

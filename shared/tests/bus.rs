@@ -239,7 +239,9 @@ async fn a_confirm_channel_the_broker_never_opens_is_given_up_and_the_next_publi
 
     // The connection is up, but the broker's answer to the channel's opening
     // never arrives: the publish must fail, not wait for ever (it did, in the
-    // cluster test, holding every other publish behind it).
+    // cluster test, holding every other publish behind it). The channel's
+    // own bound and the confirm channel's (which covers its confirm mode
+    // too) are both 10 s: either may be the one that fires.
     proxy.mute.store(true, Ordering::SeqCst);
     let started = std::time::Instant::now();
     let first = tokio::time::timeout(Duration::from_secs(25), publisher.publish(&msg))
@@ -249,7 +251,7 @@ async fn a_confirm_channel_the_broker_never_opens_is_given_up_and_the_next_publi
         matches!(
             first,
             Err(BusError::TimedOut {
-                what: "opening a confirm channel",
+                what: "opening a channel" | "opening a confirm channel",
                 ..
             })
         ),
@@ -281,4 +283,96 @@ async fn a_confirm_channel_the_broker_never_opens_is_given_up_and_the_next_publi
     publisher.close().await;
     bus.close().await;
     direct.close().await;
+}
+
+#[tokio::test]
+async fn a_channel_or_consumer_the_broker_never_opens_is_given_up_and_the_next_one_reconnects() {
+    use std::sync::atomic::Ordering;
+
+    let proxy = MutingProxy::start().await;
+    let shutdown = CancellationToken::new();
+    let bus = Bus::connect(
+        std::slice::from_ref(&proxy.url),
+        "bus-test-mute-channel",
+        &shutdown,
+    )
+    .await
+    .expect("broker through the proxy");
+
+    // A plain channel (the worker's consumer, the gateway's relay, the CLI
+    // open theirs this way): bounded, then the connection is forgotten.
+    proxy.mute.store(true, Ordering::SeqCst);
+    let started = std::time::Instant::now();
+    let first = tokio::time::timeout(Duration::from_secs(25), bus.channel())
+        .await
+        .expect("opening the channel gave up instead of hanging");
+    assert!(
+        matches!(
+            first,
+            Err(BusError::TimedOut {
+                what: "opening a channel",
+                after,
+            }) if after == bus::OPEN_TIMEOUT
+        ),
+        "{first:?}"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(9),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // The next channel is opened on a new connection.
+    proxy.mute.store(false, Ordering::SeqCst);
+    let ch = tokio::time::timeout(Duration::from_secs(20), bus.channel())
+        .await
+        .expect("no hang")
+        .expect("a channel on a fresh connection");
+    assert_eq!(proxy.accepted.load(Ordering::SeqCst), 2);
+
+    // A consumer's start on an open channel that then goes silent (what
+    // `within` bounds in the worker): given up, the connection forgotten.
+    let queue = format!("{}.muted-consumer", namespace());
+    ch.queue_declare(
+        queue.as_str().into(),
+        Default::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("queue");
+    proxy.mute.store(true, Ordering::SeqCst);
+    let start = async {
+        let consumer = ch
+            .basic_consume(
+                queue.as_str().into(),
+                "muted".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok::<_, BusError>(consumer)
+    };
+    let consuming = bus
+        .within("starting the consumer", Duration::from_secs(2), start)
+        .await;
+    assert!(
+        matches!(
+            consuming,
+            Err(BusError::TimedOut {
+                what: "starting the consumer",
+                ..
+            })
+        ),
+        "{consuming:?}"
+    );
+    proxy.mute.store(false, Ordering::SeqCst);
+    let again = tokio::time::timeout(Duration::from_secs(20), bus.channel())
+        .await
+        .expect("no hang")
+        .expect("a channel on a third connection");
+    assert_eq!(proxy.accepted.load(Ordering::SeqCst), 3);
+    let _ = again
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await;
+    bus.close().await;
 }

@@ -7,32 +7,19 @@
 //! processes.
 
 use std::hint::black_box;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use time::OffsetDateTime;
 use verimail_shared::events::Purpose;
 use verimail_worker::mail::{MailContext, Templates};
 
-const WARM_UP: Duration = Duration::from_millis(100);
-const MEASURE: Duration = Duration::from_millis(500);
+#[path = "../../shared/benches/support/timing.rs"]
+mod timing;
+
 const BATCH: u32 = 200;
 
-fn bench(name: &str, mut op: impl FnMut()) -> f64 {
-    let start = Instant::now();
-    while start.elapsed() < WARM_UP {
-        for _ in 0..BATCH {
-            op();
-        }
-    }
-    let mut best = f64::INFINITY;
-    let start = Instant::now();
-    while start.elapsed() < MEASURE {
-        let batch = Instant::now();
-        for _ in 0..BATCH {
-            op();
-        }
-        best = best.min(batch.elapsed().as_nanos() as f64 / f64::from(BATCH));
-    }
+fn bench(name: &str, op: impl FnMut()) -> f64 {
+    let best = timing::best_mean_ns(BATCH, op);
     println!("{name:<40} {best:>9.0} ns/mail");
     best
 }

@@ -20,6 +20,11 @@ use verimail_shared::bus::declare;
 
 use crate::process::{self, Ctx};
 
+/// How long opening the channel, declaring the topology and starting the
+/// consumer may take together (quorum queues are declared through their
+/// Raft log, which takes longer on a cluster that lost a node).
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Consumes until `shutdown`, spawning one task per delivery into `tracker`.
 /// Returns the last channel, cancelled but open: in-flight tasks still ack on
 /// it, and closing it afterwards hands back whatever was not acknowledged.
@@ -40,19 +45,28 @@ pub async fn consume(
     while !shutdown.is_cancelled() {
         // Channel and consumer again, for as long as the broker refuses them;
         // each failure marks the worker unready until one succeeds.
-        let attempts = (|| start(&ctx, &bus, prefetch, &tag))
-            .retry(
-                ExponentialBuilder::default()
-                    .with_jitter()
-                    .with_min_delay(Duration::from_millis(200))
-                    .with_max_delay(Duration::from_secs(5))
-                    .without_max_times(),
+        // Bounded, as every wait on the broker: a start that hangs (a
+        // channel or consumer never answered on a fresh connection) is given
+        // up, its connection forgotten, and retried on a new one.
+        let attempts = (|| {
+            bus.within(
+                "starting the consumer",
+                START_TIMEOUT,
+                start(&ctx, &bus, prefetch, &tag),
             )
-            .when(|e| !matches!(e, BusError::Cancelled))
-            .notify(|e, wait| {
-                ctx.health.set_bus(false);
-                warn!(error = %e, retry_in = ?wait, "cannot consume; retrying");
-            });
+        })
+        .retry(
+            ExponentialBuilder::default()
+                .with_jitter()
+                .with_min_delay(Duration::from_millis(200))
+                .with_max_delay(Duration::from_secs(5))
+                .without_max_times(),
+        )
+        .when(|e| !matches!(e, BusError::Cancelled))
+        .notify(|e, wait| {
+            ctx.health.set_bus(false);
+            warn!(error = %e, retry_in = ?wait, "cannot consume; retrying");
+        });
         let started = tokio::select! {
             started = attempts => started,
             () = shutdown.cancelled() => break,

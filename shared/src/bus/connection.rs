@@ -13,6 +13,10 @@ use tokio_util::sync::CancellationToken;
 use super::BusError;
 use crate::config::redact;
 
+/// How long opening a channel, or a consumer on it, may take (normally
+/// milliseconds).
+pub const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// A connection to one node of the cluster named by `AMQP_URL`, re-made on
 /// another node when it is lost.
 #[derive(Debug)]
@@ -83,16 +87,42 @@ impl Bus {
         Ok(conn)
     }
 
-    /// A fresh channel on the live connection.
+    /// A fresh channel on the live connection, within [`OPEN_TIMEOUT`].
     pub async fn channel(&self) -> Result<Channel, BusError> {
         let conn = self.connection().await?;
-        match conn.create_channel().await {
-            Ok(ch) => Ok(ch),
-            Err(e) => {
-                // The connection looked alive but is not: forget it so the
-                // next call reconnects.
-                self.forget().await;
-                Err(e.into())
+        let opened = match tokio::time::timeout(OPEN_TIMEOUT, conn.create_channel()).await {
+            Ok(Ok(ch)) => return Ok(ch),
+            Ok(Err(e)) => e.into(),
+            Err(_) => BusError::TimedOut {
+                what: "opening a channel",
+                after: OPEN_TIMEOUT,
+            },
+        };
+        // The connection looked alive but is not: forget it so the next call
+        // reconnects.
+        self.forget_if(Some(&conn)).await;
+        Err(opened)
+    }
+
+    /// Runs `work` on this bus, giving up after `after`: then the connection
+    /// it started on is forgotten, so whatever retries opens a fresh one.
+    ///
+    /// Every wait for a broker's answer is bounded: in the cluster test a
+    /// worker whose node was killed reconnected, then waited for ever on a
+    /// channel that never opened on the new connection (no error, no channel
+    /// on the broker, ten minutes), and every publish queued behind it.
+    pub async fn within<T>(
+        &self,
+        what: &'static str,
+        after: Duration,
+        work: impl Future<Output = Result<T, BusError>>,
+    ) -> Result<T, BusError> {
+        let started_on = self.connection.lock().await.clone();
+        match tokio::time::timeout(after, work).await {
+            Ok(result) => result,
+            Err(_) => {
+                self.forget_if(started_on.as_ref()).await;
+                Err(BusError::TimedOut { what, after })
             }
         }
     }
@@ -100,6 +130,20 @@ impl Bus {
     /// Forgets the current connection (it failed); the next call reconnects.
     pub async fn forget(&self) {
         *self.connection.lock().await = None;
+    }
+
+    /// Forgets the connection only if it is still `failed` (`None`: whichever
+    /// it is): one that another task has made since is left alone.
+    async fn forget_if(&self, failed: Option<&Arc<Connection>>) {
+        let mut slot = self.connection.lock().await;
+        let same = match (slot.as_ref(), failed) {
+            (Some(now), Some(failed)) => Arc::ptr_eq(now, failed),
+            (_, None) => true,
+            (None, Some(_)) => false,
+        };
+        if same {
+            *slot = None;
+        }
     }
 
     /// Closes the connection (at shutdown).

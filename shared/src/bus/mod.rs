@@ -15,7 +15,7 @@ mod headers;
 mod publish;
 mod topology;
 
-pub use connection::Bus;
+pub use connection::{Bus, OPEN_TIMEOUT};
 pub use headers::{dead_letter_headers, dead_letter_reason, header_str, replay_headers};
 pub use publish::{Outgoing, Publisher};
 pub use topology::{Topology, bind_temporary_queue, declare, declare_exchange, declare_subscriber};
@@ -70,9 +70,9 @@ pub enum BusError {
     /// The message matched no queue (returned to the publisher as mandatory).
     #[error("the message was returned unroutable: {0}")]
     Unroutable(String),
-    /// The broker did not answer in time: a confirm channel that would not
-    /// open, or a publish never confirmed. The channel is dropped and a
-    /// retry starts afresh.
+    /// The broker did not answer in time: a channel or consumer that would
+    /// not open, or a publish never confirmed. The channel (or connection) is
+    /// dropped and a retry starts afresh.
     #[error("RabbitMQ did not answer ({what}) within {after:?}")]
     TimedOut {
         /// What was waited for.

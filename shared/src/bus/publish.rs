@@ -11,11 +11,8 @@ use lapin::{BasicProperties, Channel};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
-use super::{Bus, BusError, Topology};
+use super::{Bus, BusError, OPEN_TIMEOUT, Topology};
 use crate::events::CONTENT_TYPE;
-
-/// How long a confirm channel may take to open (normally milliseconds).
-const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long a publish may wait for its confirm.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
@@ -81,27 +78,18 @@ impl Publisher {
         {
             return Ok(ch.clone());
         }
-        // Bounded: in the cluster test a worker whose node was killed got
-        // its consumer back on a new connection, but its publisher never got
-        // a channel (none on the broker, no error, for ten minutes), and
-        // every publish waited behind this lock with it. Given up after
-        // OPEN_TIMEOUT, the connection is forgotten, so the retry opens the
-        // channel on a fresh one.
+        // Bounded as a whole (the channel and its confirm mode): every
+        // publish waits behind this lock, so one unanswered opening would
+        // hold them all.
         let open = async {
             let ch = self.bus.channel().await?;
             ch.confirm_select(ConfirmSelectOptions::default()).await?;
             Ok::<_, BusError>(ch)
         };
-        let ch = match tokio::time::timeout(OPEN_TIMEOUT, open).await {
-            Ok(ch) => ch?,
-            Err(_) => {
-                self.bus.forget().await;
-                return Err(BusError::TimedOut {
-                    what: "opening a confirm channel",
-                    after: OPEN_TIMEOUT,
-                });
-            }
-        };
+        let ch = self
+            .bus
+            .within("opening a confirm channel", OPEN_TIMEOUT, open)
+            .await?;
         *slot = Some(ch.clone());
         Ok(ch)
     }

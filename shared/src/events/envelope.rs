@@ -56,7 +56,14 @@ impl<T: Serialize> CloudEvent<T> {
 
     /// The JSON body.
     pub fn to_bytes(&self) -> Vec<u8> {
+        // Sized for a whole outcome event (a few hundred bytes, unless its
+        // context is large): `to_vec` starts at 128 bytes and grew the buffer
+        // twice or three times per event.
+        let mut out = Vec::with_capacity(1024);
         // Serializing these types cannot fail: every map key is a string.
-        serde_json::to_vec(self).unwrap_or_default()
+        match serde_json::to_writer(&mut out, self) {
+            Ok(()) => out,
+            Err(_) => Vec::new(),
+        }
     }
 }

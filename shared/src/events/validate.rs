@@ -196,11 +196,19 @@ pub(super) fn truncate(s: &str, max: usize) -> String {
 
 /// Picks the best available locale for `tag`: the exact tag, then shorter
 /// prefixes (`zh-Hant-TW` → `zh-Hant` → `zh`), then `default`. Case-insensitive.
-pub fn resolve_locale<'a>(tag: Option<&str>, available: &[&'a str], default: &'a str) -> &'a str {
+pub fn resolve_locale<'a, S: AsRef<str>>(
+    tag: Option<&str>,
+    available: &'a [S],
+    default: &'a str,
+) -> &'a str {
     let Some(tag) = tag else { return default };
     let mut candidate = tag;
     loop {
-        if let Some(found) = available.iter().find(|a| a.eq_ignore_ascii_case(candidate)) {
+        if let Some(found) = available
+            .iter()
+            .map(AsRef::as_ref)
+            .find(|a| a.eq_ignore_ascii_case(candidate))
+        {
             return found;
         }
         match candidate.rfind('-') {

@@ -118,57 +118,49 @@ impl Templates {
             origins,
             plain: HashMap::new(),
         };
-        templates.check()?;
-        for ((purpose, locale), parts) in parts {
-            if let [Some(subject), Some(text), Some(html)] = parts {
-                let plain = [subject, text, html];
-                if templates.renders_alike(&plain, purpose, &locale)? {
-                    templates
-                        .plain
-                        .entry(purpose)
-                        .or_default()
-                        .insert(locale, plain);
-                }
-            }
-        }
+        templates.check(parts)?;
         Ok(templates)
     }
 
     /// Renders every template with sample data, with and without a name, so
-    /// runtime errors (unknown filter, undefined variable) show at start.
-    fn check(&self) -> Result<(), TemplateError> {
+    /// runtime errors (unknown filter, undefined variable) show at start; and
+    /// keeps the `parts` compiled as plain templates of a purpose and locale
+    /// where all three are and render every sample exactly as minijinja
+    /// renders their sources (one minijinja render per sample serves both).
+    fn check(
+        &mut self,
+        mut parts: HashMap<(Purpose, String), [Option<Plain>; 3]>,
+    ) -> Result<(), TemplateError> {
+        let mut alike = Vec::new();
         for purpose in Purpose::ALL {
             for locale in self.locales_for(purpose) {
+                let mut plain = match parts.remove(&(purpose, locale.to_owned())) {
+                    Some([Some(subject), Some(text), Some(html)]) => Some([subject, text, html]),
+                    _ => None,
+                };
                 for sample in samples(purpose) {
-                    self.render_with_minijinja(locale, &sample)?;
+                    let jinja = self.render_with_minijinja(locale, &sample)?;
+                    if let Some(fast) = plain.as_ref().map(|p| render_plain(p, locale, &sample))
+                        && (&jinja.subject, &jinja.text, &jinja.html)
+                            != (&fast.subject, &fast.text, &fast.html)
+                    {
+                        tracing::warn!(
+                            purpose = purpose.as_str(),
+                            locale,
+                            "a template renders differently without minijinja; minijinja renders it"
+                        );
+                        plain = None;
+                    }
+                }
+                if let Some(plain) = plain {
+                    alike.push((purpose, locale.to_owned(), plain));
                 }
             }
         }
-        Ok(())
-    }
-
-    /// Whether the plain templates of `purpose` in `locale` render every
-    /// sample exactly as minijinja renders their sources.
-    fn renders_alike(
-        &self,
-        plain: &[Plain; 3],
-        purpose: Purpose,
-        locale: &str,
-    ) -> Result<bool, TemplateError> {
-        for sample in samples(purpose) {
-            let jinja = self.render_with_minijinja(locale, &sample)?;
-            let fast = render_plain(plain, locale, &sample);
-            if (&jinja.subject, &jinja.text, &jinja.html) != (&fast.subject, &fast.text, &fast.html)
-            {
-                tracing::warn!(
-                    purpose = purpose.as_str(),
-                    locale,
-                    "a template renders differently without minijinja; minijinja renders it"
-                );
-                return Ok(false);
-            }
+        for (purpose, locale, plain) in alike {
+            self.plain.entry(purpose).or_default().insert(locale, plain);
         }
-        Ok(true)
+        Ok(())
     }
 }
 

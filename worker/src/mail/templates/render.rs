@@ -23,8 +23,12 @@ impl Templates {
         locale: Option<&str>,
         ctx: &MailContext<'_>,
     ) -> Result<RenderedMail, TemplateError> {
-        let available = self.locales_for(ctx.purpose);
-        let chosen = resolve_locale(locale, &available, DEFAULT_LOCALE);
+        // The stored list itself, not `locales_for`'s copy: no `Vec` per mail.
+        let available = self
+            .locales
+            .get(&ctx.purpose)
+            .map_or(&[][..], Vec::as_slice);
+        let chosen = resolve_locale(locale, available, DEFAULT_LOCALE);
         self.render_in(chosen, ctx)
     }
 
