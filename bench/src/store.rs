@@ -16,7 +16,7 @@ use verimail_worker::health::Health;
 use verimail_worker::store::{BatchedStore, Claim, Finish, Mark, RequestRow, Store};
 
 use crate::results::Results;
-use crate::system::{Server, ServerCpu, prepare_db, rate};
+use crate::system::{Server, ServerCpu, prepare_db, print_means, rate};
 use verimail_tests::env::TestEnv;
 
 /// About the size of a real `sent` outcome event.
@@ -37,6 +37,9 @@ async fn run(env: &TestEnv, out: &Results, n: usize, concurrency: usize) -> Resu
     let url = env.get("DATABASE_URL").context("DATABASE_URL")?;
     prepare_db(env).await?;
     let pool = verimail_shared::db::connect(url, false, Default::default()).await?;
+    // The worker's recorder, so the batches' sizes and times are counted
+    // (printed after the run).
+    let metrics = verimail_worker::metrics::handle();
     let store = Store::new(pool, Duration::from_secs(60));
     let batches = BatchedStore::spawn(store, Arc::new(Health::default()));
     let prefix = uuid::Uuid::now_v7().simple().to_string();
@@ -69,6 +72,11 @@ async fn run(env: &TestEnv, out: &Results, n: usize, concurrency: usize) -> Resu
     println!(
         "  {n} requests in {secs:.2} s ({:.0}/s); PostgreSQL CPU per request: {per:.4} ms in this database's backends",
         rate(n, secs)
+    );
+    print_means(
+        "the worker's statements",
+        "its metrics recorder",
+        &metrics.render(),
     );
     out.put("store_pg_ms_per_request", format!("{per:.4}"))?;
     out.put("store_per_s", format!("{:.0}", rate(n, secs)))?;

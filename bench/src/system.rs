@@ -129,8 +129,9 @@ pub(crate) fn log_tail(p: &Proc, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-/// Prints the mean of every `*_seconds` histogram series on a Prometheus
-/// `/metrics` page (sum / count): where a service says its time goes.
+/// Prints the mean of every `*_seconds` and `*_size` histogram series on a
+/// Prometheus `/metrics` page (sum / count): where a service says its time
+/// goes, and how many jobs its batched statements carried.
 pub(crate) async fn print_step_means(who: &str, url: &str) {
     let text = match verimail_tests::http::get(url, &[]).await {
         Ok((200, _, body)) => body,
@@ -143,8 +144,13 @@ pub(crate) async fn print_step_means(who: &str, url: &str) {
             return;
         }
     };
-    let mut sums: BTreeMap<String, f64> = BTreeMap::new();
-    let mut counts: BTreeMap<String, f64> = BTreeMap::new();
+    print_means(who, url, &text);
+}
+
+/// [`print_step_means`] on a page already read (`source` names where from).
+pub(crate) fn print_means(who: &str, source: &str, text: &str) {
+    let mut sums: BTreeMap<(String, &str), f64> = BTreeMap::new();
+    let mut counts: BTreeMap<(String, &str), f64> = BTreeMap::new();
     for line in text.lines().filter(|l| !l.starts_with('#')) {
         let Some((series, value)) = line.rsplit_once(' ') else {
             continue;
@@ -154,24 +160,31 @@ pub(crate) async fn print_step_means(who: &str, url: &str) {
         };
         let (name, labels) = series.split_once('{').unwrap_or((series, ""));
         let labels = labels.trim_end_matches('}');
+        // Durations in ms; batch sizes (`*_size`) in jobs: PostgreSQL's CPU
+        // per mail falls as the batches grow (docs/performance.md).
+        let series = |base: &str, unit: &'static str| (format!("{base}{{{labels}}}"), unit);
         if let Some(base) = name.strip_suffix("_seconds_sum") {
-            sums.insert(format!("{base}{{{labels}}}"), value);
+            sums.insert(series(base, "ms"), value * 1e3);
         } else if let Some(base) = name.strip_suffix("_seconds_count") {
-            counts.insert(format!("{base}{{{labels}}}"), value);
+            counts.insert(series(base, "ms"), value);
+        } else if let Some(base) = name.strip_suffix("_size_sum") {
+            sums.insert(series(base, "jobs"), value);
+        } else if let Some(base) = name.strip_suffix("_size_count") {
+            counts.insert(series(base, "jobs"), value);
         }
     }
     let means: Vec<String> = sums
         .iter()
-        .filter_map(|(k, sum)| {
-            let n = *counts.get(k)?;
-            (n > 0.0).then(|| format!("{k} {:.2} ms × {n}", sum / n * 1e3))
+        .filter_map(|((k, unit), sum)| {
+            let n = *counts.get(&(k.clone(), *unit))?;
+            (n > 0.0).then(|| format!("{k} {:.2} {unit} × {n}", sum / n))
         })
         .collect();
     if means.is_empty() {
-        println!("  ({who}: no *_seconds histograms on {url})");
+        println!("  ({who}: no *_seconds or *_size histograms on {source})");
         return;
     }
-    println!("  {who}'s own timings (mean per event, from /metrics):");
+    println!("  {who}: own timings and batch sizes (mean per event, from {source}):");
     for m in means {
         println!("    {m}");
     }
