@@ -103,11 +103,14 @@ impl BusSlot {
                 return;
             };
             // Declare what we publish to; retried, since a channel can fail too.
-            let declare = || async {
-                let channel = bus.channel().await?;
-                verimail_shared::bus::declare_exchange(&channel, &topology).await?;
-                let _ = channel.close(200, "declared".into()).await;
-                Ok::<_, bus::BusError>(())
+            let declare = || {
+                let declare = async {
+                    let channel = bus.channel().await?;
+                    verimail_shared::bus::declare_exchange(&channel, &topology).await?;
+                    let _ = channel.close(200, "declared".into()).await;
+                    Ok::<_, bus::BusError>(())
+                };
+                bus.within("declaring the exchange", bus::SETUP_TIMEOUT, declare)
             };
             let attempts = declare
                 .retry(

@@ -107,11 +107,20 @@ impl Producer {
         shutdown: CancellationToken,
     ) -> Result<Self, ProducerError> {
         let topology = Topology::new(config.namespace.clone());
-        let channel = bus.channel().await?;
-        verimail_shared::bus::declare(&channel, &topology)
-            .await
-            .map_err(ProducerError::Declare)?;
-        let _ = channel.close(200, "declared".into()).await;
+        let declare = async {
+            let channel = bus.channel().await?;
+            verimail_shared::bus::declare(&channel, &topology)
+                .await
+                .map_err(ProducerError::Declare)?;
+            let _ = channel.close(200, "declared".into()).await;
+            Ok::<_, ProducerError>(())
+        };
+        bus.within(
+            "declaring the topology",
+            verimail_shared::bus::SETUP_TIMEOUT,
+            declare,
+        )
+        .await?;
         let allowlist =
             (!config.return_url_allowlist.is_empty()).then(|| config.return_url_allowlist.clone());
         Ok(Self {

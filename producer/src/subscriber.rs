@@ -228,8 +228,11 @@ impl Subscriber {
                         () = shutdown.cancelled() => return None,
                     }
                 }
+                // Bounded, as every wait on the broker (docs/operations.md).
+                let bus = self.bus.clone();
+                let start = bus.within("starting the subscriber", bus::SETUP_TIMEOUT, self.start());
                 let started = tokio::select! {
-                    r = self.start() => r,
+                    r = start => r,
                     () = shutdown.cancelled() => return None,
                 };
                 match started {

@@ -14,16 +14,11 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
-use verimail_shared::bus::{Bus, BusError};
+use verimail_shared::bus::{Bus, BusError, SETUP_TIMEOUT};
 
 use verimail_shared::bus::declare;
 
 use crate::process::{self, Ctx};
-
-/// How long opening the channel, declaring the topology and starting the
-/// consumer may take together (quorum queues are declared through their
-/// Raft log, which takes longer on a cluster that lost a node).
-const START_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Consumes until `shutdown`, spawning one task per delivery into `tracker`.
 /// Returns the last channel, cancelled but open: in-flight tasks still ack on
@@ -51,7 +46,7 @@ pub async fn consume(
         let attempts = (|| {
             bus.within(
                 "starting the consumer",
-                START_TIMEOUT,
+                SETUP_TIMEOUT,
                 start(&ctx, &bus, prefetch, &tag),
             )
         })

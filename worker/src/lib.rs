@@ -32,7 +32,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
-use verimail_shared::bus::{Bus, BusError, Publisher, Topology};
+use verimail_shared::bus::{Bus, BusError, Publisher, SETUP_TIMEOUT, Topology};
 
 use verimail_shared::bus::declare;
 use verimail_shared::config::Config;
@@ -167,9 +167,16 @@ impl Worker {
         let name = format!("verimail-worker {}", config.namespace);
         let bus = Bus::connect(&config.amqp_urls, &name, &hard_stop).await?;
         let topology = Topology::new(config.namespace.clone());
-        let channel = bus.channel().await?;
-        declare(&channel, &topology).await.map_err(Error::Declare)?;
-        let _ = channel.close(200, "declared".into()).await;
+        // Bounded: a broker that stops answering here would leave the worker
+        // started and never ready.
+        let declared = async {
+            let channel = bus.channel().await?;
+            declare(&channel, &topology).await.map_err(Error::Declare)?;
+            let _ = channel.close(200, "declared".into()).await;
+            Ok::<_, Error>(())
+        };
+        bus.within("declaring the topology", SETUP_TIMEOUT, declared)
+            .await?;
 
         let health = Arc::new(Health::default());
         health.set_db(true);

@@ -17,6 +17,12 @@ use crate::config::redact;
 /// milliseconds).
 pub const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long setting up on a fresh channel may take as a whole: opening it,
+/// declaring the topology and, in the worker, starting the consumer (quorum
+/// queues are declared through their Raft log, slower on a cluster that lost
+/// a node).
+pub const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// A connection to one node of the cluster named by `AMQP_URL`, re-made on
 /// another node when it is lost.
 #[derive(Debug)]
@@ -111,18 +117,18 @@ impl Bus {
     /// worker whose node was killed reconnected, then waited for ever on a
     /// channel that never opened on the new connection (no error, no channel
     /// on the broker, ten minutes), and every publish queued behind it.
-    pub async fn within<T>(
+    pub async fn within<T, E: From<BusError>>(
         &self,
         what: &'static str,
         after: Duration,
-        work: impl Future<Output = Result<T, BusError>>,
-    ) -> Result<T, BusError> {
+        work: impl Future<Output = Result<T, E>>,
+    ) -> Result<T, E> {
         let started_on = self.connection.lock().await.clone();
         match tokio::time::timeout(after, work).await {
             Ok(result) => result,
             Err(_) => {
                 self.forget_if(started_on.as_ref()).await;
-                Err(BusError::TimedOut { what, after })
+                Err(BusError::TimedOut { what, after }.into())
             }
         }
     }
