@@ -371,8 +371,43 @@ async fn a_channel_or_consumer_the_broker_never_opens_is_given_up_and_the_next_o
         .expect("no hang")
         .expect("a channel on a third connection");
     assert_eq!(proxy.accepted.load(Ordering::SeqCst), 3);
-    let _ = again
+
+    // A set-up that starts on a lost connection reconnects by itself; when
+    // it then hangs, the connection it made is the one forgotten.
+    let lost = bus.connection().await.expect("the live connection");
+    lost.close(200, "lost, for the test".into())
+        .await
+        .expect("closed");
+    let start = async {
+        let ch = bus.channel().await?;
+        proxy.mute.store(true, Ordering::SeqCst);
+        ch.basic_consume(
+            queue.as_str().into(),
+            "muted-again".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+        Ok::<_, BusError>(())
+    };
+    let consuming = bus
+        .within("starting the consumer", Duration::from_secs(2), start)
+        .await;
+    assert!(
+        matches!(consuming, Err(BusError::TimedOut { .. })),
+        "{consuming:?}"
+    );
+    assert_eq!(proxy.accepted.load(Ordering::SeqCst), 4, "it reconnected");
+    proxy.mute.store(false, Ordering::SeqCst);
+    let last = tokio::time::timeout(Duration::from_secs(20), bus.channel())
+        .await
+        .expect("no hang")
+        .expect("a channel on a fifth connection");
+    assert_eq!(proxy.accepted.load(Ordering::SeqCst), 5);
+    drop(again);
+    let _ = last
         .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
         .await;
+    let _ = last.close(200, "done".into()).await;
     bus.close().await;
 }

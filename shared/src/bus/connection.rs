@@ -13,8 +13,8 @@ use tokio_util::sync::CancellationToken;
 use super::BusError;
 use crate::config::redact;
 
-/// How long opening a channel, or a consumer on it, may take (normally
-/// milliseconds).
+/// How long opening a channel (with a publisher's confirm mode) may take
+/// (normally milliseconds).
 pub const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long setting up on a fresh channel may take as a whole: opening it,
@@ -123,7 +123,15 @@ impl Bus {
         after: Duration,
         work: impl Future<Output = Result<T, E>>,
     ) -> Result<T, E> {
-        let started_on = self.connection.lock().await.clone();
+        // The connection the work will use: the live one now, or, when there
+        // is none (or it is lost), whichever the work's own reconnection puts
+        // in the slot, so then the current one is forgotten.
+        let started_on = self
+            .connection
+            .lock()
+            .await
+            .clone()
+            .filter(|conn| conn.status().connected());
         match tokio::time::timeout(after, work).await {
             Ok(result) => result,
             Err(_) => {

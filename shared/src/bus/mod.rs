@@ -70,9 +70,10 @@ pub enum BusError {
     /// The message matched no queue (returned to the publisher as mandatory).
     #[error("the message was returned unroutable: {0}")]
     Unroutable(String),
-    /// The broker did not answer in time: a channel or consumer that would
-    /// not open, or a publish never confirmed. The channel (or connection) is
-    /// dropped and a retry starts afresh.
+    /// The broker did not answer in time: a channel that would not open, a
+    /// set-up on it (topology, consumer) that did not finish, or a publish
+    /// never confirmed. The channel (or connection) is dropped and a retry
+    /// starts afresh.
     #[error("RabbitMQ did not answer ({what}) within {after:?}")]
     TimedOut {
         /// What was waited for.
