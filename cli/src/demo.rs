@@ -258,17 +258,24 @@ async fn wait_ready(url: &str, what: &str) -> anyhow::Result<()> {
 /// A temporary queue on the namespace's exchange, its events sent down a channel.
 async fn tap(config: &Config) -> anyhow::Result<mpsc::UnboundedReceiver<Value>> {
     let bus = Bus::connect_once(&config.amqp_urls, "verimail-demo").await?;
-    let channel = bus.channel().await?;
     let topology = Topology::new(config.namespace.clone());
-    bus::declare(&channel, &topology).await?;
-    let queue = bus::bind_temporary_queue(&channel, topology.exchange(), &["verimail.#"]).await?;
-    let mut consumer = channel
-        .basic_consume(
-            queue,
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
+    let start = async {
+        let channel = bus.channel().await?;
+        bus::declare(&channel, &topology).await?;
+        let queue =
+            bus::bind_temporary_queue(&channel, topology.exchange(), &["verimail.#"]).await?;
+        let consumer = channel
+            .basic_consume(
+                queue,
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok::<_, anyhow::Error>((channel, consumer))
+    };
+    let (_channel, mut consumer) = bus
+        .within("starting the demo's tap", bus::SETUP_TIMEOUT, start)
         .await?;
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {

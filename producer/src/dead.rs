@@ -11,7 +11,7 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicGetOptions};
 use serde::Serialize;
 use serde_json::Value;
-use verimail_shared::bus::{self, Bus, BusError, Outgoing, Publisher, Topology};
+use verimail_shared::bus::{self, Bus, BusError, Outgoing, Publisher, SETUP_TIMEOUT, Topology};
 use verimail_shared::events;
 
 /// Header set to `true` on every copy `verimail dead replay` publishes, so the
@@ -123,10 +123,14 @@ async fn take_all(channel: &Channel, queue: &str) -> Result<Vec<Delivery>, lapin
 }
 
 async fn open(bus: &Bus, topology: &Topology) -> Result<Channel, DeadError> {
-    let channel = bus.channel().await?;
-    // The queue may not exist yet in a fresh namespace.
-    verimail_shared::bus::declare(&channel, topology).await?;
-    Ok(channel)
+    let open = async {
+        let channel = bus.channel().await?;
+        // The queue may not exist yet in a fresh namespace.
+        verimail_shared::bus::declare(&channel, topology).await?;
+        Ok(channel)
+    };
+    bus.within("declaring the topology", SETUP_TIMEOUT, open)
+        .await
 }
 
 /// Lists the letters in `{ns}.dead`, oldest first, leaving every one in place.

@@ -9,7 +9,7 @@ use lapin::types::FieldTable;
 use serde_json::Value;
 use tokio::signal::unix::{SignalKind, signal};
 use verimail_shared::Config;
-use verimail_shared::bus::{Bus, Topology};
+use verimail_shared::bus::{Bus, SETUP_TIMEOUT, Topology};
 
 use super::Outcome;
 
@@ -47,27 +47,36 @@ pub async fn run(config: &Config, args: ListenArgs) -> Outcome {
     let bus = Bus::connect_once(&config.amqp_urls, "verimail-listen")
         .await
         .context("cannot listen")?;
-    let channel = bus.channel().await?;
-    verimail_shared::bus::declare(&channel, &topology)
-        .await
-        .context("declaring the topology failed")?;
-    // Server-named, exclusive and auto-deleted: it lives as long as we do.
-    let patterns: Vec<&str> = args.patterns.iter().map(String::as_str).collect();
-    let queue =
-        verimail_shared::bus::bind_temporary_queue(&channel, topology.exchange(), &patterns)
+    // Bounded, as every wait on the broker: a node that stops answering
+    // ends the command with an error instead of a silent hang.
+    let start = async {
+        let channel = bus.channel().await?;
+        verimail_shared::bus::declare(&channel, &topology)
+            .await
+            .context("declaring the topology failed")?;
+        // Server-named, exclusive and auto-deleted: it lives as long as we do.
+        let patterns: Vec<&str> = args.patterns.iter().map(String::as_str).collect();
+        let queue =
+            verimail_shared::bus::bind_temporary_queue(&channel, topology.exchange(), &patterns)
+                .await?;
+        let consumer = channel
+            .basic_consume(
+                queue,
+                "".into(),
+                // Printing is all we do with an event: nothing to acknowledge.
+                BasicConsumeOptions {
+                    no_ack: true,
+                    exclusive: true,
+                    ..BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            )
             .await?;
-    let mut consumer = channel
-        .basic_consume(
-            queue,
-            "".into(),
-            // Printing is all we do with an event: nothing to acknowledge.
-            BasicConsumeOptions {
-                no_ack: true,
-                exclusive: true,
-                ..BasicConsumeOptions::default()
-            },
-            FieldTable::default(),
-        )
+        Ok::<_, anyhow::Error>((channel, consumer))
+    };
+    // The channel is held while the consumer runs.
+    let (_channel, mut consumer) = bus
+        .within("starting to listen", SETUP_TIMEOUT, start)
         .await?;
     eprintln!(
         "listening on exchange `{}` for {} (Ctrl-C to stop)",
