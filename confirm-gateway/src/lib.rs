@@ -104,13 +104,13 @@ impl BusSlot {
             };
             // Declare what we publish to; retried, since a channel can fail too.
             let declare = || {
-                let declare = async {
+                let work = async {
                     let channel = bus.channel().await?;
                     verimail_shared::bus::declare_exchange(&channel, &topology).await?;
                     let _ = channel.close(200, "declared".into()).await;
                     Ok::<_, bus::BusError>(())
                 };
-                bus.within("declaring the exchange", bus::SETUP_TIMEOUT, declare)
+                bus.within("declaring the exchange", bus::SETUP_TIMEOUT, work)
             };
             let attempts = declare
                 .retry(

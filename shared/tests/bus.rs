@@ -203,12 +203,51 @@ impl MutingProxy {
             accepted,
         }
     }
+
+    fn set_muted(&self, muted: bool) {
+        self.mute.store(muted, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Awaits `call` against a silenced broker: it must give up on its own with
+/// `TimedOut` after [`bus::OPEN_TIMEOUT`] (not hang: 25 s guard). Answers
+/// what it said it waited for.
+async fn given_up_at_open_timeout<T: std::fmt::Debug>(
+    call: impl std::future::Future<Output = Result<T, BusError>>,
+) -> &'static str {
+    let started = std::time::Instant::now();
+    let result = tokio::time::timeout(Duration::from_secs(25), call)
+        .await
+        .expect("gave up instead of hanging");
+    assert!(
+        started.elapsed() >= Duration::from_secs(9),
+        "{:?}",
+        started.elapsed()
+    );
+    match result {
+        Err(BusError::TimedOut { what, after }) if after == bus::OPEN_TIMEOUT => what,
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+}
+
+/// Unmutes the proxy and opens a channel, which must come on a fresh
+/// connection: the proxy's `connections`-th.
+async fn reopened(bus: &Bus, proxy: &MutingProxy, connections: usize) -> lapin::Channel {
+    proxy.set_muted(false);
+    let ch = tokio::time::timeout(Duration::from_secs(20), bus.channel())
+        .await
+        .expect("no hang")
+        .expect("a channel on a fresh connection");
+    assert_eq!(proxy.accepted(), connections);
+    ch
 }
 
 #[tokio::test]
 async fn a_confirm_channel_the_broker_never_opens_is_given_up_and_the_next_publish_reconnects() {
-    use std::sync::atomic::Ordering;
-
     let proxy = MutingProxy::start().await;
     let shutdown = CancellationToken::new();
     let bus = Bus::connect(std::slice::from_ref(&proxy.url), "bus-test-mute", &shutdown)
@@ -242,35 +281,21 @@ async fn a_confirm_channel_the_broker_never_opens_is_given_up_and_the_next_publi
     // cluster test, holding every other publish behind it). The channel's
     // own bound and the confirm channel's (which covers its confirm mode
     // too) are both 10 s: either may be the one that fires.
-    proxy.mute.store(true, Ordering::SeqCst);
-    let started = std::time::Instant::now();
-    let first = tokio::time::timeout(Duration::from_secs(25), publisher.publish(&msg))
-        .await
-        .expect("the publish gave up instead of hanging");
+    proxy.set_muted(true);
+    let what = given_up_at_open_timeout(publisher.publish(&msg)).await;
     assert!(
-        matches!(
-            first,
-            Err(BusError::TimedOut {
-                what: "opening a channel" | "opening a confirm channel",
-                ..
-            })
-        ),
-        "{first:?}"
-    );
-    assert!(
-        started.elapsed() >= Duration::from_secs(9),
-        "{:?}",
-        started.elapsed()
+        matches!(what, "opening a channel" | "opening a confirm channel"),
+        "{what}"
     );
 
     // The next publish does not reuse the silent connection: it opens a new
     // one, and the broker takes the message.
-    proxy.mute.store(false, Ordering::SeqCst);
+    proxy.set_muted(false);
     tokio::time::timeout(Duration::from_secs(20), publisher.publish(&msg))
         .await
         .expect("no hang")
         .expect("published on a fresh connection");
-    assert_eq!(proxy.accepted.load(Ordering::SeqCst), 2);
+    assert_eq!(proxy.accepted(), 2);
     let got = ch
         .basic_get(queue.as_str().into(), Default::default())
         .await
@@ -287,8 +312,6 @@ async fn a_confirm_channel_the_broker_never_opens_is_given_up_and_the_next_publi
 
 #[tokio::test]
 async fn a_channel_or_consumer_the_broker_never_opens_is_given_up_and_the_next_one_reconnects() {
-    use std::sync::atomic::Ordering;
-
     let proxy = MutingProxy::start().await;
     let shutdown = CancellationToken::new();
     let bus = Bus::connect(
@@ -301,34 +324,14 @@ async fn a_channel_or_consumer_the_broker_never_opens_is_given_up_and_the_next_o
 
     // A plain channel (the worker's consumer, the gateway's relay, the CLI
     // open theirs this way): bounded, then the connection is forgotten.
-    proxy.mute.store(true, Ordering::SeqCst);
-    let started = std::time::Instant::now();
-    let first = tokio::time::timeout(Duration::from_secs(25), bus.channel())
-        .await
-        .expect("opening the channel gave up instead of hanging");
-    assert!(
-        matches!(
-            first,
-            Err(BusError::TimedOut {
-                what: "opening a channel",
-                after,
-            }) if after == bus::OPEN_TIMEOUT
-        ),
-        "{first:?}"
-    );
-    assert!(
-        started.elapsed() >= Duration::from_secs(9),
-        "{:?}",
-        started.elapsed()
+    proxy.set_muted(true);
+    assert_eq!(
+        given_up_at_open_timeout(bus.channel()).await,
+        "opening a channel"
     );
 
     // The next channel is opened on a new connection.
-    proxy.mute.store(false, Ordering::SeqCst);
-    let ch = tokio::time::timeout(Duration::from_secs(20), bus.channel())
-        .await
-        .expect("no hang")
-        .expect("a channel on a fresh connection");
-    assert_eq!(proxy.accepted.load(Ordering::SeqCst), 2);
+    let ch = reopened(&bus, &proxy, 2).await;
 
     // A consumer's start on an open channel that then goes silent (what
     // `within` bounds in the worker): given up, the connection forgotten.
@@ -340,7 +343,7 @@ async fn a_channel_or_consumer_the_broker_never_opens_is_given_up_and_the_next_o
     )
     .await
     .expect("queue");
-    proxy.mute.store(true, Ordering::SeqCst);
+    proxy.set_muted(true);
     let start = async {
         let consumer = ch
             .basic_consume(
@@ -365,12 +368,7 @@ async fn a_channel_or_consumer_the_broker_never_opens_is_given_up_and_the_next_o
         ),
         "{consuming:?}"
     );
-    proxy.mute.store(false, Ordering::SeqCst);
-    let again = tokio::time::timeout(Duration::from_secs(20), bus.channel())
-        .await
-        .expect("no hang")
-        .expect("a channel on a third connection");
-    assert_eq!(proxy.accepted.load(Ordering::SeqCst), 3);
+    let again = reopened(&bus, &proxy, 3).await;
 
     // A set-up that starts on a lost connection reconnects by itself; when
     // it then hangs, the connection it made is the one forgotten.
@@ -380,7 +378,7 @@ async fn a_channel_or_consumer_the_broker_never_opens_is_given_up_and_the_next_o
         .expect("closed");
     let start = async {
         let ch = bus.channel().await?;
-        proxy.mute.store(true, Ordering::SeqCst);
+        proxy.set_muted(true);
         ch.basic_consume(
             queue.as_str().into(),
             "muted-again".into(),
@@ -397,13 +395,8 @@ async fn a_channel_or_consumer_the_broker_never_opens_is_given_up_and_the_next_o
         matches!(consuming, Err(BusError::TimedOut { .. })),
         "{consuming:?}"
     );
-    assert_eq!(proxy.accepted.load(Ordering::SeqCst), 4, "it reconnected");
-    proxy.mute.store(false, Ordering::SeqCst);
-    let last = tokio::time::timeout(Duration::from_secs(20), bus.channel())
-        .await
-        .expect("no hang")
-        .expect("a channel on a fifth connection");
-    assert_eq!(proxy.accepted.load(Ordering::SeqCst), 5);
+    assert_eq!(proxy.accepted(), 4, "it reconnected");
+    let last = reopened(&bus, &proxy, 5).await;
     drop(again);
     let _ = last
         .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())

@@ -3,9 +3,8 @@
 //! consumption resumes.
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use backon::{ExponentialBuilder, Retryable};
+use backon::Retryable;
 use futures_util::StreamExt;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
@@ -14,7 +13,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
-use verimail_shared::bus::{Bus, BusError, SETUP_TIMEOUT};
+use verimail_shared::bus::{Bus, BusError, SETUP_TIMEOUT, reconnect_backoff};
 
 use verimail_shared::bus::declare;
 
@@ -50,13 +49,7 @@ pub async fn consume(
                 start(&ctx, &bus, prefetch, &tag),
             )
         })
-        .retry(
-            ExponentialBuilder::default()
-                .with_jitter()
-                .with_min_delay(Duration::from_millis(200))
-                .with_max_delay(Duration::from_secs(5))
-                .without_max_times(),
-        )
+        .retry(reconnect_backoff())
         .when(|e| !matches!(e, BusError::Cancelled))
         .notify(|e, wait| {
             ctx.health.set_bus(false);

@@ -23,6 +23,16 @@ pub const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// a node).
 pub const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The backoff between attempts to reach the broker again (a connection, a
+/// consumer): jittered, 200 ms growing to 5 s, for as long as it takes.
+pub fn reconnect_backoff() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_jitter()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(5))
+        .without_max_times()
+}
+
 /// A connection to one node of the cluster named by `AMQP_URL`, re-made on
 /// another node when it is lost.
 #[derive(Debug)]
@@ -73,17 +83,9 @@ impl Bus {
             return Ok(conn.clone());
         }
         let attempt = || connect_any(&self.urls, &self.name);
-        let retry = attempt
-            .retry(
-                ExponentialBuilder::default()
-                    .with_jitter()
-                    .with_min_delay(Duration::from_millis(200))
-                    .with_max_delay(Duration::from_secs(5))
-                    .without_max_times(),
-            )
-            .notify(|e, wait| {
-                tracing::warn!(error = %e, retry_in = ?wait, "RabbitMQ unreachable, retrying");
-            });
+        let retry = attempt.retry(reconnect_backoff()).notify(|e, wait| {
+            tracing::warn!(error = %e, retry_in = ?wait, "RabbitMQ unreachable, retrying");
+        });
         let conn = tokio::select! {
             conn = retry => conn?,
             () = self.shutdown.cancelled() => return Err(BusError::Cancelled),

@@ -15,7 +15,7 @@ mod headers;
 mod publish;
 mod topology;
 
-pub use connection::{Bus, OPEN_TIMEOUT, SETUP_TIMEOUT};
+pub use connection::{Bus, OPEN_TIMEOUT, SETUP_TIMEOUT, reconnect_backoff};
 pub use headers::{dead_letter_headers, dead_letter_reason, header_str, replay_headers};
 pub use publish::{Outgoing, Publisher};
 pub use topology::{Topology, bind_temporary_queue, declare, declare_exchange, declare_subscriber};

@@ -133,7 +133,7 @@ impl Templates {
     ) -> Result<(), TemplateError> {
         let mut alike = Vec::new();
         for purpose in Purpose::ALL {
-            for locale in self.locales_for(purpose) {
+            for locale in self.locales_for(purpose).iter().map(String::as_str) {
                 let mut plain = match parts.remove(&(purpose, locale.to_owned())) {
                     Some([Some(subject), Some(text), Some(html)]) => Some([subject, text, html]),
                     _ => None,

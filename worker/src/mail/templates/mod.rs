@@ -152,11 +152,8 @@ impl fmt::Debug for Templates {
 
 impl Templates {
     /// The locales available for `purpose`, sorted.
-    pub fn locales_for(&self, purpose: Purpose) -> Vec<&str> {
-        self.locales
-            .get(&purpose)
-            .map(|l| l.iter().map(String::as_str).collect())
-            .unwrap_or_default()
+    pub fn locales_for(&self, purpose: Purpose) -> &[String] {
+        self.locales.get(&purpose).map_or(&[], Vec::as_slice)
     }
 
     /// The plain templates of `purpose` in `locale`, if it has them.

@@ -23,12 +23,7 @@ impl Templates {
         locale: Option<&str>,
         ctx: &MailContext<'_>,
     ) -> Result<RenderedMail, TemplateError> {
-        // The stored list itself, not `locales_for`'s copy: no `Vec` per mail.
-        let available = self
-            .locales
-            .get(&ctx.purpose)
-            .map_or(&[][..], Vec::as_slice);
-        let chosen = resolve_locale(locale, available, DEFAULT_LOCALE);
+        let chosen = resolve_locale(locale, self.locales_for(ctx.purpose), DEFAULT_LOCALE);
         self.render_in(chosen, ctx)
     }
 
