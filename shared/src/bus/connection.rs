@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use super::BusError;
 use crate::config::redact;
 
-/// How long opening a channel (with a publisher's confirm mode) may take
+/// How long opening a channel, or turning on a publisher's confirms on it, may take
 /// (normally milliseconds).
 pub const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 

@@ -78,17 +78,15 @@ impl Publisher {
         {
             return Ok(ch.clone());
         }
-        // Bounded as a whole (the channel and its confirm mode): every
-        // publish waits behind this lock, so one unanswered opening would
-        // hold them all.
-        let open = async {
-            let ch = self.bus.channel().await?;
+        // Both steps bounded (`Bus::channel` bounds its own): every publish
+        // waits behind this lock, so one unanswered opening would hold them all.
+        let ch = self.bus.channel().await?;
+        let confirms = async {
             ch.confirm_select(ConfirmSelectOptions::default()).await?;
-            Ok::<_, BusError>(ch)
+            Ok::<_, BusError>(())
         };
-        let ch = self
-            .bus
-            .within("opening a confirm channel", OPEN_TIMEOUT, open)
+        self.bus
+            .within("turning on publisher confirms", OPEN_TIMEOUT, confirms)
             .await?;
         *slot = Some(ch.clone());
         Ok(ch)
