@@ -255,7 +255,8 @@ pub struct MailCode {
 }
 
 /// The code of the latest mail sent to `user_id` for `purpose`, with whether
-/// it was confirmed: one statement, served by `requests_user_purpose_sent_at`
+/// it was confirmed: one statement, served by `requests_user_purpose` (the
+/// user's few requests for the purpose, sorted here by when each was sent)
 /// and the confirmations' primary key.
 pub async fn latest_code(
     pool: &PgPool,

@@ -2,6 +2,7 @@
 //! here the single-request path, in [`batched`] the statements for many.
 
 mod batched;
+mod pages;
 
 use std::time::Duration;
 
