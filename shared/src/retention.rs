@@ -30,11 +30,12 @@ pub struct Swept {
 const STATEMENTS: [(&str, &str); 4] = [
     (
         "requests",
-        // A request's published marks go with it.
+        // A request's published marks and provider message ids go with it.
         "WITH gone AS (SELECT id FROM requests \
          WHERE created_at < now() - make_interval(secs => $1) AND state = 'done' \
          LIMIT $2 FOR UPDATE SKIP LOCKED), \
-         marks AS (DELETE FROM published p USING gone WHERE p.request_id = gone.id) \
+         marks AS (DELETE FROM published p USING gone WHERE p.request_id = gone.id), \
+         messages AS (DELETE FROM provider_messages m USING gone WHERE m.request_id = gone.id) \
          DELETE FROM requests WHERE id IN (SELECT id FROM gone)",
     ),
     (

@@ -66,6 +66,14 @@ async fn old_records_are_deleted_in_batches_and_fresh_ones_stay() {
     .execute(&pool)
     .await
     .expect("published marks");
+    // So do the provider's ids of mails sent through an HTTP API.
+    sqlx::query(
+        "INSERT INTO provider_messages (provider_message_id, request_id) VALUES \
+         ('pm-1','old-1'), ('pm-3','fresh-1')",
+    )
+    .execute(&pool)
+    .await
+    .expect("provider message ids");
     sqlx::query(
         "INSERT INTO webhook_receipts (provider, event_key, received_at) VALUES \
          ('ses','old',now() - interval '10 days'), ('ses','new',now())",
@@ -91,6 +99,11 @@ async fn old_records_are_deleted_in_batches_and_fresh_ones_stay() {
         count(&pool, "published").await,
         1,
         "the marks of deleted requests go, a kept request's stays"
+    );
+    assert_eq!(
+        count(&pool, "provider_messages").await,
+        1,
+        "the provider ids of deleted requests go, a kept request's stays"
     );
     assert_eq!(swept.webhook_receipts, 1);
     assert_eq!(count(&pool, "webhook_receipts").await, 1);

@@ -67,7 +67,7 @@ pub struct Notice {
     /// Our request id, when the send put it in the provider's metadata.
     pub request_id: Option<String>,
     /// Message ids the notification names: the provider's (recorded at send
-    /// time in `requests.provider_message_id`) or our own `Message-ID`.
+    /// time in `provider_messages`) or our own `Message-ID`.
     pub message_ids: Vec<String>,
 }
 

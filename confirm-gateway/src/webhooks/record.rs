@@ -88,12 +88,16 @@ pub async fn record(
             })
             .collect();
         // The mail, if it went to this address: by request id first, then
-        // by the provider's message id.
+        // by the provider's message id (kept in `provider_messages`; in
+        // `requests.provider_message_id` by a worker of an earlier release).
         let mail: Option<(String, Option<String>)> = sqlx::query_as(
             "SELECT id, user_id FROM ( \
                  SELECT id, user_id, email, 0 AS rank FROM requests WHERE id = ANY($1) \
                  UNION ALL \
-                 SELECT id, user_id, email, 1 FROM requests WHERE provider_message_id = ANY($2) \
+                 SELECT r.id, r.user_id, r.email, 1 FROM provider_messages p \
+                 JOIN requests r ON r.id = p.request_id WHERE p.provider_message_id = ANY($2) \
+                 UNION ALL \
+                 SELECT id, user_id, email, 2 FROM requests WHERE provider_message_id = ANY($2) \
              ) m WHERE lower(m.email) = lower($3) ORDER BY rank LIMIT 1",
         )
         .bind(&candidates)

@@ -6,7 +6,10 @@ use serde_json::json;
 
 use crate::common::*;
 use crate::sendgrid::SendgridKey;
-use crate::support::{app, b64, events, post, sent_through_provider, suppressions};
+use crate::support::{
+    app, b64, events, post, sent_through_provider, sent_through_provider_by_an_earlier_release,
+    suppressions,
+};
 
 /// The `USER:PASSWORD` in `WEBHOOK_SECRETS`.
 pub const POSTMARK: &str = "hooks:s3cret-pass";
@@ -84,4 +87,23 @@ async fn postmark_needs_its_basic_auth_and_ties_a_bounce_by_its_message_id() {
         ]
     );
     app.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_bounce_finds_a_mail_whose_provider_id_an_earlier_release_recorded() {
+    // During a rolling upgrade a worker of the earlier release records the
+    // provider's id on the request row, not in `provider_messages`.
+    let sg = SendgridKey::new();
+    let (app, _) = app(&sg, &[]).await;
+    sent_through_provider_by_an_earlier_release(&app, "r9", "lee@example.com", "pm-old-0001").await;
+    let bounce = json!({"RecordType": "Bounce", "ID": 7, "Type": "HardBounce", "TypeCode": 1,
+        "MessageID": "pm-old-0001", "Email": "lee@example.com", "BouncedAt": "2026-12-05T10:00:00Z",
+        "Details": "smtp;550 5.1.1 unknown user", "Inactive": true})
+    .to_string();
+    let answer = post_postmark(&app, POSTMARK, &bounce).await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+    let bounced = events(&app, "verimail.email.bounced").await;
+    assert_eq!(bounced.len(), 1);
+    assert_eq!(bounced[0]["request_id"], "r9");
+    assert_eq!(bounced[0]["user_id"], "user-r9");
 }

@@ -139,8 +139,35 @@ pub fn api(method: &str, path: &str, key: Option<&str>, body: &str) -> Request<B
 
 /// A request `id` whose verification mail to `email` went through a
 /// provider that answered `provider_id` (as the worker records it at send
-/// time): bounce notifications name the mail by that id.
+/// time, in `provider_messages`): bounce notifications name the mail by that id.
 pub async fn sent_through_provider(app: &TestApp, id: &str, email: &str, provider_id: &str) {
+    insert_sent_request(app, id, email).await;
+    sqlx::query("INSERT INTO provider_messages (provider_message_id, request_id) VALUES ($1, $2)")
+        .bind(provider_id)
+        .bind(id)
+        .execute(app.pool())
+        .await
+        .expect("record the provider's id");
+}
+
+/// [`sent_through_provider`] as a worker of the release before
+/// `provider_messages` recorded it: in `requests.provider_message_id`.
+pub async fn sent_through_provider_by_an_earlier_release(
+    app: &TestApp,
+    id: &str,
+    email: &str,
+    provider_id: &str,
+) {
+    insert_sent_request(app, id, email).await;
+    sqlx::query("UPDATE requests SET provider_message_id = $1 WHERE id = $2")
+        .bind(provider_id)
+        .bind(id)
+        .execute(app.pool())
+        .await
+        .expect("record the provider's id");
+}
+
+async fn insert_sent_request(app: &TestApp, id: &str, email: &str) {
     app.insert_request(
         id,
         email,
@@ -150,10 +177,4 @@ pub async fn sent_through_provider(app: &TestApp, id: &str, email: &str, provide
         std::time::Duration::ZERO,
     )
     .await;
-    sqlx::query("UPDATE requests SET provider_message_id = $1 WHERE id = $2")
-        .bind(provider_id)
-        .bind(id)
-        .execute(app.pool())
-        .await
-        .expect("record the provider's id");
 }

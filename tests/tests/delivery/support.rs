@@ -89,14 +89,15 @@ impl Deployment {
         let pool = sqlx::PgPool::connect(self.env.get("DATABASE_URL").unwrap_or_default())
             .await
             .expect("the database answers");
-        let row: Option<(Option<String>,)> =
-            sqlx::query_as("SELECT provider_message_id FROM requests WHERE id = $1")
-                .bind(id)
-                .fetch_optional(&pool)
-                .await
-                .expect("the request row is read");
+        let row: Option<(String,)> = sqlx::query_as(
+            "SELECT provider_message_id FROM provider_messages WHERE request_id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&pool)
+        .await
+        .expect("the provider's id is read");
         pool.close().await;
-        row.and_then(|r| r.0)
+        row.map(|r| r.0)
     }
 
     pub async fn stop(self) {

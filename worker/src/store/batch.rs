@@ -199,11 +199,11 @@ r AS (
     SET state = 'done', lease_until = now() + $7::float8 * interval '1 second',
         outcome_type = i.outcome_type, outcome = i.outcome,
         sent_at = i.sent_at, attempts = r.attempts + i.attempted,
-        code_hash = i.code_hash, code_attempts = 0,
-        provider_message_id = i.provider_message_id
+        code_hash = i.code_hash, code_attempts = 0
     FROM input i
     WHERE r.id = i.id AND r.state = 'processing'
-    RETURNING r.id, r.user_id, r.purpose, r.email, i.sent_at, i.release_throttle, i.suppress
+    RETURNING r.id, r.user_id, r.purpose, r.email, i.sent_at, i.release_throttle, i.suppress,
+              i.provider_message_id
 ),
 thr AS (
     SELECT t.user_id, t.purpose, r.sent_at, r.release_throttle
@@ -225,6 +225,16 @@ touched AS (
 released AS (
     DELETE FROM throttle t USING thr x
     WHERE x.release_throttle AND t.user_id = x.user_id AND t.purpose = x.purpose
+    RETURNING 1
+),
+-- The provider's id of a mail sent through an HTTP API, in a narrow table of
+-- its own (`shared/migrations/20261207000021_hot_conclusion.sql`): no column
+-- the conclusion writes in `requests` is indexed, so its update stays on the
+-- row's page and adds no index entry.
+messages AS (
+    INSERT INTO provider_messages (provider_message_id, request_id)
+    SELECT r.provider_message_id, r.id FROM r WHERE r.provider_message_id IS NOT NULL
+    ON CONFLICT DO NOTHING
     RETURNING 1
 ),
 -- SUPPRESS_ON_REJECT: the refused recipient goes on the list with the
