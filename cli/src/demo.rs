@@ -11,16 +11,17 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use futures_util::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions};
-use lapin::types::FieldTable;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 use verimail_shared::Config;
-use verimail_shared::bus::{self, Bus, Topology};
+use verimail_shared::bus::{Bus, Topology};
 use verimail_shared::config::{MailUrl, outbox_file_name};
 
 use verimail_producer::{Producer, VerificationRequest};
+
+use crate::cli::listen::temporary_consumer;
 
 /// How long each step may take before the demo says what is wrong.
 const STEP: Duration = Duration::from_secs(60);
@@ -259,24 +260,14 @@ async fn wait_ready(url: &str, what: &str) -> anyhow::Result<()> {
 async fn tap(config: &Config) -> anyhow::Result<mpsc::UnboundedReceiver<Value>> {
     let bus = Bus::connect_once(&config.amqp_urls, "verimail-demo").await?;
     let topology = Topology::new(config.namespace.clone());
-    let start = async {
-        let channel = bus.channel().await?;
-        bus::declare(&channel, &topology).await?;
-        let queue =
-            bus::bind_temporary_queue(&channel, topology.exchange(), &["verimail.#"]).await?;
-        let consumer = channel
-            .basic_consume(
-                queue,
-                "".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        Ok::<_, anyhow::Error>((channel, consumer))
-    };
-    let (_channel, mut consumer) = bus
-        .within("starting the demo's tap", bus::SETUP_TIMEOUT, start)
-        .await?;
+    let (_channel, mut consumer) = temporary_consumer(
+        &bus,
+        &topology,
+        &["verimail.#"],
+        BasicConsumeOptions::default(),
+        "starting the demo's tap",
+    )
+    .await?;
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         // Keeps the bus (and so the connection) alive as long as the tap runs.

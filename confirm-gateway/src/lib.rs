@@ -36,7 +36,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
-use verimail_shared::bus::{self, Bus, Topology};
+use verimail_shared::bus::{Bus, Topology};
 use verimail_shared::token::Signer;
 use verimail_shared::{Config, ConfigError, db};
 
@@ -103,15 +103,7 @@ impl BusSlot {
                 return;
             };
             // Declare what we publish to; retried, since a channel can fail too.
-            let declare = || {
-                let work = async {
-                    let channel = bus.channel().await?;
-                    verimail_shared::bus::declare_exchange(&channel, &topology).await?;
-                    let _ = channel.close(200, "declared".into()).await;
-                    Ok::<_, bus::BusError>(())
-                };
-                bus.within("declaring the exchange", bus::SETUP_TIMEOUT, work)
-            };
+            let declare = || outbox::redeclare(&bus, &topology);
             let attempts = declare
                 .retry(
                     ConstantBuilder::default()

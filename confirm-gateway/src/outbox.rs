@@ -17,7 +17,7 @@ use sqlx::PgPool;
 use time::OffsetDateTime;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-use verimail_shared::bus::{Bus, BusError, Outgoing, Publisher, SETUP_TIMEOUT, Topology};
+use verimail_shared::bus::{Bus, BusError, Outgoing, Publisher, Topology};
 
 use crate::metrics::Metrics;
 use crate::{BusSlot, store};
@@ -296,13 +296,12 @@ impl Relay {
     }
 }
 
-async fn redeclare(bus: &Bus, topology: &Topology) -> Result<(), BusError> {
-    let declare = async {
-        let channel = bus.channel().await?;
-        verimail_shared::bus::declare_exchange(&channel, topology).await?;
-        let _ = channel.close(200, "declared".into()).await;
+/// Declares the exchange the gateway publishes to (at start, and again when
+/// the relay finds it gone).
+pub(crate) async fn redeclare(bus: &Bus, topology: &Topology) -> Result<(), BusError> {
+    bus.set_up("declaring the exchange", async |channel| {
+        verimail_shared::bus::declare_exchange(channel, topology).await?;
         Ok(())
-    };
-    bus.within("declaring the exchange", SETUP_TIMEOUT, declare)
-        .await
+    })
+    .await
 }

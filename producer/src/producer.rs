@@ -107,19 +107,11 @@ impl Producer {
         shutdown: CancellationToken,
     ) -> Result<Self, ProducerError> {
         let topology = Topology::new(config.namespace.clone());
-        let declare = async {
-            let channel = bus.channel().await?;
-            verimail_shared::bus::declare(&channel, &topology)
+        bus.set_up("declaring the topology", async |channel| {
+            verimail_shared::bus::declare(channel, &topology)
                 .await
-                .map_err(ProducerError::Declare)?;
-            let _ = channel.close(200, "declared".into()).await;
-            Ok::<_, ProducerError>(())
-        };
-        bus.within(
-            "declaring the topology",
-            verimail_shared::bus::SETUP_TIMEOUT,
-            declare,
-        )
+                .map_err(ProducerError::Declare)
+        })
         .await?;
         let allowlist =
             (!config.return_url_allowlist.is_empty()).then(|| config.return_url_allowlist.clone());

@@ -258,14 +258,7 @@ async fn a_confirm_channel_the_broker_never_opens_is_given_up_and_the_next_publi
         .await
         .expect("broker");
     let ch = direct.channel().await.expect("channel");
-    let queue = format!("{}.muted", namespace());
-    ch.queue_declare(
-        queue.as_str().into(),
-        Default::default(),
-        FieldTable::default(),
-    )
-    .await
-    .expect("queue");
+    let queue = declared_queue(&ch, "muted").await;
     let publisher = Publisher::new(bus.clone());
     let msg = Outgoing {
         exchange: "",
@@ -332,14 +325,7 @@ async fn a_channel_or_consumer_the_broker_never_opens_is_given_up_and_the_next_o
 
     // A consumer's start on an open channel that then goes silent (what
     // `within` bounds in the worker): given up, the connection forgotten.
-    let queue = format!("{}.muted-consumer", namespace());
-    ch.queue_declare(
-        queue.as_str().into(),
-        Default::default(),
-        FieldTable::default(),
-    )
-    .await
-    .expect("queue");
+    let queue = declared_queue(&ch, "muted-consumer").await;
     proxy.set_muted(true);
     let start = async {
         let consumer = ch
@@ -400,4 +386,17 @@ async fn a_channel_or_consumer_the_broker_never_opens_is_given_up_and_the_next_o
         .await;
     let _ = last.close(200, "done".into()).await;
     bus.close().await;
+}
+
+/// A queue `{namespace}.{suffix}`, declared on `ch`; its name.
+async fn declared_queue(ch: &lapin::Channel, suffix: &str) -> String {
+    let queue = format!("{}.{suffix}", namespace());
+    ch.queue_declare(
+        queue.as_str().into(),
+        Default::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("queue");
+    queue
 }

@@ -32,7 +32,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
-use verimail_shared::bus::{Bus, BusError, Publisher, SETUP_TIMEOUT, Topology};
+use verimail_shared::bus::{Bus, BusError, Publisher, Topology};
 
 use verimail_shared::bus::declare;
 use verimail_shared::config::Config;
@@ -169,14 +169,10 @@ impl Worker {
         let topology = Topology::new(config.namespace.clone());
         // Bounded: a broker that stops answering here would leave the worker
         // started and never ready.
-        let declared = async {
-            let channel = bus.channel().await?;
-            declare(&channel, &topology).await.map_err(Error::Declare)?;
-            let _ = channel.close(200, "declared".into()).await;
-            Ok::<_, Error>(())
-        };
-        bus.within("declaring the topology", SETUP_TIMEOUT, declared)
-            .await?;
+        bus.set_up("declaring the topology", async |channel| {
+            declare(channel, &topology).await.map_err(Error::Declare)
+        })
+        .await?;
 
         let health = Arc::new(Health::default());
         health.set_db(true);

@@ -6,6 +6,7 @@ use clap::Args;
 use futures_util::StreamExt;
 use lapin::options::BasicConsumeOptions;
 use lapin::types::FieldTable;
+use lapin::{Channel, Consumer};
 use serde_json::Value;
 use tokio::signal::unix::{SignalKind, signal};
 use verimail_shared::Config;
@@ -47,37 +48,16 @@ pub async fn run(config: &Config, args: ListenArgs) -> Outcome {
     let bus = Bus::connect_once(&config.amqp_urls, "verimail-listen")
         .await
         .context("cannot listen")?;
-    // Bounded, as every wait on the broker: a node that stops answering
-    // ends the command with an error instead of a silent hang.
-    let start = async {
-        let channel = bus.channel().await?;
-        verimail_shared::bus::declare(&channel, &topology)
-            .await
-            .context("declaring the topology failed")?;
-        // Server-named, exclusive and auto-deleted: it lives as long as we do.
-        let patterns: Vec<&str> = args.patterns.iter().map(String::as_str).collect();
-        let queue =
-            verimail_shared::bus::bind_temporary_queue(&channel, topology.exchange(), &patterns)
-                .await?;
-        let consumer = channel
-            .basic_consume(
-                queue,
-                "".into(),
-                // Printing is all we do with an event: nothing to acknowledge.
-                BasicConsumeOptions {
-                    no_ack: true,
-                    exclusive: true,
-                    ..BasicConsumeOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        Ok::<_, anyhow::Error>((channel, consumer))
+    let patterns: Vec<&str> = args.patterns.iter().map(String::as_str).collect();
+    // Printing is all we do with an event: nothing to acknowledge.
+    let options = BasicConsumeOptions {
+        no_ack: true,
+        exclusive: true,
+        ..BasicConsumeOptions::default()
     };
     // The channel is held while the consumer runs.
-    let (_channel, mut consumer) = bus
-        .within("starting to listen", SETUP_TIMEOUT, start)
-        .await?;
+    let (_channel, mut consumer) =
+        temporary_consumer(&bus, &topology, &patterns, options, "starting to listen").await?;
     eprintln!(
         "listening on exchange `{}` for {} (Ctrl-C to stop)",
         topology.exchange(),
@@ -107,4 +87,32 @@ fn print_event(body: &[u8]) {
             tracing::warn!(error = %e, bytes = body.len(), "skipping a message that is not JSON")
         }
     }
+}
+
+/// A consumer on a temporary queue (server-named, exclusive, deleted when
+/// its connection goes) bound to the namespace's exchange with each of
+/// `patterns`, the topology declared first; with its channel, to be held
+/// while the consumer runs. Bounded, as every wait on the broker: a node that
+/// stops answering ends the command with an error instead of a silent hang.
+pub(crate) async fn temporary_consumer(
+    bus: &Bus,
+    topology: &Topology,
+    patterns: &[&str],
+    options: BasicConsumeOptions,
+    what: &'static str,
+) -> anyhow::Result<(Channel, Consumer)> {
+    let start = async {
+        let channel = bus.channel().await?;
+        verimail_shared::bus::declare(&channel, topology)
+            .await
+            .context("declaring the topology failed")?;
+        let queue =
+            verimail_shared::bus::bind_temporary_queue(&channel, topology.exchange(), patterns)
+                .await?;
+        let consumer = channel
+            .basic_consume(queue, "".into(), options, FieldTable::default())
+            .await?;
+        Ok::<_, anyhow::Error>((channel, consumer))
+    };
+    bus.within(what, SETUP_TIMEOUT, start).await
 }

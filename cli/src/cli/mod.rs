@@ -1,7 +1,7 @@
 //! The `verimail` command line: arguments, exit codes, configuration, dispatch.
 
 mod dead;
-mod listen;
+pub(crate) mod listen;
 mod migrate;
 pub(crate) mod outbox;
 mod publish;

@@ -148,6 +148,23 @@ impl Bus {
         *self.connection.lock().await = None;
     }
 
+    /// Runs `work` on a channel of its own, closed after (declaring the
+    /// topology at start, or again after an outage), all of it within
+    /// [`SETUP_TIMEOUT`] (see [`Bus::within`]).
+    pub async fn set_up<T, E: From<BusError>>(
+        &self,
+        what: &'static str,
+        work: impl AsyncFnOnce(&Channel) -> Result<T, E>,
+    ) -> Result<T, E> {
+        let steps = async {
+            let channel = self.channel().await?;
+            let done = work(&channel).await?;
+            let _ = channel.close(200, "set up".into()).await;
+            Ok(done)
+        };
+        self.within(what, SETUP_TIMEOUT, steps).await
+    }
+
     /// Forgets the connection only if it is still `failed` (`None`: whichever
     /// it is): one that another task has made since is left alone.
     async fn forget_if(&self, failed: Option<&Arc<Connection>>) {
