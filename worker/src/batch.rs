@@ -20,12 +20,13 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::metrics;
 
-/// Most jobs in one statement.
-pub const MAX_BATCH: usize = 128;
-/// Batches of one kind running at once, each on its own connection. One:
+/// Most jobs in one batch (a worker's round: a mail's claim, conclusion and
+/// mark are three jobs).
+pub const MAX_BATCH: usize = 256;
+/// Batches running at once, each on its own connection. One:
 /// what arrives while a batch runs waits for the next, so batches grow with
 /// the load and a slow commit (a slow disk) is paid once for all of them
-/// (128 jobs per short flush is far above any mail rate). Two at a time were
+/// (256 jobs per short flush is far above any mail rate). Two at a time were
 /// measured slower (docs/performance.md): smaller batches, each paying its
 /// own round trip, planning and commit. (With more, jobs
 /// with a common key could be in two running batches; PostgreSQL's row

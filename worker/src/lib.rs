@@ -126,8 +126,8 @@ impl Worker {
         let metrics = metrics::handle();
 
         // The common path (claim, conclusion, mark) runs batched on the
-        // batching tasks' own connections (`store::BatchedStore`, at most
-        // `batch::IN_FLIGHT` per kind); the pool
+        // batching task's own connection (`store::BatchedStore`, at most
+        // `batch::IN_FLIGHT` rounds at once); the pool
         // serves the rest (duplicates, throttled requests, retries, readiness)
         // and the fallback when a batch fails, so an eighth of the
         // concurrency is plenty.

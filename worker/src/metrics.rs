@@ -27,7 +27,8 @@ pub const STEP_SECONDS: &str = "verimail_worker_step_seconds";
 /// Time of one SMTP send including in-process retries, seconds, by `result`.
 pub const SMTP_SECONDS: &str = "verimail_worker_smtp_seconds";
 /// Time of one batched statement, seconds, by `statement` (`claim`, `finish`:
-/// the conclusions with the marks).
+/// the conclusions with the marks; `round`: both in one transaction, the
+/// commit included).
 pub const BATCH_SECONDS: &str = "verimail_worker_batch_seconds";
 /// Requests served by one batched statement, by `statement`.
 pub const BATCH_SIZE: &str = "verimail_worker_batch_size";

@@ -9,8 +9,8 @@
 //! [`Store::mark_published`]. Under load, [`BatchedStore`] runs the claims of
 //! concurrent deliveries as one statement ([`Store::claim_batch`]), and their
 //! conclusions together with the marks of outcomes published meanwhile as
-//! another ([`Store::finish_batch`]): one round trip and one commit for many
-//! deliveries.
+//! another ([`Store::finish_batch`]), both in one transaction (a round): one
+//! commit for many deliveries.
 //!
 //! # One lock order, one SQL text per step
 //!
@@ -19,14 +19,17 @@
 //! order, then the `throttle` rows in (`user_id`, `purpose`) order, then the
 //! new `requests` rows in id order. Each statement forces it with
 //! `ORDER BY ... FOR UPDATE` and the order its CTEs are read in (the comments
-//! at the statements say how). The single-request methods ([`Store::claim`],
+//! at the statements say how). A round holds its conclusions' locks while
+//! its claims take theirs: the one cycle that allows (two workers each
+//! claiming a duplicate of what the other concludes, at once) PostgreSQL
+//! breaks, and the rounds' callers run alone (see `session::round`). The single-request methods ([`Store::claim`],
 //! [`Store::finish`], [`Store::mark_published`]) run the batch statement with
 //! one row, so the fallback of a failed batch cannot drift from it.
 //!
 //! # Batches run on connections of their own
 //!
-//! Each batching task keeps its connections outside the pool (one per
-//! running batch, [`crate::batch::IN_FLIGHT`]), opened with
+//! The batching task keeps its connections outside the pool (one per
+//! running round, [`crate::batch::IN_FLIGHT`]), opened with
 //! planner settings that rule out sequential scans, hash and merge joins
 //! ([`BATCH_SESSION`]). Its statements are prepared once and their plans
 //! cached, as the single-request ones are; but PostgreSQL switches a cached

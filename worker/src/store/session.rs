@@ -2,65 +2,50 @@
 //! connections of the batching tasks' own, with the worker's deadlines.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use sqlx::ConnectOptions;
 use sqlx::postgres::{PgConnectOptions, PgConnection};
+use sqlx::{ConnectOptions, Executor};
 use tracing::debug;
 
 use super::{
     Claim, ClaimInput, Claimed, Finish, FinishInput, LookBack, Mark, RequestRow, Store, Write,
 };
-use crate::batch::Batcher;
+use crate::batch::{Batcher, Keyed};
 use crate::health::Health;
+use crate::metrics;
 
-/// Claims and conclusions of concurrent deliveries, each kind batched into
-/// one statement and one commit (see [`crate::batch`]). A batch that fails
-/// (a deadlock with another worker, an outage) falls back to the
-/// single-request statement for each of its callers, with their own retries.
+/// Claims and conclusions of concurrent deliveries, batched into rounds (see
+/// [`crate::batch`]): one transaction per round, on a connection of its own,
+/// holding the conclusions and marks that queued up (one statement) and the
+/// claims (another), so a round pays one commit and one WAL flush where the
+/// two kinds, batched apart, paid two. A round that fails (a deadlock with
+/// another worker, an outage) falls back to the single-request statement for
+/// each of its callers, with their own retries.
 #[derive(Debug, Clone)]
 pub struct BatchedStore {
     store: Store,
-    claims: Batcher<ClaimInput, Option<Claimed>>,
-    conclusions: Batcher<Write, bool>,
+    rounds: Batcher<Job, Answer>,
 }
 
 impl BatchedStore {
-    /// Starts the batching tasks on `store`, each with a connection of its
-    /// own; they end (and close it) when every clone is dropped. A batch that
-    /// runs out of time is reported to `health` until one completes again.
+    /// Starts the batching task on `store`, with a connection of its own; it
+    /// ends (and closes it) when every clone is dropped. A round that runs out
+    /// of time is reported to `health` until one completes again.
     pub fn spawn(store: Store, health: Arc<Health>) -> Self {
-        let claims = {
+        let rounds = {
             let (s, sessions) = (store.clone(), Sessions::new(&store, &health));
-            Batcher::spawn("claim", CALL_DEADLINE, move |inputs: Vec<ClaimInput>| {
+            Batcher::spawn("round", CALL_DEADLINE, move |jobs: Vec<Job>| {
                 let (s, sessions) = (s.clone(), sessions.clone());
                 async move {
+                    let n = jobs.len();
                     sessions
-                        .run("claim", inputs.len(), async |conn| {
-                            s.claim_batch_on(conn, &inputs).await
-                        })
+                        .run("round", n, async |conn| round(&s, conn, jobs).await)
                         .await
                 }
             })
         };
-        let conclusions = {
-            let (s, sessions) = (store.clone(), Sessions::new(&store, &health));
-            Batcher::spawn("finish", CALL_DEADLINE, move |inputs: Vec<Write>| {
-                let (s, sessions) = (s.clone(), sessions.clone());
-                async move {
-                    sessions
-                        .run("finish", inputs.len(), async |conn| {
-                            s.finish_batch_on(conn, &inputs, LookBack::No).await
-                        })
-                        .await
-                }
-            })
-        };
-        Self {
-            store,
-            claims,
-            conclusions,
-        }
+        Self { store, rounds }
     }
 
     /// [`Store::claim_with`], batched with other deliveries' claims.
@@ -73,24 +58,24 @@ impl BatchedStore {
         let input = ClaimInput::new(row, throttle).takeover(takeover);
         // The statements alone are boxed: they are rare, and their futures
         // would otherwise make this one, on every delivery's path, kilobytes.
-        match self.claims.call(input).await {
-            Some(Some(claimed)) => Ok(Claim::Claimed(claimed)),
-            Some(None) => Box::pin(self.store.lookup_and_lease(row.id)).await,
-            None => Box::pin(self.store.claim_with(row, throttle, takeover)).await,
+        match self.rounds.call(Job::Claim(input)).await {
+            Some(Answer::Claimed(Some(claimed))) => Ok(Claim::Claimed(claimed)),
+            Some(Answer::Claimed(None)) => Box::pin(self.store.lookup_and_lease(row.id)).await,
+            _ => Box::pin(self.store.claim_with(row, throttle, takeover)).await,
         }
     }
 
     /// [`Store::finish`], batched with other deliveries' conclusions; like
     /// it, `true` for this very outcome already stored.
     pub async fn finish(&self, f: Finish<'_>) -> Result<bool, sqlx::Error> {
-        let job = Write::Finish(FinishInput::new(&f));
-        match self.conclusions.call(job).await {
-            Some(true) => Ok(true),
+        let job = Job::Write(Write::Finish(FinishInput::new(&f)));
+        match self.rounds.call(job).await {
+            Some(Answer::Written(true)) => Ok(true),
             // A batch does not look for this outcome already stored
             // ([`LookBack`]): the single statement does, on a snapshot taken
             // after the batch.
-            Some(false) => Box::pin(self.store.finish(f)).await,
-            // A batch given up on (its deadline passed) may still commit this
+            Some(_) => Box::pin(self.store.finish(f)).await,
+            // A round given up on (its deadline passed) may still commit this
             // outcome: the single statement waits for its rows' locks but
             // reads with a snapshot from before that commit, so a second one,
             // on a fresh snapshot, looks again.
@@ -106,14 +91,105 @@ impl BatchedStore {
     /// [`Store::mark_published`], batched with other deliveries' conclusions.
     pub async fn mark_published(&self, mark: &Mark) -> Result<(), sqlx::Error> {
         match self
-            .conclusions
-            .call(Write::MarkPublished(mark.clone()))
+            .rounds
+            .call(Job::Write(Write::MarkPublished(mark.clone())))
             .await
         {
             Some(_) => Ok(()),
             None => Box::pin(self.store.mark_published(mark)).await,
         }
     }
+}
+
+/// What a delivery hands to a round.
+#[derive(Debug)]
+pub(super) enum Job {
+    /// A claim, for the claims' statement.
+    Claim(ClaimInput),
+    /// A conclusion or a mark, for the conclusions' statement.
+    Write(Write),
+}
+
+/// A round's answer to one [`Job`], of the job's kind.
+#[derive(Debug)]
+pub(super) enum Answer {
+    /// The claims' statement's answer.
+    Claimed(Option<Claimed>),
+    /// The conclusions' statement's answer.
+    Written(bool),
+}
+
+impl Keyed for Job {
+    // A claim and a conclusion of one request never share a round: each
+    // round reads the other's rows as they were before it, as separate
+    // statements in turn always did.
+    fn keys(&self) -> [u64; 2] {
+        match self {
+            Job::Claim(c) => c.keys(),
+            Job::Write(w) => w.keys(),
+        }
+    }
+}
+
+/// One round on `conn`: the conclusions and marks first (a throttle a failed
+/// send gives back is free for this round's claims), then the claims, in one
+/// transaction; answers in `jobs`' order. A round of one kind runs its
+/// statement alone, in its own implicit transaction.
+///
+/// Each statement keeps the lock order (module docs) within itself; across
+/// the two, the conclusions' locks are held while the claims take theirs.
+/// Two workers' rounds could then wait on each other only if each claimed a
+/// duplicate of a request the other was concluding (or a throttle key the
+/// other's conclusion gave back) at the same moment; PostgreSQL breaks such
+/// a cycle (`deadlock_timeout`) and both rounds' callers run alone.
+async fn round(
+    store: &Store,
+    conn: &mut PgConnection,
+    jobs: Vec<Job>,
+) -> Result<Vec<Answer>, sqlx::Error> {
+    let mut kinds = Vec::with_capacity(jobs.len());
+    let (mut claims, mut writes) = (Vec::new(), Vec::new());
+    for job in jobs {
+        kinds.push(matches!(job, Job::Claim(_)));
+        match job {
+            Job::Claim(c) => claims.push(c),
+            Job::Write(w) => writes.push(w),
+        }
+    }
+    let both = !claims.is_empty() && !writes.is_empty();
+    if both {
+        (&mut *conn).execute("BEGIN").await?;
+    }
+    let written = if writes.is_empty() {
+        Vec::new()
+    } else {
+        let started = Instant::now();
+        let written = store.finish_batch_on(conn, &writes, LookBack::No).await?;
+        metrics::batch("finish", writes.len(), started.elapsed());
+        written
+    };
+    let claimed = if claims.is_empty() {
+        Vec::new()
+    } else {
+        let started = Instant::now();
+        let claimed = store.claim_batch_on(conn, &claims).await?;
+        metrics::batch("claim", claims.len(), started.elapsed());
+        claimed
+    };
+    if both {
+        (&mut *conn).execute("COMMIT").await?;
+    }
+    let (mut claimed, mut written) = (claimed.into_iter(), written.into_iter());
+    Ok(kinds
+        .into_iter()
+        .map(|claim| {
+            if claim {
+                Answer::Claimed(claimed.next().flatten())
+            } else {
+                Answer::Written(written.next().unwrap_or(false))
+            }
+        })
+        .collect())
 }
 
 /// Planner settings of the batching tasks' connections (see the module docs):

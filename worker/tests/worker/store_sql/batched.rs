@@ -447,3 +447,63 @@ async fn only_the_single_statement_recognises_an_outcome_already_stored_with_its
     db.drop().await;
     Ok(())
 }
+
+/// A round: the conclusions, marks and claims that queued up together are
+/// committed by one transaction (one commit, one WAL flush), conclusions
+/// first, so a throttle a failed send gave back is free for a claim of the
+/// same round.
+#[tokio::test]
+async fn a_round_commits_its_conclusions_marks_and_claims_in_one_transaction() -> Result<()> {
+    let db = Db::new().await?;
+    let batches = BatchedStore::spawn(
+        Store::new(db.pool.clone(), Duration::from_secs(60)),
+        Default::default(),
+    );
+    let (a, b, c) = (user(), user(), user());
+    for (id, uid) in [("a1", &a), ("b1", &b), ("c1", &c)] {
+        assert!(
+            matches!(batches.claim(row(id, uid), MINUTE, true).await?, Claim::Claimed(c) if c.throttle_passed)
+        );
+    }
+    // c1's outcome was stored before; its mark comes with the round (a
+    // request's conclusion and mark never share one: the mark follows the
+    // publish, which follows the conclusion).
+    assert!(batches.finish(finish("c1", true, false)).await?);
+    // On this single-threaded runtime all four calls are queued before the
+    // batching task runs again: one round takes them.
+    let mark = Mark::new("c1", "o");
+    let (sent, refused, marked, next) = tokio::join!(
+        batches.finish(finish("a1", true, false)),
+        batches.finish(finish("b1", false, true)),
+        batches.mark_published(&mark),
+        batches.claim(row("b2", &b), MINUTE, true),
+    );
+    assert!(sent? && refused?);
+    marked?;
+    assert!(
+        matches!(next?, Claim::Claimed(c) if c.throttle_passed),
+        "b1 sent nothing and gave its throttle back within the round"
+    );
+    let xmin = |sql: &'static str, id: &'static str| {
+        sqlx::query_scalar::<_, String>(sql)
+            .bind(id)
+            .fetch_one(&db.pool)
+    };
+    let request = "SELECT xmin::text FROM requests WHERE id = $1";
+    let writers = [
+        xmin(request, "a1").await?,
+        xmin(request, "b1").await?,
+        xmin(request, "b2").await?,
+        xmin(
+            "SELECT xmin::text FROM published WHERE request_id = $1",
+            "c1",
+        )
+        .await?,
+    ];
+    assert!(
+        writers.iter().all(|x| *x == writers[0]),
+        "one transaction wrote the round's rows: {writers:?}"
+    );
+    db.drop().await;
+    Ok(())
+}
