@@ -1,6 +1,7 @@
 //! Group commit for the per-delivery SQL: deliveries running concurrently hand
-//! their statement's input to one task, which runs whatever has queued up as
-//! one statement (one round trip, one commit, one WAL flush) and answers each.
+//! their statement's input to one task, which runs whatever has queued up
+//! together (the worker's rounds: one statement per kind, one transaction,
+//! one commit and WAL flush; `store::BatchedStore`) and answers each.
 //!
 //! There is no collection window: a batch is whatever queued while the
 //! running ones ran ([`IN_FLIGHT`] at most), so a lone delivery waits for

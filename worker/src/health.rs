@@ -3,8 +3,8 @@
 //! Readiness is kept by a background probe ([`probe`]) that asks the database
 //! and the broker every second with a 2-second bound, so `/readyz` answers at
 //! once and notices an outage within about 3 seconds; processing code also
-//! reports database failures the moment it sees them, and the batching tasks
-//! report a batch that ran out of time (stuck on a lock, or on a socket that
+//! reports database failures the moment it sees them, and the batching task
+//! reports a round that ran out of time (stuck on a lock, or on a socket that
 //! stopped answering) until one completes again.
 
 use std::sync::Arc;

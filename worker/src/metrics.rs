@@ -30,7 +30,8 @@ pub const SMTP_SECONDS: &str = "verimail_worker_smtp_seconds";
 /// the conclusions with the marks; `round`: both in one transaction, the
 /// commit included).
 pub const BATCH_SECONDS: &str = "verimail_worker_batch_seconds";
-/// Requests served by one batched statement, by `statement`.
+/// Jobs served by one batched statement, by `statement` (for `round`: the
+/// claims, conclusions and marks of one transaction).
 pub const BATCH_SIZE: &str = "verimail_worker_batch_size";
 
 const BUCKETS: [f64; 12] = [

@@ -48,7 +48,10 @@ impl Store {
         // read whole by the first throttle row's `array_agg`), then the
         // `throttle` rows in key order (`thr`, run whole before the INSERT
         // (`claimed`) by its one-time filter), then the new `requests` rows
-        // in id order.
+        // in id order. Times are `statement_timestamp()`, not `now()`: in a
+        // round this statement follows the conclusions' in one transaction,
+        // whose start `now()` would be, back-dating leases and throttles by
+        // however long the conclusions took.
         const CLAIM_BATCH: &str = r"
 WITH input AS (
     SELECT i.*, (SELECT s.reason FROM suppressions s
@@ -58,7 +61,7 @@ WITH input AS (
         AS i(id, user_id, email, purpose, locale, return_url, context, throttle)
 ),
 held AS (
-    SELECT r.id, (r.state = 'done' OR r.throttle_passed OR r.lease_until >= now()
+    SELECT r.id, (r.state = 'done' OR r.throttle_passed OR r.lease_until >= statement_timestamp()
                   OR (r.lease_until IS NOT NULL AND r.id <> ALL ($10::text[]))) AS settled
     FROM requests r WHERE r.id = ANY($1::text[])
     ORDER BY r.id
@@ -66,14 +69,14 @@ held AS (
 ),
 thr AS (
     INSERT INTO throttle AS t (user_id, purpose, last_sent_at, request_id)
-    SELECT i.user_id, i.purpose, now(), i.id FROM input i
+    SELECT i.user_id, i.purpose, statement_timestamp(), i.id FROM input i
     WHERE i.throttle IS NOT NULL AND i.suppressed IS NULL
       AND i.id <> ALL (COALESCE((SELECT array_agg(h.id) FILTER (WHERE h.settled) FROM held h),
                                 '{}'::text[]))
     ORDER BY i.user_id, i.purpose
     ON CONFLICT (user_id, purpose) DO UPDATE
-        SET last_sent_at = now(), request_id = EXCLUDED.request_id
-        WHERE t.last_sent_at <= now() - (SELECT i.throttle FROM input i
+        SET last_sent_at = statement_timestamp(), request_id = EXCLUDED.request_id
+        WHERE t.last_sent_at <= statement_timestamp() - (SELECT i.throttle FROM input i
                                          WHERE i.id = EXCLUDED.request_id) * interval '1 second'
            OR t.request_id = EXCLUDED.request_id
     RETURNING t.request_id
@@ -82,7 +85,7 @@ claimed AS (
 INSERT INTO requests AS r (id, user_id, email, purpose, locale, return_url, context,
                            lease_until, first_attempt_at, throttle_passed)
 SELECT i.id, i.user_id, i.email, i.purpose, i.locale, i.return_url, i.context::jsonb,
-       now() + $9::float8 * interval '1 second', now(),
+       statement_timestamp() + $9::float8 * interval '1 second', statement_timestamp(),
        i.suppressed IS NULL AND (i.throttle IS NULL OR i.id IN (SELECT request_id FROM thr))
 FROM input i
 WHERE (SELECT count(*) FROM thr) >= 0
@@ -92,9 +95,9 @@ ON CONFLICT (id) DO UPDATE
         throttle_passed = r.throttle_passed OR EXCLUDED.throttle_passed,
         first_attempt_at = COALESCE(r.first_attempt_at, EXCLUDED.first_attempt_at)
     WHERE r.state = 'processing'
-      AND (r.lease_until IS NULL OR (r.lease_until < now() AND r.id = ANY ($10::text[])))
+      AND (r.lease_until IS NULL OR (r.lease_until < statement_timestamp() AND r.id = ANY ($10::text[])))
 RETURNING r.id, r.throttle_passed, r.attempts,
-          EXTRACT(EPOCH FROM (now() - r.first_attempt_at))::float8 AS elapsed
+          EXTRACT(EPOCH FROM (statement_timestamp() - r.first_attempt_at))::float8 AS elapsed
 )
 SELECT c.id, c.throttle_passed, c.attempts, c.elapsed, NULL::text AS suppressed FROM claimed c
 UNION ALL

@@ -48,7 +48,8 @@
 //!
 //! This file: the row types and the single-request statements. [`batch`]: the
 //! batch statements and their inputs. [`session`]: [`BatchedStore`], which
-//! batches concurrent deliveries, and the batching tasks' own connections.
+//! batches concurrent deliveries into rounds, and the batching task's own
+//! connection.
 
 use std::time::Duration;
 

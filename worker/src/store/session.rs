@@ -1,5 +1,5 @@
-//! [`BatchedStore`]: concurrent deliveries' statements batched, on
-//! connections of the batching tasks' own, with the worker's deadlines.
+//! [`BatchedStore`]: concurrent deliveries' statements batched into rounds,
+//! on the batching task's own connection, with the worker's deadlines.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -95,8 +95,8 @@ impl BatchedStore {
             .call(Job::Write(Write::MarkPublished(mark.clone())))
             .await
         {
-            Some(_) => Ok(()),
-            None => Box::pin(self.store.mark_published(mark)).await,
+            Some(Answer::Written(_)) => Ok(()),
+            _ => Box::pin(self.store.mark_published(mark)).await,
         }
     }
 }
@@ -137,11 +137,17 @@ impl Keyed for Job {
 /// statement alone, in its own implicit transaction.
 ///
 /// Each statement keeps the lock order (module docs) within itself; across
-/// the two, the conclusions' locks are held while the claims take theirs.
-/// Two workers' rounds could then wait on each other only if each claimed a
-/// duplicate of a request the other was concluding (or a throttle key the
-/// other's conclusion gave back) at the same moment; PostgreSQL breaks such
-/// a cycle (`deadlock_timeout`) and both rounds' callers run alone.
+/// the two, the conclusions' locks (their `requests` rows, and the `throttle`
+/// rows they give back or refresh: a send that took over a second) are held
+/// while the claims take theirs. A cycle with another worker's round, or
+/// with a statement on the pool, then needs a claim of a duplicate of a
+/// request the other side is concluding, or of a throttle key the other
+/// side's conclusion holds, while the other side waits on this round: rare
+/// (a duplicate meeting its original in flight). PostgreSQL breaks it after
+/// `deadlock_timeout` by failing one transaction; that round's callers run
+/// their statements alone. A statement stuck on a lock now holds back the
+/// whole round (up to [`LOCK_TIMEOUT`] each), and a failed round sends
+/// all its jobs, both kinds, to the pool.
 async fn round(
     store: &Store,
     conn: &mut PgConnection,
@@ -192,7 +198,7 @@ async fn round(
         .collect())
 }
 
-/// Planner settings of the batching tasks' connections (see the module docs):
+/// Planner settings of the batching task's connections (see the module docs):
 /// every batch statement reaches its rows by primary key, through nested
 /// loops over the input arrays, at any table size; and its one generic plan
 /// is kept. Left to choose, PostgreSQL compared the generic plan's estimate
@@ -217,10 +223,12 @@ pub const STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
 /// held this long (another session stuck, an operator's `LOCK TABLE`) gives
 /// up, and its delivery retries.
 pub const LOCK_TIMEOUT: Duration = Duration::from_secs(2);
-/// Longest a batch may run on its connection, on our side: past it the
+/// Longest a round may run on its connection, on our side: past it the
 /// connection is dropped (a socket that stopped answering never times out
-/// on the server). A little more than [`STATEMENT_TIMEOUT`], so the server's
-/// own timeout normally answers first.
+/// on the server). A round's two statements, each stuck on a lock, give up
+/// on the server after [`LOCK_TIMEOUT`] each, within this; two merely slow
+/// ones (near [`STATEMENT_TIMEOUT`]) are cut here, and the round's callers
+/// run alone.
 const BATCH_DEADLINE: Duration = Duration::from_secs(6);
 /// Longest a delivery waits for its batch's answer, queueing behind the
 /// running batch included, before running its statement alone.
