@@ -145,7 +145,9 @@ impl Keyed for Job {
 /// side's conclusion holds, while the other side waits on this round: rare
 /// (a duplicate meeting its original in flight). PostgreSQL breaks it after
 /// `deadlock_timeout` by failing one transaction; that round's callers run
-/// their statements alone. A statement stuck on a lock now holds back the
+/// their statements alone (the test
+/// `crossing_rounds_of_two_workers_deadlock_once_and_every_caller_is_answered`
+/// makes such a cycle). A statement stuck on a lock now holds back the
 /// whole round (up to [`LOCK_TIMEOUT`] each), and a failed round sends
 /// all its jobs, both kinds, to the pool.
 async fn round(

@@ -507,3 +507,96 @@ async fn a_round_commits_its_conclusions_marks_and_claims_in_one_transaction() -
     db.drop().await;
     Ok(())
 }
+
+/// Two workers' rounds, each concluding a request and claiming a duplicate
+/// of the one the other concludes, made to meet: each round holds its
+/// conclusion's row while its claim waits for the other's, a cycle.
+/// PostgreSQL fails one round; its callers run alone, and every answer is
+/// still right: both requests concluded once, both duplicates busy.
+#[tokio::test]
+async fn crossing_rounds_of_two_workers_deadlock_once_and_every_caller_is_answered() -> Result<()> {
+    let db = Db::new().await?;
+    let (a, b) = (user(), user());
+    let spawn = || {
+        BatchedStore::spawn(
+            Store::new(db.pool.clone(), Duration::from_secs(60)),
+            Default::default(),
+        )
+    };
+    let (one, two) = (spawn(), spawn());
+    assert!(matches!(
+        one.claim(row("a1", &a), MINUTE, true).await?,
+        Claim::Claimed(_)
+    ));
+    assert!(matches!(
+        two.claim(row("b1", &b), MINUTE, true).await?,
+        Claim::Claimed(_)
+    ));
+    let deadlocks = async || -> Result<i64> {
+        Ok(sqlx::query_scalar(
+            "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()",
+        )
+        .fetch_one(&db.pool)
+        .await?)
+    };
+    let before = deadlocks().await?;
+    // A test transaction holds both rows, so each round's conclusion queues
+    // for its row first and takes it first when they are let go.
+    let mut hold = db.pool.begin().await?;
+    sqlx::query("SELECT 1 FROM requests WHERE id IN ('a1', 'b1') FOR UPDATE")
+        .execute(&mut *hold)
+        .await?;
+    let rounds = {
+        let (one, two, a, b) = (one.clone(), two.clone(), a.clone(), b.clone());
+        // On this single-threaded runtime the four calls are queued before
+        // either batching task runs: each worker's two go in one round.
+        tokio::spawn(async move {
+            let (fa, cb, fb, ca) = tokio::join!(
+                one.finish(finish("a1", true, false)),
+                one.claim(row("b1", &b), MINUTE, true),
+                two.finish(finish("b1", true, false)),
+                two.claim(row("a1", &a), MINUTE, true),
+            );
+            Ok::<_, sqlx::Error>((fa?, cb?, fb?, ca?))
+        })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let waiters: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&db.pool)
+        .await?;
+        if waiters >= 2 {
+            break;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "{waiters} waiting, not 2"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    hold.rollback().await?;
+    let (fa, cb, fb, ca) = rounds.await??;
+    assert!(fa && fb, "both requests concluded");
+    assert_eq!(cb, Claim::Busy, "b1's duplicate is not claimed");
+    assert_eq!(ca, Claim::Busy, "a1's duplicate is not claimed");
+    let done: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM requests WHERE id IN ('a1', 'b1') AND state = 'done' AND attempts = 1",
+    )
+    .fetch_one(&db.pool)
+    .await?;
+    assert_eq!(done, 2, "each concluded once");
+    // The statistics reach pg_stat_database within about a second.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while deadlocks().await? == before {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the rounds met without a deadlock: the test no longer makes the cycle it describes"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    db.drop().await;
+    Ok(())
+}
