@@ -158,9 +158,11 @@ impl Bus {
     ) -> Result<T, E> {
         let steps = async {
             let channel = self.channel().await?;
-            let done = work(&channel).await?;
+            let done = work(&channel).await;
+            // Closed on failure too: a step retried after an outage must not
+            // leave a channel open per attempt.
             let _ = channel.close(200, "set up".into()).await;
-            Ok(done)
+            done
         };
         self.within(what, SETUP_TIMEOUT, steps).await
     }

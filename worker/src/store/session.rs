@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sqlx::postgres::{PgConnectOptions, PgConnection};
-use sqlx::{ConnectOptions, Executor};
+use sqlx::{ConnectOptions, Connection};
 use tracing::debug;
 
 use super::{
@@ -120,9 +120,10 @@ pub(super) enum Answer {
 }
 
 impl Keyed for Job {
-    // A claim and a conclusion of one request never share a round: each
-    // round reads the other's rows as they were before it, as separate
-    // statements in turn always did.
+    // Each kind's own keys: a claim and a conclusion or mark of one request
+    // share the request's, so they never share a round (a delivery's
+    // conclusion follows its claim's answer anyway); a claim and a conclusion
+    // of one throttle key may, and the claim sees what the conclusion did.
     fn keys(&self) -> [u64; 2] {
         match self {
             Job::Claim(c) => c.keys(),
@@ -164,29 +165,14 @@ async fn round(
             Job::Write(w) => writes.push(w),
         }
     }
-    let both = !claims.is_empty() && !writes.is_empty();
-    if both {
-        (&mut *conn).execute("BEGIN").await?;
-    }
-    let written = if writes.is_empty() {
-        Vec::new()
+    let (written, claimed) = if claims.is_empty() || writes.is_empty() {
+        statements(store, conn, &writes, &claims).await?
     } else {
-        let started = Instant::now();
-        let written = store.finish_batch_on(conn, &writes, LookBack::No).await?;
-        metrics::batch("finish", writes.len(), started.elapsed());
-        written
+        let mut tx = conn.begin().await?;
+        let answers = statements(store, &mut tx, &writes, &claims).await?;
+        tx.commit().await?;
+        answers
     };
-    let claimed = if claims.is_empty() {
-        Vec::new()
-    } else {
-        let started = Instant::now();
-        let claimed = store.claim_batch_on(conn, &claims).await?;
-        metrics::batch("claim", claims.len(), started.elapsed());
-        claimed
-    };
-    if both {
-        (&mut *conn).execute("COMMIT").await?;
-    }
     let (mut claimed, mut written) = (claimed.into_iter(), written.into_iter());
     Ok(kinds
         .into_iter()
@@ -198,6 +184,29 @@ async fn round(
             }
         })
         .collect())
+}
+
+/// A round's statements on `conn`, each run only when it has inputs: the
+/// conclusions' and marks' answers, then the claims'.
+async fn statements(
+    store: &Store,
+    conn: &mut PgConnection,
+    writes: &[Write],
+    claims: &[ClaimInput],
+) -> Result<(Vec<bool>, Vec<Option<Claimed>>), sqlx::Error> {
+    let mut written = Vec::new();
+    if !writes.is_empty() {
+        let started = Instant::now();
+        written = store.finish_batch_on(conn, writes, LookBack::No).await?;
+        metrics::batch("finish", writes.len(), started.elapsed());
+    }
+    let mut claimed = Vec::new();
+    if !claims.is_empty() {
+        let started = Instant::now();
+        claimed = store.claim_batch_on(conn, claims).await?;
+        metrics::batch("claim", claims.len(), started.elapsed());
+    }
+    Ok((written, claimed))
 }
 
 /// Planner settings of the batching task's connections (see the module docs):

@@ -302,6 +302,27 @@ async fn single_and_batched_statements_give_the_same_answers_and_rows() -> Resul
     Ok(())
 }
 
+/// Waits until `n` sessions of `db` wait for a lock (at most 10 s).
+async fn lock_waiters(db: &Db, n: i64) -> Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let waiters: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&db.pool)
+        .await?;
+        if waiters >= n {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "{waiters} waiting, not {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A claim batch and a finish batch of two workers touching the same request
 /// and throttle row, made to meet: each waits for the other's lock in turn
 /// unless both lock in one order (requests first, then throttle).
@@ -312,25 +333,6 @@ async fn a_claim_batch_and_a_finish_batch_on_common_rows_never_deadlock() -> Res
     let uid = user();
     // x is held (live lease) and holds uid's throttle slot.
     store.claim(row("x", &uid), MINUTE).await?;
-    let waiting = async |n: i64| -> Result<()> {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let waiters: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_stat_activity
-                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
-            )
-            .fetch_one(&db.pool)
-            .await?;
-            if waiters >= n {
-                return Ok(());
-            }
-            anyhow::ensure!(
-                std::time::Instant::now() < deadline,
-                "{waiters} waiting, not {n}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
     // A test transaction holds x, so the finish queues for it first, then the claim.
     let mut hold = db.pool.begin().await?;
     sqlx::query("SELECT 1 FROM requests WHERE id = 'x' FOR UPDATE")
@@ -343,7 +345,7 @@ async fn a_claim_batch_and_a_finish_batch_on_common_rows_never_deadlock() -> Res
             store.finish_batch(&[f]).await
         })
     };
-    waiting(1).await?;
+    lock_waiters(&db, 1).await?;
     let claiming = {
         let (store, uid) = (store.clone(), uid.clone());
         tokio::spawn(async move {
@@ -354,7 +356,7 @@ async fn a_claim_batch_and_a_finish_batch_on_common_rows_never_deadlock() -> Res
             store.claim_batch(&inputs).await
         })
     };
-    waiting(2).await?;
+    lock_waiters(&db, 2).await?;
     hold.rollback().await?;
     let finished = finishing.await??;
     let claimed = claiming.await??;
@@ -560,23 +562,7 @@ async fn crossing_rounds_of_two_workers_deadlock_once_and_every_caller_is_answer
             Ok::<_, sqlx::Error>((fa?, cb?, fb?, ca?))
         })
     };
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let waiters: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity
-             WHERE datname = current_database() AND wait_event_type = 'Lock'",
-        )
-        .fetch_one(&db.pool)
-        .await?;
-        if waiters >= 2 {
-            break;
-        }
-        anyhow::ensure!(
-            std::time::Instant::now() < deadline,
-            "{waiters} waiting, not 2"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    lock_waiters(&db, 2).await?;
     hold.rollback().await?;
     let (fa, cb, fb, ca) = rounds.await??;
     assert!(fa && fb, "both requests concluded");
